@@ -1,0 +1,98 @@
+"""The ``align`` command: train a recipe, list recipes and objectives, build the testbed, quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from align import __version__
+from align.errors import AlignError
+
+
+def _train(args) -> int:
+    from align.recipe import get_recipe, main
+
+    return main(get_recipe(args.recipe), args.rest)
+
+
+def _recipes(args) -> int:
+    from align.objectives import registry
+    from align.recipe import discover
+
+    print("recipes (align train <recipe> --config configs/<recipe>/<name>.yaml):")
+    for name, recipe in discover().items():
+        print(f"  {name:<12} {recipe.summary}")
+    print("objectives (objective: <name> in a recipe config):")
+    objectives = registry()
+    for name, spec in objectives.items():
+        print(f"  {name:<12} {spec.summary}  [params: {', '.join(spec.params) or '-'}]")
+    if not objectives:
+        print("  (none registered)")
+    return 0
+
+
+def _testbed(args) -> int:
+    from align.testbed.build import default_dir, ensure_testbed
+
+    if args.action == "build":
+        tb = ensure_testbed(args.dir, force=args.force)
+        print(f"testbed ready at {tb.root}")
+        print(json.dumps({k: tb.info[k] for k in ("parameters", "build_seconds", "held_out_accuracy")}, indent=2))
+    else:
+        root = args.dir or default_dir()
+        path = os.path.join(root, "testbed.json")
+        if not os.path.isfile(path):
+            print(f"no testbed at {root} (run: align testbed build)")
+            return 1
+        with open(path, encoding="utf-8") as fh:
+            print(fh.read())
+    return 0
+
+
+def _quickstart(args) -> int:
+    from align.quickstart import quickstart
+
+    quickstart(args.output_dir, align_steps=args.align_steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="align", description="LLM post-training alignment trainer.")
+    parser.add_argument("--version", action="version", version=f"align {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    train = sub.add_parser("train", help="run a recipe: align train <recipe> --config FILE [key=value ...]",
+                           add_help=False)
+    train.add_argument("recipe", help="recipe name (see: align recipes)")
+    train.add_argument("rest", nargs=argparse.REMAINDER, help="--config FILE, key=value overrides, --help")
+    train.set_defaults(func=_train)
+
+    recipes = sub.add_parser("recipes", help="list the recipes and objectives")
+    recipes.set_defaults(func=_recipes)
+
+    testbed = sub.add_parser("testbed", help="build or inspect the embedded tiny testbed (no network)")
+    testbed.add_argument("action", choices=["build", "info"])
+    testbed.add_argument("--dir", default=None, help="cache folder (default: $ALIGN_TESTBED_DIR or ~/.cache/align)")
+    testbed.add_argument("--force", action="store_true", help="rebuild even if a build is cached")
+    testbed.set_defaults(func=_testbed)
+
+    quick = sub.add_parser("quickstart", help="testbed + SFT warm-up + a short alignment run, with plots")
+    quick.add_argument("--output-dir", default="outputs/quickstart")
+    quick.add_argument("--align-steps", type=int, default=60, help="optimizer steps of the alignment run")
+    quick.set_defaults(func=_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AlignError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

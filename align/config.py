@@ -1,0 +1,249 @@
+"""Config loading: a dataclass from YAML plus ``key=value`` overrides, checked before any work starts.
+
+Every recipe has one flat dataclass config (TRL style: recipe fields plus the TRL/transformers
+training arguments it extends). :func:`load_config` builds it from a YAML file and command-line
+overrides and stops with a one-line :class:`~align.errors.ConfigError` naming the key when
+
+* a key does not exist (with the closest known key as a hint),
+* a value has the wrong type (``learning_rate=abc``),
+* the combination is impossible (the config's ``validate()``, or transformers' own checks).
+
+Overrides are ``key=value`` or ``--key value`` / ``--key=value``; a value is parsed as YAML where the
+field is not a string, so ``lora_target_modules=[q_proj,v_proj]`` and ``report_to=none`` both work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal, Union
+
+import yaml
+
+from align.errors import ConfigError
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~"}
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _describe(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` converted to type ``tp``; raises _Mismatch when it cannot be."""
+    if tp is Any or tp is object:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in _NONE and type(None) in args):
+            if type(None) in args:
+                return None
+            raise _Mismatch
+        members = [a for a in args if a is not type(None)]
+        enums = [a for a in members if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):  # `SchedulerType | str`: the string must name a member
+            return _coerce(value, enums[0])
+        # Strings last: a command-line "5" or "true" becomes 5 or True where the field allows it.
+        for member in sorted(members, key=lambda a: a is str):
+            try:
+                return _coerce(value, member)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        if value in args:
+            return value
+        raise _Mismatch
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    raise _Mismatch from None
+                if f.is_integer():
+                    return int(f)
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        allowed = [m.value for m in tp]
+        if value in allowed:
+            return value
+        raise _Mismatch
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        item = args[0] if args else Any
+        out = [_coerce(v, item) for v in value]
+        return tuple(out) if origin is tuple or tp is tuple else out
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise _Mismatch from None
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return value
+    return value
+
+
+def _allowed_hint(tp: Any) -> str:
+    for a in typing.get_args(tp) or (tp,):
+        if isinstance(a, type) and issubclass(a, enum.Enum):
+            return f" (one of: {', '.join(str(m.value) for m in a)})"
+        if typing.get_origin(a) is Literal:
+            return f" (one of: {', '.join(map(str, typing.get_args(a)))})"
+    return ""
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of each init field of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
+    """``["a=1", "--b", "2", "--c=3"]`` -> ``{"a": "1", "b": "2", "c": "3"}``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            key, eq, val = tok[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                    val = "true"  # a bare flag
+                else:
+                    i += 1
+                    val = tokens[i]
+        else:
+            key, eq, val = tok.partition("=")
+            if not eq:
+                raise ConfigError(f"override {tok!r} is not of the form key=value")
+        key = key.replace("-", "_")
+        if not key:
+            raise ConfigError(f"override {tok!r} has an empty key")
+        out[key] = val
+        i += 1
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: file {str(path)!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"--config: {str(path)!r} is not valid YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {str(path)!r} must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type, config_path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = ()):
+    """Build dataclass ``cls`` from a YAML file and overrides; raise ConfigError naming the bad key."""
+    raw: dict[str, tuple[Any, str]] = {}
+    if config_path is not None:
+        raw.update({k: (v, str(config_path)) for k, v in read_yaml(config_path).items()})
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    raw.update({k: (v, "command line") for k, v in extra.items()})
+
+    types_ = field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, (value, source) in raw.items():
+        if key not in types_:
+            close = difflib.get_close_matches(str(key), types_, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
+        try:
+            kwargs[key] = _coerce(value, types_[key])
+        except _Mismatch:
+            raise ConfigError(
+                f"{key}: expected {_describe(types_[key])}{_allowed_hint(types_[key])}, got {value!r} (from {source})"
+            ) from None
+    try:
+        config = cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        msg = " ".join(str(err).split())
+        raise ConfigError(f"invalid config: {msg}") from None
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def config_help(cls: type, first: Sequence[str] = ()) -> str:
+    """One line per key: name, type, default and help; keys in ``first`` are listed first."""
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    fields.sort(key=lambda f: (f.name not in first, list(first).index(f.name) if f.name in first else 0))
+    types_ = field_types(cls)
+    lines = []
+    for f in fields:
+        default = f.default if f.default is not dataclasses.MISSING else "(factory)"
+        help_ = " ".join(str(f.metadata.get("help", "")).split())
+        lines.append(f"  {f.name} ({_describe(types_[f.name])}, default {default!r}): {help_}")
+    return "\n".join(lines)
+
+
+def to_dict(config) -> dict[str, Any]:
+    """The config's init fields as plain YAML-safe values (for saving next to outputs)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        v = getattr(config, f.name)
+        if isinstance(v, enum.Enum):
+            v = v.value
+        out[f.name] = v if isinstance(v, (str, int, float, bool, list, dict, type(None))) else str(v)
+    return out

@@ -1,0 +1,17 @@
+"""The errors `align` raises for bad input: each message is one line naming the culprit."""
+
+
+class AlignError(Exception):
+    """Base class: the CLI and recipes print ``error: <message>`` and exit with status 2."""
+
+
+class ConfigError(AlignError):
+    """A config key that does not exist, a value of the wrong type, or an impossible combination."""
+
+
+class DataError(AlignError):
+    """A dataset that is missing, malformed, or has a bad row (the message names row and column)."""
+
+
+class TrainingError(AlignError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step."""

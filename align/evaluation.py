@@ -1,0 +1,72 @@
+"""Held-out accuracy of a policy on verifiable prompts (greedy decoding with HF generate)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from rewards.math import extract_answer, is_correct
+
+
+def prompt_texts(tokenizer, prompts: Sequence) -> list[str]:
+    """Prompts as model input text: conversational prompts go through the chat template."""
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append(p)
+        else:
+            out.append(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batch_size: int = 64,
+             progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy completions for ``prompts`` (strings or message lists), decoded without special tokens."""
+    import torch
+    from tqdm.auto import tqdm
+
+    texts = prompt_texts(tokenizer, prompts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        starts = range(0, len(texts), batch_size)
+        for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
+            enc = tokenizer(texts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            with torch.no_grad():
+                ids = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            new = ids[:, enc["input_ids"].shape[1] :]
+            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def accuracy(model, tokenizer, rows, max_new_tokens: int = 32, batch_size: int = 64, progress: bool = False) -> dict:
+    """Exact-answer accuracy over ``rows`` (each with ``prompt`` and ``answer``; ``task`` optional).
+
+    Returns ``accuracy``, ``format`` (fraction with a parseable answer) and ``accuracy/<task>``.
+    """
+    rows = list(rows)
+    completions = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, progress,
+                           desc="evaluate")
+    hits = [is_correct(c, r["answer"]) for c, r in zip(completions, rows, strict=True)]
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    for hit, r in zip(hits, rows, strict=True):
+        per_task[r.get("task", "all")].append(hit)
+    result = {
+        "accuracy": sum(hits) / max(len(hits), 1),
+        "format": sum(extract_answer(c) is not None for c in completions) / max(len(completions), 1),
+    }
+    result.update({f"accuracy/{t}": sum(v) / len(v) for t, v in sorted(per_task.items())})
+    return result

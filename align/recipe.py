@@ -1,0 +1,127 @@
+"""What every recipe shares: discovery by name, the command line, and run bookkeeping.
+
+A recipe is a module in the top-level ``recipes`` package that defines ``RECIPE = Recipe(...)``. The
+same entry point serves ``align train <name> --config x.yaml k=v`` and
+``accelerate launch recipes/<name>.py --config x.yaml k=v``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from align.config import config_help, load_config, to_dict
+from align.errors import AlignError, ConfigError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    config_class: type
+    run: Callable[[Any], dict]
+
+
+def discover() -> dict[str, Recipe]:
+    """Every recipe module in the ``recipes`` package, by name."""
+    import recipes
+
+    found = {}
+    for info in pkgutil.iter_modules(recipes.__path__):
+        module = importlib.import_module(f"recipes.{info.name}")
+        recipe = getattr(module, "RECIPE", None)
+        if isinstance(recipe, Recipe):
+            found[recipe.name] = recipe
+    return dict(sorted(found.items()))
+
+
+def get_recipe(name: str) -> Recipe:
+    found = discover()
+    if name not in found:
+        raise ConfigError(f"unknown recipe {name!r} (available: {', '.join(found)})")
+    return found[name]
+
+
+def parse(recipe: Recipe, argv: Sequence[str]):
+    """The recipe's config from ``--config PATH`` and overrides in ``argv`` (``--help`` lists every key)."""
+    parser = argparse.ArgumentParser(
+        prog=f"align train {recipe.name}",
+        description=f"{recipe.summary}\n\nOverrides: key=value or --key value, after or instead of --config.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    parser.add_argument("--config", help="YAML file of key: value pairs")
+    parser.add_argument("-h", "--help", action="store_true")
+    args, rest = parser.parse_known_args(list(argv))
+    if args.help:
+        parser.print_help()
+        first = [f for f in recipe.config_class.__dataclass_fields__ if f in _own_fields(recipe.config_class)]
+        print("\nConfig keys:\n" + config_help(recipe.config_class, first=first))
+        raise SystemExit(0)
+    return load_config(recipe.config_class, args.config, rest)
+
+
+def _own_fields(cls) -> set[str]:
+    from align.args import RecipeArguments
+
+    own = set()
+    for klass in cls.__mro__:
+        if klass is RecipeArguments or klass.__module__.startswith(("align", "recipes")):
+            own.update(getattr(klass, "__annotations__", {}))
+    return own
+
+
+def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
+    """Parse, validate and run; a bad input ends with ``error: <one line>`` and status 2."""
+    try:
+        config = parse(recipe, sys.argv[1:] if argv is None else argv)
+        recipe.run(config)
+    except AlignError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def describe_batch(config) -> str:
+    """The effective batch, spelled out from the three knobs that make it."""
+    per, accum, procs = config.per_device_train_batch_size, config.gradient_accumulation_steps, world_size()
+    return (f"effective batch = per_device_train_batch_size {per} x gradient_accumulation_steps {accum} "
+            f"x processes {procs} = {per * accum * procs} sequences per optimizer step")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def save_config(config) -> str:
+    """Write the resolved config next to the outputs (main process only, via a temp file and rename)."""
+    path = os.path.join(config.output_dir, "align_config.yaml")
+    if is_main_process():
+        os.makedirs(config.output_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(to_dict(config), fh, sort_keys=True)
+        os.replace(tmp, path)
+    return path
+
+
+def start(config) -> list:
+    """Bookkeeping at the start of every run: print the batch, save the config, return the callbacks."""
+    from align.metrics import JsonlMetricsCallback
+
+    if is_main_process():
+        print(describe_batch(config), flush=True)
+    save_config(config)
+    return [JsonlMetricsCallback(os.path.join(config.output_dir, config.metrics_file))]

@@ -1,0 +1,1 @@
+"""Runnable recipes: one module per recipe, each readable top to bottom and defining ``RECIPE``."""
