@@ -59,6 +59,14 @@ class RecipeArguments:
 
     recipe_name = "recipe"  # set by each recipe's config class
 
+    @classmethod
+    def precheck(cls, values: dict) -> None:
+        """Checks on the raw values, before transformers' own ``__post_init__`` reports them less clearly."""
+        if values.get("fp16") and values.get("bf16"):
+            raise ConfigError("fp16 / bf16: choose at most one")
+        if values.get("fp16") and not _has_accelerator():
+            raise ConfigError("fp16: needs a GPU; on the CPU use the default fp32 (or bf16=true)")
+
     def validate(self) -> None:
         """Raise ConfigError on any impossible setting; touches no model and no dataset."""
         from align.data.loading import check_dataset_name
@@ -88,10 +96,6 @@ class RecipeArguments:
             raise ConfigError(f"lora_r: must be >= 1 with use_peft, got {self.lora_r}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("max_steps / num_train_epochs: one of them must be > 0")
-        if self.fp16 and self.bf16:
-            raise ConfigError("fp16 / bf16: choose at most one")
-        if self.fp16 and not _has_accelerator():
-            raise ConfigError("fp16: needs a GPU; on the CPU use the default fp32 (or bf16=true)")
         if str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no" and not self.dataset_test_split:
             raise ConfigError("eval_strategy: evaluation is on but dataset_test_split is not set")
         self._check_output_dir()

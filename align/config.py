@@ -29,7 +29,6 @@ from align.errors import ConfigError
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
-_NONE = {"none", "null", "~"}
 
 
 class _Mismatch(Exception):
@@ -48,11 +47,14 @@ def _coerce(value: Any, tp: Any) -> Any:
         return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in _NONE and type(None) in args):
+        members = [a for a in args if a is not type(None)]
+        # "null"/"~" always mean None; "none" does only where the field takes no free string (report_to=none).
+        as_none = isinstance(value, str) and (value.lower() in ("null", "~") or (value.lower() == "none" and str
+                                                                                  not in members))
+        if value is None or (as_none and type(None) in args):
             if type(None) in args:
                 return None
             raise _Mismatch
-        members = [a for a in args if a is not type(None)]
         enums = [a for a in members if isinstance(a, type) and issubclass(a, enum.Enum)]
         if enums and isinstance(value, str):  # `SchedulerType | str`: the string must name a member
             return _coerce(value, enums[0])
@@ -212,6 +214,9 @@ def load_config(cls: type, config_path: str | os.PathLike | None = None, overrid
             raise ConfigError(
                 f"{key}: expected {_describe(types_[key])}{_allowed_hint(types_[key])}, got {value!r} (from {source})"
             ) from None
+    precheck = getattr(cls, "precheck", None)
+    if callable(precheck):
+        precheck(kwargs)
     try:
         config = cls(**kwargs)
     except (ValueError, TypeError) as err:

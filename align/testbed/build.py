@@ -1,6 +1,7 @@
 """Build (once) and cache the testbed: tokenizer, random tiny model, and its SFT warm-up.
 
-Layout of the cache folder (``$ALIGN_TESTBED_DIR``, else ``~/.cache/align/testbed-v<SPEC>``)::
+Layout of the cache folder (``$ALIGN_TESTBED_DIR``, else ``~/.cache/align/testbed-v<SPEC>-<hash of the
+testbed sources>``)::
 
     base/          tokenizer + randomly initialised tiny Llama (an ordinary HF folder)
     policy/        the same model after a short SFT warm-up (``recipes/sft.py``)
@@ -23,7 +24,7 @@ SPEC_VERSION = 1
 # The warm-up: configs/sft/testbed.yaml holds the same settings for users (a test keeps them equal).
 WARMUP = dict(
     dataset_name="testbed:sft",
-    testbed_tasks=["add1", "sub1", "add2", "mul1"],
+    testbed_tasks=["add1", "sub1", "mul1"],
     max_train_samples=8192,
     max_steps=300,
     per_device_train_batch_size=32,
@@ -55,9 +56,20 @@ class Testbed:
         return json.loads((self.root / "testbed.json").read_text())
 
 
+def spec_hash() -> str:
+    """A digest of everything that shapes the testbed, so a changed spec never reuses a stale cache."""
+    import hashlib
+
+    here = Path(__file__).parent
+    digest = hashlib.sha1(json.dumps(WARMUP, sort_keys=True).encode())
+    for name in ("tasks.py", "tokenizer.py", "model.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def default_dir() -> Path:
     env = os.environ.get("ALIGN_TESTBED_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "align" / f"testbed-v{SPEC_VERSION}"
+    return Path(env) if env else Path.home() / ".cache" / "align" / f"testbed-v{SPEC_VERSION}-{spec_hash()}"
 
 
 def ensure_testbed(root: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> Testbed:
@@ -112,7 +124,7 @@ def _build(tmp: Path, progress: bool) -> dict:
                    "disable_tqdm": not progress},
     )
     run(config)
-    for junk in ("metrics.jsonl", "align_config.yaml", "training_args.bin"):
+    for junk in ("align_config.yaml", "training_args.bin"):
         (tmp / "policy" / junk).unlink(missing_ok=True)
     policy = load_model(str(tmp / "policy"))
     after = held_out_accuracy(policy, load_tokenizer(str(tmp / "policy")), progress=progress)

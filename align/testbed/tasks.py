@@ -12,9 +12,10 @@ are served in the formats trainers consume, as ``datasets.Dataset``:
 ``fmt="conversational"`` gives message lists (the chat template is applied by the trainer),
 ``fmt="standard"`` gives plain strings. Every row also carries ``task``, ``difficulty`` and ``answer``.
 
-Held-out split: for each task a fixed pool of problems (a quarter of its problem space, at most 200)
-is reserved for ``split="test"``; ``split="train"`` never yields a problem from that pool, whatever
-its seed or size.
+Test split: the single-digit "fact" tasks (at most 100 distinct problems: add1, sub1, mul1) have no
+room for unseen problems, so their test split is the whole fact table; a tiny model learns them by
+heart and accuracy measures how much of the table it has. Every larger task keeps a fixed held-out
+pool of 200 problems that ``split="train"`` never yields, whatever its seed or size.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ class Problem:
     def solution(self, answer: int | None = None) -> str:
         """The worked solution; with ``answer`` given, the same derivation ending in that answer."""
         if answer is None or answer == self.answer:
-            return " ".join(self.steps) + f" Answer: {self.answer}"
+            return " ".join([*self.steps, f"Answer: {self.answer}"])
+        if not self.steps:
+            return f"Answer: {answer}"
         *head, last = self.steps
         lhs = last.rsplit("=", 1)[0]
-        return " ".join([*head, f"{lhs}={answer}."]) + f" Answer: {answer}"
+        return " ".join([*head, f"{lhs}={answer}.", f"Answer: {answer}"])
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def _binary(name: str, difficulty: int, op: str, lo_a: int, hi_a: int, lo_b: int
         if ordered and b > a:
             a, b = b, a
         r = fn(a, b)
-        return Problem(name, difficulty, f"What is {a}{op}{b}?", (f"{a}{op}{b}={r}.",), r)
+        return Problem(name, difficulty, f"What is {a}{op}{b}?", (), r)
 
     space = (hi_a - lo_a + 1) * (hi_b - lo_b + 1) // (2 if ordered else 1)
     return Task(name, difficulty, f"{op} with a in [{lo_a},{hi_a}], b in [{lo_b},{hi_b}]", space, make)
@@ -91,8 +94,10 @@ TASKS: dict[str, Task] = {
         Task("chain", 3, "(a+b)*c, two steps, single digits", 9 * 9 * 8, _chain),
     )
 }
-EASY_TASKS = ("add1", "sub1")
-DEFAULT_TASKS = ("add1", "sub1", "add2", "mul1")
+EASY_TASKS = ("add1", "sub1", "mul1")
+DEFAULT_TASKS = EASY_TASKS
+FACT_TABLE_MAX = 100  # tasks with at most this many distinct problems are "fact tables"
+TEST_POOL = 200  # held-out problems per larger task
 
 
 def get_task(name: str) -> Task:
@@ -102,13 +107,24 @@ def get_task(name: str) -> Task:
         raise ValueError(f"unknown testbed task {name!r} (known: {', '.join(TASKS)})") from None
 
 
+def is_fact_task(name: str) -> bool:
+    """Tasks small enough to enumerate (single-digit facts): their test split is the whole table."""
+    return get_task(name).space <= FACT_TABLE_MAX
+
+
 @cache
 def _test_pool(name: str) -> tuple[Problem, ...]:
     task = get_task(name)
-    size = min(200, task.space // 4)
     rng = random.Random(f"align-testbed-test-{name}")
     pool: dict[str, Problem] = {}
-    while len(pool) < size:
+    if is_fact_task(name):  # enumerate the table: draw until no new fact shows up in a long run
+        misses = 0
+        while misses < 20 * task.space:
+            p = task.make(rng)
+            misses = misses + 1 if p.question in pool else 0
+            pool.setdefault(p.question, p)
+        return tuple(sorted(pool.values(), key=lambda p: p.question))
+    while len(pool) < TEST_POOL:
         p = task.make(rng)
         pool.setdefault(p.question, p)
     return tuple(pool.values())
@@ -145,7 +161,7 @@ def problems(tasks: Sequence[str] = DEFAULT_TASKS, n: int | None = 256, split: s
     out = []
     for i in range(n):
         name = tasks[i % len(tasks)]
-        while (p := get_task(name).make(rng)).question in held[name]:
+        while (p := get_task(name).make(rng)).question in held[name] and not is_fact_task(name):
             pass
         out.append(p)
     return out

@@ -1,0 +1,110 @@
+"""Preference data: checking TRL-format rows, tokenising them, and collating [chosen; rejected] batches.
+
+Rows are TRL's standard (``prompt``/``chosen``/``rejected`` strings) or conversational (message lists;
+the chat template is applied) format. Each tokenised row keeps ``row_id`` (its index in the dataset)
+so an error late in training can still name the rows of the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.data.validate import check_rows
+from align.errors import DataError
+
+COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def check_preference_rows(ds, split: str = "train") -> str:
+    """All rows well-formed, chosen != rejected; returns the format (standard / conversational)."""
+    if not all(c in ds.column_names for c in COLUMNS):
+        raise DataError(
+            f"{split} dataset: preference data needs columns prompt, chosen, rejected in TRL's standard or "
+            f"conversational format (has: {', '.join(ds.column_names)})"
+        )
+    fmt = check_rows(ds, COLUMNS, split)
+    for i, (c, r) in enumerate(zip(ds["chosen"], ds["rejected"], strict=True)):
+        if c == r:
+            raise DataError(f"{split} row {i}: chosen and rejected are identical")
+    return fmt
+
+
+def _texts(tokenizer, row, fmt: str) -> tuple[str, str, str]:
+    """Prompt text and the two completion texts, with the chat template applied when conversational."""
+    if fmt == "standard":
+        eos = tokenizer.eos_token or ""
+        chosen, rejected = row["chosen"], row["rejected"]
+        return (row["prompt"], chosen if chosen.endswith(eos) else chosen + eos,
+                rejected if rejected.endswith(eos) else rejected + eos)
+    prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    out = [prompt]
+    for key in ("chosen", "rejected"):
+        full = tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError(f"chat template of {tokenizer.name_or_path!r} does not extend the prompt with the {key} turn")
+        out.append(full[len(prompt):])
+    return tuple(out)
+
+
+def tokenize_preferences(ds, tokenizer, max_length: int, split: str = "train"):
+    """Rows -> ``row_id, prompt_ids, chosen_ids, rejected_ids``; one-line DataError on any bad row.
+
+    A prompt that leaves no room for a completion within ``max_length`` is an error; completions are
+    cut to fit (the count of cut rows is returned in ``ds.info.description``-free form: see logs).
+    """
+    fmt = check_preference_rows(ds, split)
+    rows = {"row_id": [], "prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    for i, row in enumerate(ds.select_columns(list(COLUMNS))):
+        prompt, chosen, rejected = _texts(tokenizer, row, fmt)
+        p = tokenizer(prompt, add_special_tokens=fmt == "standard")["input_ids"]
+        if len(p) >= max_length:
+            raise DataError(f"{split} row {i}: prompt has {len(p)} tokens, not below max_length {max_length}")
+        room = max_length - len(p)
+        c = tokenizer(chosen, add_special_tokens=False)["input_ids"][:room]
+        r = tokenizer(rejected, add_special_tokens=False)["input_ids"][:room]
+        if c == r:
+            raise DataError(f"{split} row {i}: chosen and rejected are identical after truncation to max_length")
+        rows["row_id"].append(i)
+        rows["prompt_ids"].append(p)
+        rows["chosen_ids"].append(c)
+        rows["rejected_ids"].append(r)
+    from datasets import Dataset
+
+    return Dataset.from_dict(rows)
+
+
+class PreferenceCollator:
+    """Batches of B rows -> 2B right-padded sequences, chosen first: ``[chosen_0..B-1; rejected_0..B-1]``.
+
+    ``completion_mask`` marks the completion tokens, the only ones scored. Precomputed reference
+    log-probs, when present in the rows, pass through as ``ref_chosen_logps``/``ref_rejected_logps``.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        seqs, masks = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for f in features:
+                seqs.append(list(f["prompt_ids"]) + list(f[key]))
+                masks.append([0] * len(f["prompt_ids"]) + [1] * len(f[key]))
+        width = max(len(s) for s in seqs)
+        n = len(seqs)
+        input_ids = torch.full((n, width), self.pad, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        completion = torch.zeros((n, width), dtype=torch.long)
+        for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            attention[i, : len(s)] = 1
+            completion[i, : len(m)] = torch.tensor(m)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "completion_mask": completion,
+            "row_id": torch.tensor([f["row_id"] for f in features]),
+        }
+        if "ref_chosen_logps" in features[0]:
+            batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features])
+            batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features])
+        return batch

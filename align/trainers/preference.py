@@ -1,0 +1,239 @@
+"""PreferenceTrainer: offline preference optimisation (DPO family, RPO, H-DPO, LR-DPO) on ``Trainer``.
+
+Data path: TRL-format rows -> tokenise (chat template) -> [chosen; rejected] batch -> one forward of
+the policy -> summed completion log-probs -> reference log-probs (precomputed once, or live) ->
+``objective(batch)`` -> backward. The objective is any name in :mod:`align.objectives`.
+
+Reference log-probs come from, in order: the precomputed cache (default; computed once before training
+from the reference, kept in memory and in ``output_dir`` so a resumed run reuses it), a frozen
+``ref_model``, the base model with the LoRA adapter disabled, or a frozen copy of the initial policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from align.args import CPUSaneDefaults
+from align.data.preference import PreferenceCollator, tokenize_preferences
+from align.errors import ConfigError, TrainingError
+from align.objectives import build, check_params, registry
+from align.trainers.logps import completion_logps
+
+# Objective hyperparameters that are config keys; any other goes in ``objective_kwargs``.
+HYPERPARAMETERS = ("beta", "alpha", "eta", "sft_norm", "label_smoothing", "length_alpha")
+
+
+def _f(default, help_: str):
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help_})
+    return field(default=default, metadata={"help": help_})
+
+
+@dataclass
+class PreferenceArguments:
+    objective: str = _f("dpo", "Objective name (see `align recipes`): dpo, ipo, hinge, robust, rpo, hdpo, lrdpo, ...")
+    beta: float = _f(0.1, "KL strength β (τ for ipo).")
+    alpha: float | None = _f(None, "hdpo: entropy coefficient α; scales the policy log-probs (1 = DPO).")
+    eta: float | None = _f(None, "rpo: weight η of the SFT term.")
+    sft_norm: str | None = _f(None, "rpo: 'sum' (paper: −η·β·S_θ(y_w)) or 'mean' (+η·token-mean NLL).")
+    label_smoothing: float | None = _f(None, "robust: label flip probability ε in [0, 0.5).")
+    length_alpha: float | None = _f(None, "lrdpo: weight of the length margin |y_w| − |y_l| (tokens).")
+    objective_kwargs: dict = _f({}, "Other hyperparameters for objectives added later, as a mapping.")
+    max_length: int = _f(512, "Maximum prompt + completion tokens; longer completions are cut, longer prompts rejected.")
+    ref_model_name_or_path: str | None = _f(None, "Frozen reference model; default: the initial policy.")
+    precompute_ref_logps: bool = _f(True, "Compute reference log-probs once before training (frees the reference).")
+    remove_unused_columns: bool = _f(False, "Keep the tokenised columns the preference collator needs.")
+
+    def objective_params(self) -> dict:
+        """The hyperparameters to pass to the objective; errors if one is set that it does not take."""
+        takes = registry()[self.objective].params if self.objective in registry() else {}
+        params = {}
+        for key in HYPERPARAMETERS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key not in takes:
+                if key == "beta":
+                    continue  # every DPO-style objective has β; tolerate its default for any that does not
+                raise ConfigError(f"{key}: objective {self.objective!r} does not take it (takes: {', '.join(takes)})")
+            params[key] = value
+        params.update(self.objective_kwargs)
+        check_params(self.objective, params)
+        return params
+
+    def validate_preference(self) -> None:
+        self.objective_params()
+        if self.max_length < 2:
+            raise ConfigError(f"max_length: must be >= 2, got {self.max_length}")
+        if self.remove_unused_columns:
+            raise ConfigError("remove_unused_columns: must be false for preference training")
+
+
+@dataclass
+class PreferenceConfig(PreferenceArguments, CPUSaneDefaults, TrainingArguments):
+    """Standalone config for :class:`PreferenceTrainer` (recipes add model and data keys on top)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_preference()
+
+
+class PreferenceTrainer(Trainer):
+    def __init__(self, model, args: PreferenceArguments, train_dataset=None, eval_dataset=None,
+                 processing_class=None, ref_model=None, peft_config=None, callbacks=None):
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.loss_fn = build(args.objective, **args.objective_params())
+        self.is_peft = hasattr(model, "disable_adapter")
+        tok = processing_class
+        if train_dataset is not None and "prompt_ids" not in train_dataset.column_names:
+            train_dataset = tokenize_preferences(train_dataset, tok, args.max_length, "train")
+        if eval_dataset is not None and "prompt_ids" not in eval_dataset.column_names:
+            eval_dataset = tokenize_preferences(eval_dataset, tok, args.max_length, "eval")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        super().__init__(model=model, args=args, data_collator=PreferenceCollator(pad), train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=tok, callbacks=callbacks)
+        self.model_accepts_loss_kwargs = False  # our loss is a batch mean: let Trainer scale it for accumulation
+        if ref_model is None and not args.precompute_ref_logps and not self.is_peft:
+            ref_model = copy.deepcopy(model)  # live reference = frozen copy of the initial policy
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval().to(self.args.device)
+        self.ref_model = ref_model
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # --- reference log-probs ----------------------------------------------------------------------
+
+    def _sequence_logps(self, model, inputs):
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        return completion_logps(out.logits, inputs["input_ids"], inputs["completion_mask"])
+
+    @torch.no_grad()
+    def reference_logps(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs (chosen, rejected) of a collated batch, computed live."""
+        if self.ref_model is not None:
+            model, ctx = self.ref_model, nullcontext()
+        elif self.is_peft:
+            model = self.accelerator.unwrap_model(self.model)
+            ctx = model.disable_adapter()
+        else:  # only before training starts: the policy is still the reference
+            model, ctx = self.accelerator.unwrap_model(self.model), nullcontext()
+        with ctx:
+            logps, _, _ = self._sequence_logps(model, inputs)
+        half = inputs["row_id"].shape[0]
+        return logps[:half], logps[half:]
+
+    def _cache_path(self, ds) -> str:
+        digest = hashlib.sha1()
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            for ids in ds[key]:
+                digest.update(bytes(str(ids), "ascii"))
+        digest.update(str(self.args.ref_model_name_or_path or getattr(self.model, "name_or_path", "")).encode())
+        return os.path.join(self.args.output_dir, f"ref_logps-{digest.hexdigest()[:16]}.pt")
+
+    def precompute_reference(self, ds, desc: str = "reference log-probs"):
+        """``ds`` with ``ref_chosen_logps``/``ref_rejected_logps`` columns, computed once (sharded across
+        processes, gathered) and cached in ``output_dir``."""
+        from accelerate.utils import gather_object
+        from tqdm.auto import tqdm
+
+        if ds is None or "ref_chosen_logps" in ds.column_names:
+            return ds
+        path = self._cache_path(ds)
+        if os.path.isfile(path):
+            table = torch.load(path)
+        else:
+            rank, world = self.accelerator.process_index, self.accelerator.num_processes
+            mine = list(range(rank, len(ds), world))
+            size = self.args.per_device_eval_batch_size
+            collate = self.data_collator
+            local = []
+            was_training = self.model.training
+            self.model.eval()
+            for s in tqdm(range(0, len(mine), size), desc=desc, disable=not self.is_world_process_zero()):
+                idx = mine[s : s + size]
+                batch = {k: v.to(self.args.device) for k, v in collate([ds[i] for i in idx]).items()}
+                c, r = self.reference_logps(batch)
+                local.extend(zip(idx, c.tolist(), r.tolist(), strict=True))
+            self.model.train(was_training)
+            table = torch.zeros(len(ds), 2, dtype=torch.float64)
+            for i, c, r in gather_object(local):
+                table[i, 0], table[i, 1] = c, r
+            if self.is_world_process_zero():
+                os.makedirs(self.args.output_dir, exist_ok=True)
+                torch.save(table, path + ".tmp")
+                os.replace(path + ".tmp", path)
+        ds = ds.add_column("ref_chosen_logps", table[:, 0].tolist())
+        return ds.add_column("ref_rejected_logps", table[:, 1].tolist())
+
+    def _prepare_reference(self):
+        if self.args.precompute_ref_logps:
+            self.train_dataset = self.precompute_reference(self.train_dataset)
+            self.eval_dataset = self.precompute_reference(self.eval_dataset, "reference log-probs (eval)")
+
+    def train(self, *args, **kwargs):
+        self._prepare_reference()
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        if self.args.precompute_ref_logps:
+            self.eval_dataset = self.precompute_reference(self.eval_dataset, "reference log-probs (eval)")
+        return super().evaluate(*args, **kwargs)
+
+    # --- loss -------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        logps, lengths, entropy = self._sequence_logps(model, inputs)
+        half = inputs["row_id"].shape[0]
+        if "ref_chosen_logps" in inputs:
+            ref_c, ref_r = inputs["ref_chosen_logps"].to(logps.dtype), inputs["ref_rejected_logps"].to(logps.dtype)
+        else:
+            ref_c, ref_r = self.reference_logps(inputs)
+        out = self.loss_fn({
+            "policy_chosen_logps": logps[:half], "policy_rejected_logps": logps[half:],
+            "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r,
+            "chosen_lengths": lengths[:half], "rejected_lengths": lengths[half:],
+        })
+        loss = out.losses.mean()
+        if not torch.isfinite(loss):
+            rows = inputs["row_id"].tolist()
+            raise TrainingError(
+                f"non-finite {mode} loss ({loss.item()}) at step {self.state.global_step + 1}, batch rows {rows}; "
+                f"stopped before the update, checkpoints already in {self.args.output_dir!r} are kept"
+            )
+        self._record(mode, {**out.metrics, "entropy": entropy})
+        return (loss, out) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # --- metrics ----------------------------------------------------------------------------------
+
+    def _record(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
+        keys = sorted(metrics)
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).to(self.args.device)
+        values = self.accelerator.gather(values[None]).mean(0)  # mean over processes
+        for k, v in zip(keys, values.tolist(), strict=True):
+            self._metrics[mode][k].append(v)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for k, vals in self._metrics[mode].items():
+            if vals:
+                logs[prefix + k] = sum(vals) / len(vals)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)

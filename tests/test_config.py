@@ -1,0 +1,154 @@
+"""The config loader: YAML + overrides, types, and every bad input stopping before a model loads."""
+
+import json
+import os
+
+import pytest
+
+from align.config import load_config, parse_overrides
+from align.errors import ConfigError, DataError
+from recipes.dpo import DPORecipeConfig
+from recipes.sft import SFTRecipeConfig
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = "model_name_or_path: testbed:policy\ndataset_name: testbed:sft\n"
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any attempt to load weights fails the test: errors must come first."""
+    import align.modeling
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(align.modeling, "load_model", boom)
+    monkeypatch.setattr(align.modeling, "load_tokenizer", boom)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, BASE + f"output_dir: {tmp_path / 'o'}\nlearning_rate: 1.0e-3\nmax_steps: 5\n")
+    cfg = load_config(SFTRecipeConfig, path, ["learning_rate=3e-4", "--max_steps", "7", "--bf16=false",
+                                             "testbed_tasks=[add1,mul1]", "report_to=none", "use_peft=true"])
+    assert cfg.learning_rate == 3e-4 and cfg.max_steps == 7 and cfg.bf16 is False and cfg.use_peft is True
+    assert cfg.testbed_tasks == ["add1", "mul1"]
+    # CPU-sane defaults, not TRL's
+    assert cfg.gradient_checkpointing is False and cfg.report_to in ([], "none", ["none"])
+
+
+def test_override_forms():
+    assert parse_overrides(["a=1", "--b", "2", "--c=3", "--flag"]) == {"a": "1", "b": "2", "c": "3", "flag": "true"}
+    assert parse_overrides(["--max-steps", "4"]) == {"max_steps": "4"}
+    with pytest.raises(ConfigError, match="'oops' is not of the form key=value"):
+        parse_overrides(["oops"])
+
+
+def test_comma_list_and_none(tmp_path):
+    cfg = load_config(SFTRecipeConfig, write(tmp_path, BASE), ["testbed_tasks=add1,sub1", "max_eval_samples=null",
+                                                                f"output_dir={tmp_path}/o"])
+    assert cfg.testbed_tasks == ["add1", "sub1"] and cfg.max_eval_samples is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["learning_rat=1e-3"], "unknown config key 'learning_rat' in command line (did you mean 'learning_rate'?)"),
+        (["learning_rate=fast"], "learning_rate: expected float, got 'fast' (from command line)"),
+        (["max_steps=2.5"], "max_steps: expected int"),
+        (["use_peft=maybe"], "use_peft: expected bool"),
+        (["lr_scheduler_type=cosinee"], "lr_scheduler_type: expected"),
+        (["fp16=true", "bf16=true"], "fp16 / bf16"),
+        (["eval_strategy=steps"], "eval_strategy: evaluation is on but dataset_test_split is not set"),
+        (["max_steps=0", "num_train_epochs=0"], "max_steps / num_train_epochs"),
+        (["per_device_train_batch_size=0"], "per_device_train_batch_size: must be >= 1"),
+        (["model_name_or_path=/nope/model"], "model_name_or_path: folder '/nope/model' does not exist"),
+        (["model_name_or_path=testbed:large"], "unknown testbed model 'testbed:large'"),
+        (["model_name_or_path=someorg/some-model"], "not in the Hub cache, and HF_HUB_OFFLINE is set"),
+        (["dataset_name=./missing.jsonl"], "dataset_name: './missing.jsonl' does not exist"),
+        (["dataset_name=testbed:pairs"], "dataset_name: unknown testbed dataset 'testbed:pairs'"),
+        (["testbed_tasks=[add1,div9]"], "testbed_tasks: unknown task 'div9'"),
+        (["torch_dtype=float8"], "torch_dtype: must be one of"),
+        (["resume_from_checkpoint=true"], "resume_from_checkpoint: no checkpoint-* folder"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(tmp_path, no_model_loads, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTRecipeConfig, write(tmp_path, BASE), [f"output_dir={tmp_path}/out", *overrides])
+    text = str(err.value)
+    assert message in text and "\n" not in text
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, BASE + "lerning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'lerning_rate' in .*c.yaml"):
+        load_config(SFTRecipeConfig, path)
+
+
+def test_bad_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(SFTRecipeConfig, tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(SFTRecipeConfig, write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(SFTRecipeConfig, write(tmp_path, "a: [1, 2\n"))
+
+
+def test_existing_checkpoints_are_protected(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint-10").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        load_config(SFTRecipeConfig, write(tmp_path, BASE), [f"output_dir={out}"])
+    cfg = load_config(SFTRecipeConfig, write(tmp_path, BASE), [f"output_dir={out}", "resume_from_checkpoint=true"])
+    assert cfg.resume_from_checkpoint == str(out / "checkpoint-10")
+    assert load_config(SFTRecipeConfig, write(tmp_path, BASE), [f"output_dir={out}", "overwrite_output_dir=true"])
+
+
+def test_objective_hyperparameters_are_checked(tmp_path, no_model_loads):
+    base = "model_name_or_path: testbed:policy\ndataset_name: testbed:preference\n"
+    path = write(tmp_path, base + f"output_dir: {tmp_path}/o\n")
+    cfg = load_config(DPORecipeConfig, path, ["objective=hdpo", "alpha=0.9"])
+    assert cfg.objective_params() == {"beta": 0.1, "alpha": 0.9}
+    with pytest.raises(ConfigError, match="alpha: objective 'dpo' does not take it"):
+        load_config(DPORecipeConfig, path, ["objective=dpo", "alpha=0.9"])
+    with pytest.raises(ConfigError, match="unknown objective 'dop'"):
+        load_config(DPORecipeConfig, path, ["objective=dop"])
+    with pytest.raises(ConfigError, match="objective 'dpo' does not take 'gamma'"):
+        load_config(DPORecipeConfig, path, ["objective_kwargs={gamma: 1}"])
+    with pytest.raises(ConfigError, match="ref_model_name_or_path: folder '/no/ref' does not exist"):
+        load_config(DPORecipeConfig, path, ["ref_model_name_or_path=/no/ref"])
+
+
+def _jsonl(tmp_path, rows, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"prompt": "a", "answer": "b"}], "train dataset: needs columns prompt+completion or messages or text"),
+        ([{"prompt": "a", "completion": "b"}, {"prompt": "  ", "completion": "c"}],
+         "train row 1, column 'prompt': is empty"),
+        ([{"prompt": "a", "completion": "b"}, {"prompt": "q", "completion": ""}],
+         "train row 1, column 'completion': is empty"),
+        ([{"messages": [{"role": "user", "content": "hi"}]}, {"messages": []}],
+         "train row 1, column 'messages': has no messages"),
+    ],
+)
+def test_bad_sft_rows_stop_before_the_model(tmp_path, no_model_loads, rows, message):
+    from recipes.sft import run
+
+    cfg = load_config(SFTRecipeConfig, overrides={"model_name_or_path": "testbed:policy",
+                                                   "dataset_name": _jsonl(tmp_path, rows),
+                                                   "output_dir": str(tmp_path / "o")})
+    with pytest.raises(DataError) as err:
+        run(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not os.path.exists(tmp_path / "o" / "model.safetensors")
