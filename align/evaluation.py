@@ -20,8 +20,12 @@ def prompt_texts(tokenizer, prompts: Sequence) -> list[str]:
 
 
 def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batch_size: int = 64,
-             progress: bool = False, desc: str = "generate") -> list[str]:
-    """Greedy completions for ``prompts`` (strings or message lists), decoded without special tokens."""
+             progress: bool = False, desc: str = "generate", with_entropy: bool = False):
+    """Greedy completions for ``prompts`` (strings or message lists), decoded without special tokens.
+
+    With ``with_entropy`` also returns the policy's mean next-token entropy along its own greedy
+    generations (every generated position up to and including eos), in nats.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -31,35 +35,46 @@ def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batc
     was_training = model.training
     model.eval()
     out: list[str] = []
+    ent_sum, ent_count = 0.0, 0
     try:
         starts = range(0, len(texts), batch_size)
         for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
             enc = tokenizer(texts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
             with torch.no_grad():
-                ids = model.generate(
+                gen = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
+                    output_logits=with_entropy,
+                    return_dict_in_generate=True,
                 )
-            new = ids[:, enc["input_ids"].shape[1] :]
+            new = gen.sequences[:, enc["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            if with_entropy:
+                logp = torch.stack(gen.logits, 1).float().log_softmax(-1)
+                entropy = -(logp.exp() * logp).sum(-1)
+                is_eos = new == tokenizer.eos_token_id
+                alive = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # positions up to the first eos
+                ent_sum += (entropy * alive).sum().item()
+                ent_count += int(alive.sum().item())
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return out
+    return (out, ent_sum / max(ent_count, 1)) if with_entropy else out
 
 
 def accuracy(model, tokenizer, rows, max_new_tokens: int = 32, batch_size: int = 64, progress: bool = False) -> dict:
     """Exact-answer accuracy over ``rows`` (each with ``prompt`` and ``answer``; ``task`` optional).
 
-    Returns ``accuracy``, ``format`` (fraction with a parseable answer) and ``accuracy/<task>``.
+    Returns ``accuracy``, ``format`` (fraction with a parseable answer), ``entropy`` (the policy's mean
+    next-token entropy along its greedy generations) and ``accuracy/<task>``.
     """
     rows = list(rows)
-    completions = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, progress,
-                           desc="evaluate")
+    completions, entropy = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size,
+                                    progress, desc="evaluate", with_entropy=True)
     hits = [is_correct(c, r["answer"]) for c, r in zip(completions, rows, strict=True)]
     per_task: dict[str, list[bool]] = defaultdict(list)
     for hit, r in zip(hits, rows, strict=True):
@@ -67,6 +82,7 @@ def accuracy(model, tokenizer, rows, max_new_tokens: int = 32, batch_size: int =
     result = {
         "accuracy": sum(hits) / max(len(hits), 1),
         "format": sum(extract_answer(c) is not None for c in completions) / max(len(completions), 1),
+        "entropy": entropy,
     }
     result.update({f"accuracy/{t}": sum(v) / len(v) for t, v in sorted(per_task.items())})
     return result

@@ -32,7 +32,7 @@ class DPORecipeConfig(RecipeArguments, PreferenceConfig):
             check_model_path(self.ref_model_name_or_path, "ref_model_name_or_path")
 
 
-def run(config: DPORecipeConfig) -> dict:
+def build_trainer(config: DPORecipeConfig):
     from align.data.loading import load_train_eval
     from align.data.preference import check_preference_rows, tokenize_preferences
     from align.modeling import load_model, load_tokenizer, lora_config
@@ -54,13 +54,16 @@ def run(config: DPORecipeConfig) -> dict:
     model = load_model(config.model_name_or_path, **load)
     ref_model = load_model(config.ref_model_name_or_path, **load) if config.ref_model_name_or_path else None
 
-    # 3. Train and save.
-    trainer = PreferenceTrainer(model, config, train, evaluation, tokenizer, ref_model=ref_model,
-                                peft_config=lora_config(config), callbacks=start(config))
+    return PreferenceTrainer(model, config, train, evaluation, tokenizer, ref_model=ref_model,
+                             peft_config=lora_config(config), callbacks=start(config))
+
+
+def run(config: DPORecipeConfig) -> dict:
+    trainer = build_trainer(config)
     result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
     metrics = dict(result.metrics)
-    if evaluation is not None:
+    if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     return {"output_dir": os.path.abspath(config.output_dir), **metrics}
 

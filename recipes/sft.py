@@ -32,6 +32,7 @@ class SFTRecipeConfig(RecipeArguments, CPUSaneDefaults, SFTConfig):
 
 
 def run(config: SFTRecipeConfig) -> dict:
+    from transformers import set_seed
     from trl import SFTTrainer
 
     from align.data.loading import load_train_eval
@@ -49,7 +50,8 @@ def run(config: SFTRecipeConfig) -> dict:
     model = load_model(config.model_name_or_path, config.torch_dtype, config.attn_implementation,
                        config.trust_remote_code)
 
-    # 3. Train, save.
+    # 3. Train, save (seeded first: a LoRA adapter's random init must follow the run's seed).
+    set_seed(config.seed)
     trainer = SFTTrainer(
         model=model,
         args=config,

@@ -24,7 +24,7 @@ def testbed():
     return ensure_testbed(progress=False)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def repo():
     return REPO
 

@@ -91,7 +91,9 @@ class PreferenceTrainer(Trainer):
                  processing_class=None, ref_model=None, peft_config=None, callbacks=None):
         if peft_config is not None:
             from peft import get_peft_model
+            from transformers import set_seed
 
+            set_seed(args.seed)  # the adapter's random init must follow the run's seed
             model = get_peft_model(model, peft_config)
         self.loss_fn = build(args.objective, **args.objective_params())
         self.is_peft = hasattr(model, "disable_adapter")

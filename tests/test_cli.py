@@ -1,0 +1,72 @@
+"""The `align` command, run as a user would (a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def align(*args, cwd=None, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "align.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_help_lists_commands():
+    out = align("--help")
+    assert out.returncode == 0
+    for cmd in ("train", "recipes", "testbed", "quickstart"):
+        assert cmd in out.stdout
+
+
+def test_recipes_lists_recipes_and_objectives():
+    out = align("recipes")
+    assert out.returncode == 0
+    for name in ("sft", "dpo", "ipo", "hinge", "robust", "rpo", "hdpo", "lrdpo"):
+        assert f"  {name} " in out.stdout, name
+    assert "params: beta, alpha" in out.stdout
+
+
+def test_train_help_lists_config_keys():
+    out = align("train", "dpo", "--help")
+    assert out.returncode == 0
+    assert "objective (str" in out.stdout and "model_name_or_path" in out.stdout and "learning_rate" in out.stdout
+    # our keys first, then the training arguments
+    assert out.stdout.index("model_name_or_path") < out.stdout.index("per_device_train_batch_size")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "nope"], "error: unknown recipe 'nope' (available: dpo, sft)"),
+        (["train", "sft", "--config", "configs/sft/testbed.yaml", "max_stepz=3"],
+         "error: unknown config key 'max_stepz' in command line (did you mean 'max_steps'?)"),
+        (["train", "sft", "--config", "configs/sft/testbed.yaml", "model_name_or_path=./no/such/model"],
+         "error: model_name_or_path: folder './no/such/model' does not exist"),
+        (["train", "sft", "--config", "configs/sft/missing.yaml"],
+         "error: --config: file 'configs/sft/missing.yaml' does not exist"),
+    ],
+)
+def test_bad_input_is_one_line(repo, args, message):
+    out = align(*args, cwd=repo)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == message
+
+
+def test_train_sft_end_to_end(repo, tmp_path, testbed):
+    out_dir = tmp_path / "sft"
+    out = align("train", "sft", "--config", "configs/sft/testbed.yaml", f"output_dir={out_dir}", "max_steps=4",
+                "logging_steps=2", "per_device_train_batch_size=8", "model_name_or_path=testbed:policy", cwd=repo)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "effective batch = per_device_train_batch_size 8 x gradient_accumulation_steps 1 x processes 1 = 8" \
+        in out.stdout
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
+    assert all(r["loss"] > 0 for r in records if "loss" in r)
+    assert (out_dir / "model.safetensors").is_file() and (out_dir / "align_config.yaml").is_file()
+
+
+def test_testbed_info(testbed):
+    out = align("testbed", "info", env={"ALIGN_TESTBED_DIR": str(testbed.root)})
+    assert out.returncode == 0 and json.loads(out.stdout)["parameters"] > 2_000_000
