@@ -142,3 +142,10 @@ class CPUSaneDefaults:
     report_to: str | list[str] | None = _f("none", "Loggers to report to (wandb, tensorboard, trackio, ...).")
     logging_steps: float = _f(10.0, "Log every this many optimizer steps.")
     dataloader_pin_memory: bool = _f(False, "Pin host memory in data loaders (helps GPU input, costs on CPU).")
+    ddp_find_unused_parameters: bool | None = _f(
+        False, "DDP: look for parameters without gradients each step (costly; every recipe here uses all of them).")
+    use_cpu: bool = field(
+        default_factory=lambda: not _has_accelerator(),
+        metadata={"help": "Train on the CPU (default: true exactly when no GPU is present; several CPU processes "
+                          "under accelerate launch then use torch.distributed with gloo)."},
+    )
