@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = sub.add_parser("quickstart", help="testbed + SFT warm-up + a short alignment run, with plots")
     quick.add_argument("--output-dir", default="outputs/quickstart")
-    quick.add_argument("--align-steps", type=int, default=60, help="optimizer steps of the alignment run")
+    quick.add_argument("--align-steps", type=int, default=None,
+                       help="optimizer steps of the alignment run (default: the config's max_steps)")
     quick.set_defaults(func=_quickstart)
     return parser
 

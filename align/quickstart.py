@@ -2,7 +2,8 @@
 
 1. Testbed: tokenizer + random tiny Llama, built locally (or reused from the cache).
 2. SFT warm-up of that model on synthetic arithmetic (part of the testbed build, cached with it).
-3. Alignment: DPO on arithmetic preference pairs (``configs/dpo/testbed.yaml``) from the SFT policy.
+3. Alignment: RPO (DPO + an SFT term on the chosen answer, ``configs/dpo/quickstart.yaml``) on
+   arithmetic preference pairs, from the SFT policy.
 
 Held-out accuracy is printed before and after each stage; ``metrics.jsonl``, ``training_curves.png``
 and ``summary.json`` are written into the output folder.
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 CURVES = ["sft/loss", "sft/mean_token_accuracy", "dpo/loss", "dpo/rewards/margins", "dpo/rewards/accuracies",
-          "dpo/logps/chosen", "dpo/logps/rejected", "dpo/entropy"]
+          "dpo/logps/chosen", "dpo/logps/rejected", "dpo/rpo/sft_nll", "dpo/eval_rewards/accuracies"]
 
 
 def repo_config(*parts: str) -> Path:
@@ -59,16 +60,18 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
     print(_row("random init", acc["base"]))
     print(_row("after SFT", acc["policy"]))
 
-    print("[3/3] alignment: DPO on arithmetic preference pairs (configs/dpo/testbed.yaml)", flush=True)
+    print("[3/3] alignment: RPO = DPO + SFT on the chosen answer (configs/dpo/quickstart.yaml)", flush=True)
     overrides = {"output_dir": str(out / "dpo"), "overwrite_output_dir": True}
     if align_steps:
         overrides["max_steps"] = align_steps
-    config = load_config(DPORecipeConfig, repo_config("dpo", "testbed.yaml"), overrides)
+    config = load_config(DPORecipeConfig, repo_config("dpo", "quickstart.yaml"), overrides)
     (out / "dpo" / config.metrics_file).unlink(missing_ok=True)
-    run_dpo(config)
+    result = run_dpo(config)
     aligned = held_out_accuracy(load_model(config.output_dir), load_tokenizer(config.output_dir), progress=True)
     print(_row("after SFT", acc["policy"]))
-    print(_row("after DPO", aligned))
+    print(_row(f"after {config.objective.upper()}", aligned))
+    print(f"  held-out preference pairs: reward accuracy {result['eval_rewards/accuracies']:.1%}, "
+          f"margin {result['eval_rewards/margins']:.3f} (both 0 before training)")
 
     records = [{**r, "stage": "sft"} for r in read_jsonl(str(tb.policy / "metrics.jsonl"))]
     offset = max((r["step"] for r in records), default=0)
@@ -79,7 +82,8 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
                for r in records]
     plot_metrics(plotted, str(out / "training_curves.png"), keys=CURVES, title="align quickstart (tiny testbed)")
     summary = {
-        "held_out_accuracy": {"random_init": acc["base"], "sft": acc["policy"], "dpo": aligned},
+        "held_out_accuracy": {"random_init": acc["base"], "sft": acc["policy"], config.objective: aligned},
+        "held_out_preferences": {k: v for k, v in result.items() if k.startswith("eval_rewards/")},
         "seconds": round(time.perf_counter() - t0, 1),
         "testbed": str(tb.root),
     }
