@@ -177,3 +177,17 @@ def test_recipe_run_writes_model_and_metrics(repo, tmp_path, testbed):
     result = run(cfg(repo, tmp_path, max_steps=4, logging_steps=2))
     assert result["train_loss"] > 0 and (tmp_path / "out" / "model.safetensors").is_file()
     assert any(p.name.startswith("ref_logps-") for p in (tmp_path / "out").iterdir())  # the reference cache
+
+
+def test_logits_to_keep_path_equals_full_logits(repo, tmp_path, testbed):
+    from align.trainers.logps import completion_logps
+
+    trainer = build_trainer(cfg(repo, tmp_path, max_steps=1))
+    assert trainer._keeps_logits(trainer.model)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    with torch.no_grad():
+        fast, fast_len, fast_ent = trainer._sequence_logps(trainer.model, batch)
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        full, full_len, full_ent = completion_logps(logits, batch["input_ids"], batch["completion_mask"])
+    assert torch.allclose(fast, full, atol=1e-5) and torch.equal(fast_len, full_len)
+    assert fast_ent.item() == pytest.approx(full_ent.item(), abs=1e-5)

@@ -12,7 +12,9 @@ from the reference, kept in memory and in ``output_dir`` so a resumed run reuses
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 import os
 from collections import defaultdict
 from contextlib import nullcontext
@@ -86,6 +88,11 @@ class PreferenceConfig(PreferenceArguments, CPUSaneDefaults, TrainingArguments):
         self.validate_preference()
 
 
+@functools.cache
+def _takes_logits_to_keep(model_class) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 class PreferenceTrainer(Trainer):
     def __init__(self, model, args: PreferenceArguments, train_dataset=None, eval_dataset=None,
                  processing_class=None, ref_model=None, peft_config=None, callbacks=None):
@@ -116,8 +123,22 @@ class PreferenceTrainer(Trainer):
     # --- reference log-probs ----------------------------------------------------------------------
 
     def _sequence_logps(self, model, inputs):
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        return completion_logps(out.logits, inputs["input_ids"], inputs["completion_mask"])
+        """One forward of [chosen; rejected]; logits only from the first completion position on (no
+        lm_head work on the prompt part shared by every row), when the model supports ``logits_to_keep``."""
+        ids, mask = inputs["input_ids"], inputs["completion_mask"]
+        kwargs = {}
+        if self._keeps_logits(model):
+            first = int(mask.float().argmax(-1).min())  # earliest completion token in the batch
+            keep = ids.shape[1] - first + 1
+            kwargs["logits_to_keep"] = keep
+            ids, mask = ids[:, -keep:], mask[:, -keep:]
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **kwargs)
+        return completion_logps(out.logits, ids, mask)
+
+    def _keeps_logits(self, model) -> bool:
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        return _takes_logits_to_keep(type(base))
 
     @torch.no_grad()
     def reference_logps(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
