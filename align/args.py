@@ -49,6 +49,7 @@ class RecipeArguments:
     dataset_config: str | None = _f(None, "Hub dataset configuration name.")
     dataset_train_split: str = _f("train", "Split used for training.")
     dataset_test_split: str | None = _f(None, "Split used for evaluation (none: no eval dataset).")
+    eval_dataset_name: str | None = _f(None, "Evaluation data, if not dataset_name (same forms as dataset_name).")
     max_train_samples: int | None = _f(None, "Use at most this many training rows (testbed default: 1024).")
     max_eval_samples: int | None = _f(None, "Use at most this many eval rows (testbed default: 64).")
     testbed_tasks: list[str] = _f(list(DEFAULT_TASKS), f"Testbed tasks to mix, from {list(TASKS)}.")
@@ -78,6 +79,8 @@ class RecipeArguments:
         if not self.dataset_name:
             raise ConfigError("dataset_name: required (e.g. testbed:sft, a local file, or a Hub id)")
         check_dataset_name(self.dataset_name)
+        if self.eval_dataset_name:
+            check_dataset_name(self.eval_dataset_name, "eval_dataset_name")
         if self.torch_dtype not in DTYPES:
             raise ConfigError(f"torch_dtype: must be one of {DTYPES}, got {self.torch_dtype!r}")
         if self.testbed_format not in FORMATS:

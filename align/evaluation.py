@@ -20,11 +20,14 @@ def prompt_texts(tokenizer, prompts: Sequence) -> list[str]:
 
 
 def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batch_size: int = 64,
-             progress: bool = False, desc: str = "generate", with_entropy: bool = False):
-    """Greedy completions for ``prompts`` (strings or message lists), decoded without special tokens.
+             progress: bool = False, desc: str = "generate", with_entropy: bool = False,
+             num_samples: int = 0, temperature: float = 1.0):
+    """Completions for ``prompts`` (strings or message lists), decoded without special tokens.
 
-    With ``with_entropy`` also returns the policy's mean next-token entropy along its own greedy
-    generations (every generated position up to and including eos), in nats.
+    Greedy by default (one per prompt); ``num_samples=k`` samples k per prompt at ``temperature``
+    (prompt-major order: k for the first prompt, then k for the next). With ``with_entropy`` also
+    returns the policy's mean next-token entropy along its own generations (every generated position
+    up to and including eos), in nats.
     """
     import torch
     from tqdm.auto import tqdm
@@ -45,7 +48,9 @@ def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batc
                 gen = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
+                    do_sample=num_samples > 0,
+                    num_return_sequences=max(num_samples, 1),
+                    **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if num_samples else {}),
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                     output_logits=with_entropy,

@@ -2,8 +2,9 @@
 
 1. Testbed: tokenizer + random tiny Llama, built locally (or reused from the cache).
 2. SFT warm-up of that model on synthetic arithmetic (part of the testbed build, cached with it).
-3. Alignment: RPO (DPO + an SFT term on the chosen answer, ``configs/dpo/quickstart.yaml``) on
-   arithmetic preference pairs, from the SFT policy.
+3. Alignment: the SFT policy answers 768 training prompts 4 times (sampling); the verifier turns its
+   right and wrong answers into preference pairs; RPO (DPO + an SFT term on the chosen answer,
+   ``configs/dpo/quickstart.yaml``) trains on them.
 
 Held-out accuracy is printed before and after each stage; ``metrics.jsonl``, ``training_curves.png``
 and ``summary.json`` are written into the output folder.
@@ -16,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+PAIR_PROMPTS = 768
 CURVES = ["sft/loss", "sft/mean_token_accuracy", "dpo/loss", "dpo/rewards/margins", "dpo/rewards/accuracies",
           "dpo/logps/chosen", "dpo/logps/rejected", "dpo/rpo/sft_nll", "dpo/eval_rewards/accuracies"]
 
@@ -40,7 +42,10 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
     from align.config import load_config
     from align.metrics import plot_metrics, read_jsonl
     from align.modeling import load_model, load_tokenizer
-    from align.testbed.build import default_dir, ensure_testbed, held_out_accuracy
+    from align.data.sampled_pairs import sampled_pairs
+    from align.testbed.build import WARMUP, default_dir, ensure_testbed, held_out_accuracy
+    from align.testbed.tasks import rl_rows
+    from rewards.math import is_correct
     from recipes.dpo import DPORecipeConfig
     from recipes.dpo import run as run_dpo
 
@@ -60,8 +65,16 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
     print(_row("random init", acc["base"]))
     print(_row("after SFT", acc["policy"]))
 
-    print("[3/3] alignment: RPO = DPO + SFT on the chosen answer (configs/dpo/quickstart.yaml)", flush=True)
-    overrides = {"output_dir": str(out / "dpo"), "overwrite_output_dir": True}
+    print("[3/3] alignment: pairs from the policy's own samples, judged by the verifier; then RPO = DPO + SFT "
+          "on the chosen answer (configs/dpo/quickstart.yaml)", flush=True)
+    policy, tokenizer = load_model(str(tb.policy)), load_tokenizer(str(tb.policy))
+    rows = rl_rows(tuple(WARMUP["testbed_tasks"]), n=PAIR_PROMPTS, split="train", seed=1)
+    pairs = sampled_pairs(policy, tokenizer, rows, is_correct, reference=lambda r: r["solution"], k=4,
+                          max_new_tokens=16, progress=True)
+    with open(out / "pairs.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(p) + "\n" for p in pairs)
+    print(f"      {len(pairs)} pairs from {len(rows)} prompts x 4 samples -> {out / 'pairs.jsonl'}")
+    overrides = {"output_dir": str(out / "dpo"), "overwrite_output_dir": True, "dataset_name": str(out / "pairs.jsonl")}
     if align_steps:
         overrides["max_steps"] = align_steps
     config = load_config(DPORecipeConfig, repo_config("dpo", "quickstart.yaml"), overrides)
@@ -70,7 +83,7 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
     aligned = held_out_accuracy(load_model(config.output_dir), load_tokenizer(config.output_dir), progress=True)
     print(_row("after SFT", acc["policy"]))
     print(_row(f"after {config.objective.upper()}", aligned))
-    print(f"  held-out preference pairs: reward accuracy {result['eval_rewards/accuracies']:.1%}, "
+    print(f"  held-out synthetic preference pairs: reward accuracy {result['eval_rewards/accuracies']:.1%}, "
           f"margin {result['eval_rewards/margins']:.3f} (both 0 before training)")
 
     records = [{**r, "stage": "sft"} for r in read_jsonl(str(tb.policy / "metrics.jsonl"))]

@@ -65,20 +65,6 @@ def test_logged_metrics(dpo_run):
     assert train_logs[-1]["rewards/margins"] > train_logs[0]["rewards/margins"]
 
 
-def test_hdpo_alpha_controls_entropy(repo, tmp_path, testbed):
-    """METHODS §4: α < 1 ends with lower policy entropy than DPO (same seed and steps), α > 1 higher.
-
-    Policy entropy = mean next-token entropy along the policy's own greedy answers to the held-out
-    prompts (measured: 0.39 / 0.72 / 0.93 nats for α = 0.5 / 1 / 2)."""
-    from align.testbed.build import held_out_accuracy
-
-    entropy = {}
-    for alpha in (0.5, 1.0, 2.0):
-        trainer = trained(repo, tmp_path / str(alpha), objective="hdpo", alpha=alpha, max_steps=60)
-        entropy[alpha] = held_out_accuracy(trainer.model, trainer.processing_class)["entropy"]
-    assert entropy[0.5] < entropy[1.0] - 0.1 and entropy[1.0] < entropy[2.0] - 0.1, entropy
-
-
 def test_hdpo_alpha_one_is_dpo(repo, tmp_path, testbed):
     a = trained(repo, tmp_path / "h", objective="hdpo", alpha=1.0, max_steps=4)
     b = trained(repo, tmp_path / "d", objective="dpo", max_steps=4)

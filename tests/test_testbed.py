@@ -116,7 +116,8 @@ def test_dataset_formats():
     sft = tasks.dataset("sft", n=6, fmt="standard")
     assert sft.column_names[:2] == ["prompt", "completion"] and sft["task"] == ["add1", "sub1", "mul1"] * 2
     rl = tasks.dataset("rl", ("chain",), n=4)
-    assert rl.column_names == ["prompt", "task", "difficulty", "answer"] and rl["difficulty"] == [3] * 4
+    assert rl.column_names == ["prompt", "task", "difficulty", "answer", "solution"] and rl["difficulty"] == [3] * 4
+    assert all(is_correct(s, a) for s, a in zip(rl["solution"], rl["answer"], strict=True))
 
 
 def test_splits():

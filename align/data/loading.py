@@ -30,11 +30,12 @@ def check_dataset_name(name: str, key: str = "dataset_name") -> None:
         raise ConfigError(f"{key}: {name!r} is not a local file or folder, and HF_HUB_OFFLINE is set")
 
 
-def load_split(args, split: str, limit: int | None):
-    """Split ``split`` of ``args.dataset_name`` as a ``datasets.Dataset``, at most ``limit`` rows."""
+def load_split(args, split: str, limit: int | None, name: str | None = None):
+    """Split ``split`` of ``name`` (default ``args.dataset_name``) as a ``datasets.Dataset``, at most
+    ``limit`` rows."""
     import datasets
 
-    name = args.dataset_name
+    name = name or args.dataset_name
     if name.startswith(TESTBED_PREFIX):
         from align.testbed.tasks import dataset
 
@@ -46,8 +47,9 @@ def load_split(args, split: str, limit: int | None):
         except ValueError as err:
             raise DataError(f"{name}: {err}") from None
     if os.path.isfile(name):
-        if split != args.dataset_train_split:
-            raise DataError(f"dataset_name {name!r} is a single file, so it has no split {split!r}")
+        if name == args.dataset_name and split != args.dataset_train_split:
+            raise DataError(f"dataset_name {name!r} is a single file, so it has no split {split!r} "
+                            "(set eval_dataset_name for evaluation data)")
         ds = datasets.load_dataset(DATA_EXTENSIONS[os.path.splitext(name)[1]], data_files=name, split="train")
     elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
         dd = datasets.load_from_disk(name)
@@ -71,5 +73,7 @@ def load_split(args, split: str, limit: int | None):
 def load_train_eval(args):
     """The (train, eval-or-None) datasets a recipe config asks for."""
     train = load_split(args, args.dataset_train_split, args.max_train_samples)
-    evaluation = load_split(args, args.dataset_test_split, args.max_eval_samples) if args.dataset_test_split else None
+    evaluation = None
+    if args.dataset_test_split:
+        evaluation = load_split(args, args.dataset_test_split, args.max_eval_samples, args.eval_dataset_name)
     return train, evaluation

@@ -210,7 +210,8 @@ def preference_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conv
 
 
 def rl_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
-    return [{"prompt": _prompt(p, fmt), **_meta(p)} for p in problems(tasks, n, split, seed)]
+    """Prompts with their ground truth; ``solution`` is the reference worked solution (plain text)."""
+    return [{"prompt": _prompt(p, fmt), **_meta(p), "solution": p.solution()} for p in problems(tasks, n, split, seed)]
 
 
 KINDS = {"sft": sft_rows, "preference": preference_rows, "rl": rl_rows}
