@@ -40,14 +40,14 @@ def _row(name: str, acc: dict) -> str:
 
 def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None = None) -> dict:
     from align.config import load_config
+    from align.data.sampled_pairs import sampled_pairs
     from align.metrics import plot_metrics, read_jsonl
     from align.modeling import load_model, load_tokenizer
-    from align.data.sampled_pairs import sampled_pairs
     from align.testbed.build import WARMUP, default_dir, ensure_testbed, held_out_accuracy
     from align.testbed.tasks import rl_rows
-    from rewards.math import is_correct
     from recipes.dpo import DPORecipeConfig
     from recipes.dpo import run as run_dpo
+    from rewards.math import is_correct
 
     t0 = time.perf_counter()
     out = Path(output_dir)
@@ -88,7 +88,8 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
 
     records = [{**r, "stage": "sft"} for r in read_jsonl(str(tb.policy / "metrics.jsonl"))]
     offset = max((r["step"] for r in records), default=0)
-    records += [{**r, "stage": "dpo", "step": r["step"] + offset} for r in read_jsonl(str(out / "dpo" / "metrics.jsonl"))]
+    dpo_records = read_jsonl(str(out / "dpo" / "metrics.jsonl"))
+    records += [{**r, "stage": "dpo", "step": r["step"] + offset} for r in dpo_records]
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)
     plotted = [{"step": r["step"], **{f"{r['stage']}/{k}": v for k, v in r.items() if k not in ("step", "stage")}}

@@ -2,7 +2,8 @@
 
     align train dpo --config configs/dpo/testbed.yaml
     align train dpo --config configs/dpo/testbed.yaml objective=hdpo alpha=0.9
-    accelerate launch --config_file configs/accelerate/ddp.yaml recipes/dpo.py --config configs/dpo/qwen2.5-0.5b-ultrafeedback.yaml
+    accelerate launch --config_file configs/accelerate/ddp.yaml recipes/dpo.py \
+        --config configs/dpo/qwen2.5-0.5b-ultrafeedback.yaml
 
 Data: TRL preference rows (prompt/chosen/rejected, standard or conversational). Reference log-probs are
 precomputed once by default (``precompute_ref_logps``), so no reference model stays in memory.

@@ -18,7 +18,8 @@ def check_dataset_name(name: str, key: str = "dataset_name") -> None:
 
     if name.startswith(TESTBED_PREFIX):
         if name[len(TESTBED_PREFIX):] not in KINDS:
-            raise ConfigError(f"{key}: unknown testbed dataset {name!r} (known: {', '.join('testbed:' + k for k in KINDS)})")
+            known = ", ".join("testbed:" + k for k in KINDS)
+            raise ConfigError(f"{key}: unknown testbed dataset {name!r} (known: {known})")
         return
     if os.path.exists(name):
         if os.path.isfile(name) and os.path.splitext(name)[1] not in DATA_EXTENSIONS:

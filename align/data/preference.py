@@ -41,7 +41,9 @@ def _texts(tokenizer, row, fmt: str) -> tuple[str, str, str]:
     for key in ("chosen", "rejected"):
         full = tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=False)
         if not full.startswith(prompt):
-            raise DataError(f"chat template of {tokenizer.name_or_path!r} does not extend the prompt with the {key} turn")
+            raise DataError(
+                f"chat template of {tokenizer.name_or_path!r} does not extend the prompt with the {key} turn"
+            )
         out.append(full[len(prompt):])
     return tuple(out)
 

@@ -130,11 +130,14 @@ def _test_pool(name: str) -> tuple[Problem, ...]:
     return tuple(pool.values())
 
 
-def problems(tasks: Sequence[str] = DEFAULT_TASKS, n: int | None = 256, split: str = "train", seed: int = 0) -> list[Problem]:
+def problems(
+    tasks: Sequence[str] = DEFAULT_TASKS, n: int | None = 256, split: str = "train", seed: int = 0
+) -> list[Problem]:
     """``n`` problems, tasks interleaved round-robin (exact proportions).
 
     ``split="test"`` draws without replacement from each task's fixed held-out pool (so at most the
-    pool's size per task; ``n=None`` gives every held-out problem); ``split="train"`` samples with ``seed`` and skips every held-out problem.
+    pool's size per task; ``n=None`` gives every held-out problem); ``split="train"`` samples with ``seed``
+    and skips every held-out problem of the larger tasks.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

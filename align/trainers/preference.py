@@ -49,7 +49,7 @@ class PreferenceArguments:
     label_smoothing: float | None = _f(None, "robust: label flip probability ε in [0, 0.5).")
     length_alpha: float | None = _f(None, "lrdpo: weight of the length margin |y_w| − |y_l| (tokens).")
     objective_kwargs: dict = _f({}, "Other hyperparameters for objectives added later, as a mapping.")
-    max_length: int = _f(512, "Maximum prompt + completion tokens; longer completions are cut, longer prompts rejected.")
+    max_length: int = _f(512, "Max prompt + completion tokens; longer completions are cut, longer prompts rejected.")
     ref_model_name_or_path: str | None = _f(None, "Frozen reference model; default: the initial policy.")
     precompute_ref_logps: bool = _f(True, "Compute reference log-probs once before training (frees the reference).")
     remove_unused_columns: bool = _f(False, "Keep the tokenised columns the preference collator needs.")
