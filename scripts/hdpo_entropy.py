@@ -1,7 +1,7 @@
 """H-DPO's entropy claim on the testbed: train with α in {0.5, 1, 2} (same seed and steps) and print the
 policy's mean next-token entropy along its greedy answers to the held-out prompts.
 
-    python scripts/hdpo_entropy.py [--steps 60] [--lr 5e-4] [--seeds 0 1]
+    python scripts/hdpo_entropy.py [--steps 60] [--lr 5e-4] [--beta 0.1] [--seeds 0 1]
 
 METHODS §4 predicts entropy(α=0.5) < entropy(α=1, DPO) < entropy(α=2). On this 2.6M-parameter
 testbed the ordering is not stable: it changes with the seed and with float-level changes to the
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--beta", type=float, default=0.1)
     args = parser.parse_args()
     config_file = Path(__file__).resolve().parents[1] / "configs/dpo/testbed.yaml"
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,7 +37,7 @@ def main() -> None:
             for alpha in (0.5, 1.0, 2.0):
                 config = load_config(DPORecipeConfig, config_file, {
                     "objective": "hdpo", "alpha": alpha, "max_steps": args.steps, "learning_rate": args.lr,
-                    "seed": seed, "output_dir": f"{tmp}/{seed}-{alpha}", "disable_tqdm": True})
+                    "seed": seed, "beta": args.beta, "output_dir": f"{tmp}/{seed}-{alpha}", "disable_tqdm": True})
                 trainer = build_trainer(config)
                 trainer.train()
                 row[alpha] = held_out_accuracy(trainer.model, trainer.processing_class)["entropy"]
