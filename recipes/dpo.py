@@ -35,15 +35,12 @@ class DPORecipeConfig(RecipeArguments, PreferenceConfig):
 
 def build_trainer(config: DPORecipeConfig):
     from align.data.loading import load_train_eval
-    from align.data.preference import check_preference_rows, tokenize_preferences
+    from align.data.preference import tokenize_preferences
     from align.modeling import load_model, load_tokenizer, lora_config
     from align.trainers.preference import PreferenceTrainer
 
-    # 1. Data, checked row by row, then tokenised: every data error comes before a model is loaded.
+    # 1. Data, checked row by row while tokenised: every data error comes before a model is loaded.
     train, evaluation = load_train_eval(config)
-    check_preference_rows(train, "train")
-    if evaluation is not None:
-        check_preference_rows(evaluation, "eval")
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train = tokenize_preferences(train, tokenizer, config.max_length, "train")
     if evaluation is not None:

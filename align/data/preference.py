@@ -51,8 +51,8 @@ def _texts(tokenizer, row, fmt: str) -> tuple[str, str, str]:
 def tokenize_preferences(ds, tokenizer, max_length: int, split: str = "train"):
     """Rows -> ``row_id, prompt_ids, chosen_ids, rejected_ids``; one-line DataError on any bad row.
 
-    A prompt that leaves no room for a completion within ``max_length`` is an error; completions are
-    cut to fit (the count of cut rows is returned in ``ds.info.description``-free form: see logs).
+    Every row is checked first (:func:`check_preference_rows`). A prompt that leaves no room for a
+    completion within ``max_length`` is an error; completions are cut to fit.
     """
     fmt = check_preference_rows(ds, split)
     rows = {"row_id": [], "prompt_ids": [], "chosen_ids": [], "rejected_ids": []}

@@ -18,12 +18,12 @@ import inspect
 import os
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from align.args import CPUSaneDefaults
+from align.args import CPUSaneDefaults, _f
 from align.data.preference import PreferenceCollator, tokenize_preferences
 from align.errors import ConfigError, TrainingError
 from align.objectives import build, check_params, registry
@@ -31,12 +31,6 @@ from align.trainers.logps import completion_logps
 
 # Objective hyperparameters that are config keys; any other goes in ``objective_kwargs``.
 HYPERPARAMETERS = ("beta", "alpha", "eta", "sft_norm", "label_smoothing", "length_alpha")
-
-
-def _f(default, help_: str):
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata={"help": help_})
-    return field(default=default, metadata={"help": help_})
 
 
 @dataclass
@@ -56,7 +50,8 @@ class PreferenceArguments:
 
     def objective_params(self) -> dict:
         """The hyperparameters to pass to the objective; errors if one is set that it does not take."""
-        takes = registry()[self.objective].params if self.objective in registry() else {}
+        spec = registry().get(self.objective)
+        takes = spec.params if spec else {}
         params = {}
         for key in HYPERPARAMETERS:
             value = getattr(self, key)
