@@ -122,6 +122,7 @@ def start(config) -> list:
     from align.metrics import JsonlMetricsCallback
 
     if is_main_process():
-        print(describe_batch(config), flush=True)
+        describe = getattr(config, "describe", None)  # RL configs spell out their round instead
+        print(describe(world_size()) if describe else describe_batch(config), flush=True)
     save_config(config)
     return [JsonlMetricsCallback(os.path.join(config.output_dir, config.metrics_file))]

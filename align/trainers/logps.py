@@ -24,3 +24,39 @@ def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_m
         entropy = log_norm.detach() - (probs * logits.detach()).sum(-1)
         mean_entropy = (entropy * mask).sum() / mask.sum().clamp(min=1)
     return logps, lengths, mean_entropy
+
+
+def pack(prompts, completions, pad_id: int, device=None):
+    """A batch for per-token scoring: prompts left-padded to one width, completions right-padded after them,
+    so every completion starts at the same column. Returns ``(input_ids, attention_mask, completion_mask,
+    prompt_width)``; ``completion_mask`` is ``[B, C]`` over completion positions only."""
+    width = max(len(p) for p in prompts)
+    c_width = max(max((len(c) for c in completions), default=1), 1)
+    b = len(prompts)
+    ids = torch.full((b, width + c_width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width + c_width), dtype=torch.long)
+    cmask = torch.zeros((b, c_width), dtype=torch.bool)
+    for r, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids[r, width - len(p) : width] = torch.as_tensor(list(p), dtype=torch.long)
+        ids[r, width : width + len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+        attn[r, width - len(p) : width + len(c)] = 1
+        cmask[r, : len(c)] = True
+    if device is not None:
+        ids, attn, cmask = ids.to(device), attn.to(device), cmask.to(device)
+    return ids, attn, cmask, width
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                with_entropy: bool = False):
+    """Per-token log-probs ``[B, C]`` of the completion tokens of a :func:`pack` batch (and their per-token
+    entropies, detached, when ``with_entropy``). Only the completion positions go through the lm head."""
+    c = input_ids.shape[1] - prompt_width
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=c + 1)
+    logits = out.logits[:, -(c + 1) : -1].float()
+    log_norm = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, input_ids[:, prompt_width:].unsqueeze(-1)).squeeze(-1) - log_norm
+    if not with_entropy:
+        return logps
+    with torch.no_grad():
+        entropy = log_norm.detach() - (torch.softmax(logits.detach(), -1) * logits.detach()).sum(-1)
+    return logps, entropy

@@ -16,7 +16,6 @@ import functools
 import hashlib
 import inspect
 import os
-from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from align.data.preference import PreferenceCollator, tokenize_preferences
 from align.errors import ConfigError, TrainingError
 from align.objectives import build, check_params, registry
 from align.trainers.logps import completion_logps
+from align.trainers.metric_log import MetricsMixin
 
 # Objective hyperparameters that are config keys; any other goes in ``objective_kwargs``.
 HYPERPARAMETERS = ("beta", "alpha", "eta", "sft_norm", "label_smoothing", "length_alpha")
@@ -88,7 +88,7 @@ def _takes_logits_to_keep(model_class) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(MetricsMixin, Trainer):
     def __init__(self, model, args: PreferenceArguments, train_dataset=None, eval_dataset=None,
                  processing_class=None, ref_model=None, peft_config=None, callbacks=None):
         if peft_config is not None:
@@ -113,7 +113,7 @@ class PreferenceTrainer(Trainer):
         if ref_model is not None:
             ref_model.requires_grad_(False).eval().to(self.args.device)
         self.ref_model = ref_model
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._init_metrics()
 
     # --- reference log-probs ----------------------------------------------------------------------
 
@@ -237,21 +237,3 @@ class PreferenceTrainer(Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
-
-    # --- metrics ----------------------------------------------------------------------------------
-
-    def _record(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
-        keys = sorted(metrics)
-        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).to(self.args.device)
-        values = self.accelerator.gather(values[None]).mean(0)  # mean over processes
-        for k, v in zip(keys, values.tolist(), strict=True):
-            self._metrics[mode][k].append(v)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for k, vals in self._metrics[mode].items():
-            if vals:
-                logs[prefix + k] = sum(vals) / len(vals)
-        self._metrics[mode].clear()
-        super().log(logs, start_time)

@@ -1,0 +1,32 @@
+"""Prompt datasets for the RL loop: every row's prompt tokenised once (chat template for conversational
+prompts), checked against the max length, and given a stable ``uid`` (its row index)."""
+
+from __future__ import annotations
+
+from align.errors import DataError
+
+
+def tokenize_prompts(ds, tokenizer, max_prompt_length: int, split: str = "train"):
+    """``ds`` with ``prompt_ids`` and ``uid`` columns added; a one-line DataError naming the row for a
+    missing, empty or too long prompt."""
+    from align.evaluation import prompt_texts
+
+    if "prompt" not in ds.column_names:
+        raise DataError(f"{split} dataset: no 'prompt' column (has: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise DataError(f"{split} dataset: no rows")
+    ids = []
+    for i, prompt in enumerate(ds["prompt"]):
+        if not prompt:
+            raise DataError(f"{split} dataset row {i}: empty prompt")
+        try:
+            (text,) = prompt_texts(tokenizer, [prompt])
+        except Exception as err:  # noqa: BLE001 -- a malformed message list: say which row
+            raise DataError(f"{split} dataset row {i}: prompt cannot be formatted ({err})") from None
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) > max_prompt_length:
+            raise DataError(f"{split} dataset row {i}: prompt has {len(tokens)} tokens, more than max_prompt_length "
+                            f"{max_prompt_length}")
+        ids.append(tokens)
+    ds = ds.add_column("prompt_ids", ids)
+    return ds.add_column("uid", list(range(len(ds))))

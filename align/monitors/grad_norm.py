@@ -1,0 +1,66 @@
+"""Per-sequence gradient norms: GVM's G_i estimator (METHODS §13.3), usable as a monitor.
+
+For a sequence y of prompt x, the norm ‖∇_φ S_θ(y|x)‖₂ of the gradient of its **summed** completion
+log-prob with respect to a parameter subset φ (by default the input embedding matrix, as GVM's code:
+``act_params = embed_tokens``). G_i is the mean of this norm over prompt i's accepted samples. One
+forward per chunk of sequences, then one ``autograd.grad`` per sequence over that chunk's graph, so the
+per-sequence gradients are exact (sequences of a batch do not interact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+
+from align.errors import ConfigError
+
+
+def select_parameters(model, patterns: Sequence[str], key: str = "gvm_grad_params") -> list[tuple[str, torch.nn.Parameter]]:
+    """The named parameters whose name contains any of ``patterns`` (``["all"]`` selects every one)."""
+    named = list(model.named_parameters())
+    if list(patterns) == ["all"]:
+        return named
+    chosen = [(n, p) for n, p in named if any(pat in n for pat in patterns)]
+    if not chosen:
+        sample = ", ".join(n for n, _ in named[:4])
+        raise ConfigError(f"{key}: {list(patterns)} matches no parameter of the model (names look like: {sample}, ...)")
+    return chosen
+
+
+@contextmanager
+def _trainable(params):
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)
+
+
+def sequence_grad_norms(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
+                        params: Sequence[torch.nn.Parameter], chunk: int = 8) -> list[float]:
+    """‖∇_params S_θ(completion | prompt)‖₂ for each (prompt, completion) pair, in order."""
+    from align.trainers.logps import pack, token_logps
+
+    params = list(params)
+    device = params[0].device
+    norms: list[float] = []
+    was_training = model.training
+    model.eval()  # no dropout: the gradient of the sequence's log-prob itself
+    try:
+        with _trainable(params), torch.enable_grad():
+            for s in range(0, len(prompts), chunk):
+                ids, attn, cmask, width = pack(prompts[s : s + chunk], completions[s : s + chunk], pad_id, device)
+                logps = token_logps(model, ids, attn, width)
+                seq = (logps * cmask).sum(-1)
+                for b in range(seq.shape[0]):
+                    grads = torch.autograd.grad(seq[b], params, retain_graph=b < seq.shape[0] - 1, allow_unused=True)
+                    sq = sum(float((g.float() ** 2).sum()) for g in grads if g is not None)
+                    norms.append(sq ** 0.5)
+    finally:
+        model.train(was_training)
+    return norms

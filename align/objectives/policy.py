@@ -1,0 +1,96 @@
+"""Token-level policy-gradient losses for the RL loop (GRPO and its variants, RAFT / RAFT++).
+
+Pure functions over per-token log-prob tensors ``[B, T]`` with a completion mask; advantages are
+per sequence ``[B]`` (see :mod:`align.objectives.advantages`).
+
+* ``clip`` — PPO's clipped surrogate (Schulman et al. 2017) as GRPO uses it (Shao et al. 2024,
+  arXiv:2402.03300): −min(ρ·Â, clip(ρ, 1−ε, 1+ε_high)·Â), ρ = exp(log π_θ − log π_old); ε_high is
+  DAPO's clip-higher (Yu et al. 2025, arXiv:2503.14476). RAFT++ is this loss with 0/1 advantages.
+* ``nll`` — −Â·log π_θ: plain RAFT (Dong et al. 2023, arXiv:2304.06767), SFT on accepted samples.
+* optional k3 KL to a reference, + β·(exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1) per token.
+
+Aggregation (METHODS §11, TRL's ``loss_type`` names) divides the masked token-loss sum by:
+``grpo`` Σ_i(Σ_t ℓ_it / |o_i|) / B; ``bnpo`` the tokens of this batch; ``dapo`` the tokens of the whole
+optimizer step's batch (``num_tokens``); ``dr_grpo`` B · ``max_completion_length``. ``num_sequences``
+and ``num_tokens`` default to this batch's own counts; the trainer passes the counts of the whole
+mini-batch (all micro-batches, all processes), so the gradient does not depend on how the mini-batch is
+split. ``bnpo`` is local by definition and so does depend on the split.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+POLICY_LOSSES = ("clip", "nll")
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π_θ ‖ π_ref) (Schulman 2020), ≥ 0, as GRPO adds it to the loss."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, *, num_sequences: float | None = None,
+              num_tokens: float | None = None, max_completion_length: int | None = None) -> torch.Tensor:
+    """The scalar loss of ``token_loss`` [B, T] under ``loss_type`` (normalisers as the module says)."""
+    mask = mask.to(token_loss.dtype)
+    total = token_loss * mask
+    b = token_loss.shape[0] if num_sequences is None else num_sequences
+    if loss_type == "grpo":
+        return (total.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / b
+    if loss_type == "bnpo":
+        return total.sum() / mask.sum().clamp(min=1)
+    if loss_type == "dapo":
+        n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+        return total.sum() / n
+    if loss_type == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("dr_grpo: max_completion_length is needed")
+        return total.sum() / (b * max_completion_length)
+    raise ValueError(f"loss_type: must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
+                policy: str = "clip", epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+                loss_type: str = "dapo", num_sequences: float | None = None, num_tokens: float | None = None,
+                max_completion_length: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(scalar loss, metrics) for one batch of completions.
+
+    ``logps``/``old_logps``/``ref_logps``: per-token log-probs [B, T] of the completion tokens under the
+    policy being trained, the policy that sampled them (default: ``logps`` detached, ratio 1) and the
+    reference (needed when ``beta`` > 0). ``mask`` [B, T] marks completion tokens that count (truncated
+    completions already removed when ``mask_truncated_completions`` is on). Metrics are token means over
+    this batch: ``clip_ratio/low`` (ρ < 1−ε with Â < 0), ``clip_ratio/high`` (ρ > 1+ε_high with Â > 0),
+    ``clip_ratio/region`` (either) and ``kl``.
+    """
+    if policy not in POLICY_LOSSES:
+        raise ValueError(f"policy: must be one of {POLICY_LOSSES}, got {policy!r}")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    adv = advantages.to(logps.dtype).unsqueeze(-1)
+    fmask = mask.to(logps.dtype)
+    n_local = fmask.sum().clamp(min=1)
+    metrics: dict[str, torch.Tensor] = {}
+    if policy == "nll":
+        token_loss = -adv * logps
+    else:
+        old = logps.detach() if old_logps is None else old_logps
+        ratio = torch.exp(logps - old)
+        clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+        token_loss = -torch.min(ratio * adv, clipped * adv)
+        with torch.no_grad():
+            low = ((ratio < 1 - epsilon) & (adv < 0)).to(logps.dtype)
+            high = ((ratio > 1 + eps_high) & (adv > 0)).to(logps.dtype)
+            metrics["clip_ratio/low"] = (low * fmask).sum() / n_local
+            metrics["clip_ratio/high"] = (high * fmask).sum() / n_local
+            metrics["clip_ratio/region"] = ((low + high) * fmask).sum() / n_local
+    if beta:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps")
+        kl = k3_kl(logps, ref_logps)
+        token_loss = token_loss + beta * kl
+        metrics["kl"] = (kl.detach() * fmask).sum() / n_local
+    loss = aggregate(token_loss, mask, loss_type, num_sequences=num_sequences, num_tokens=num_tokens,
+                     max_completion_length=max_completion_length)
+    return loss, metrics

@@ -1,0 +1,120 @@
+"""Rollouts with ``transformers`` ``generate``: batched, left-padded, one random stream per completion.
+
+Sampling uses the Gumbel-max trick: ``argmax(logits / T + g)`` with ``g`` standard Gumbel noise is an exact
+draw from ``softmax(logits / T)``. The noise of each completion comes from its own generator (seeded by
+:func:`align.rollout.base.sample_seed`), so a completion is the same whichever prompts share its batch or
+process; ``generate`` then runs greedy on the noised scores. Top-k and top-p cut the distribution
+before the noise is added. The sampling log-probs returned are those of the cut, tempered distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from align.rollout.base import Rollouts, SamplingParams, check_request, sample_seed
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """``logits`` with everything outside the top-k / top-p (nucleus) set at -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class _GumbelNoise:
+    """A logits processor: tempered, filtered logits plus per-row Gumbel noise (one generator per row)."""
+
+    def __init__(self, sampling: SamplingParams, seeds: Sequence[int]):
+        self.sampling = sampling
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        s = self.sampling
+        scores = filter_logits(scores.float() / s.temperature, s.top_k, s.top_p)
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
+        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+        return scores + gumbel
+
+
+class HFEngine:
+    """:class:`align.rollout.base.RolloutEngine` over a live ``transformers`` model (no weight copy, so
+    ``sync_weights`` has nothing to do)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        if not eos:
+            raise ValueError("the tokenizer and the model's generation config name no eos token")
+        self.eos_ids = eos
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+    def sync_weights(self, model) -> None:  # generates with the training model itself
+        self.model = model
+
+    def close(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], n_per_prompt: Sequence[int], sampling: SamplingParams,
+                 keys: Sequence | None = None) -> Rollouts:
+        keys = check_request(prompts, n_per_prompt, keys)
+        rows = [(i, k) for i, n in enumerate(n_per_prompt) for k in range(n)]
+        out = Rollouts()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for s in range(0, len(rows), self.batch_size):
+                self._generate_batch(prompts, keys, rows[s : s + self.batch_size], sampling, out)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_batch(self, prompts, keys, rows, sampling: SamplingParams, out: Rollouts) -> None:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        device = self.model.device
+        width = max(len(prompts[i]) for i, _ in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (i, _) in enumerate(rows):
+            p = list(prompts[i])
+            ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p) :] = 1
+        config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
+                                  pad_token_id=self.pad_id, bos_token_id=None, output_logits=True,
+                                  return_dict_in_generate=True)
+        processors = LogitsProcessorList()
+        if sampling.temperature > 0:
+            processors.append(_GumbelNoise(sampling, [sample_seed(sampling.seed, keys[i], k) for i, k in rows]))
+        gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                                  logits_processor=processors)
+        new = gen.sequences[:, width:].cpu()
+        logits = torch.stack(gen.logits, 1).float().cpu()  # raw model logits, [rows, steps, vocab]
+        if sampling.temperature > 0:
+            logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+        logps = logits.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        eos = torch.tensor(self.eos_ids)
+        for r, (i, k) in enumerate(rows):
+            tokens = new[r].tolist()
+            stop = next((t for t, tok in enumerate(tokens) if tok in eos), None)
+            length = len(tokens) if stop is None else stop + 1
+            out.prompt_index.append(i)
+            out.sample_index.append(k)
+            out.prompt_ids.append(list(prompts[i]))
+            out.completion_ids.append(tokens[:length])
+            out.finish_reason.append("length" if stop is None else "stop")
+            out.sampling_logps.append(logps[r, :length].tolist())

@@ -1,0 +1,145 @@
+"""Arguments of the RL loop (GRPO and variants, RAFT / RAFT++, GVM and dynamic sampling).
+
+The batch knobs, named once (``describe()`` prints them with the effective numbers):
+
+* ``per_device_train_batch_size`` — prompts per process per generation round; the round's prompt
+  batch is m = that × processes.
+* ``num_generations`` — completions per prompt with the ``uniform`` allocator; with ``gvm`` the round's
+  budget is N = ``num_generations`` × m rollouts, spread unevenly; with ``dynamic`` the group size.
+* ``num_minibatches`` × ``num_iterations`` (μ) — optimizer updates per round: the round's rollouts are
+  split into ``num_minibatches`` mini-batches, and the whole set is passed over μ times.
+* ``micro_batch_size`` — sequences per forward/backward (memory only; the gradient is the same).
+* ``gradient_accumulation_steps`` must stay 1: one optimizer step is one mini-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from align.args import _f
+from align.errors import ConfigError
+from align.objectives.advantages import SCALES
+from align.objectives.policy import LOSS_TYPES, POLICY_LOSSES
+
+ALLOCATORS = ("uniform", "gvm", "dynamic")
+ADVANTAGES = ("grpo", "raft")
+ROLLOUTS = ("hf",)
+
+
+@dataclass
+class RLArguments:
+    # --- objective ---
+    advantage: str = _f("grpo", f"Advantage estimator, one of {ADVANTAGES}: grpo (group-centred) or raft (1 if "
+                                "accepted else 0).")
+    policy_loss: str = _f("clip", f"Policy loss, one of {POLICY_LOSSES}: clip (PPO/GRPO surrogate; RAFT++) or nll "
+                                  "(plain RAFT).")
+    loss_type: str = _f("dapo", f"Loss aggregation, one of {LOSS_TYPES} (METHODS §11).")
+    scale_rewards: str = _f("group", f"Advantage scaling, one of {SCALES} (none = Dr.GRPO).")
+    epsilon: float = _f(0.2, "Clip range ε (lower).")
+    epsilon_high: float | None = _f(None, "Upper clip range (DAPO clip-higher, e.g. 0.28); default ε.")
+    beta: float = _f(0.0, "k3 KL coefficient to the reference (0: no reference model is kept).")
+    accept_threshold: float = _f(0.5, "A rollout is accepted (RAFT advantage 1, GVM acceptance) when its total "
+                                      "reward exceeds this.")
+    mask_truncated_completions: bool = _f(False, "Leave completions cut at max_completion_length out of the loss "
+                                                 "(DAPO overlong filtering).")
+    # --- batch ---
+    num_generations: int = _f(8, "Completions per prompt (uniform, dynamic); GVM budget per prompt (N = this x m).")
+    num_minibatches: int = _f(1, "Optimizer updates per round and iteration (the rollouts are split this many ways).")
+    num_iterations: int = _f(1, "μ: passes over each round's rollouts (old log-probs are kept from generation).")
+    micro_batch_size: int = _f(64, "Sequences per forward/backward pass (memory knob; same gradient).")
+    # --- generation ---
+    rollout: str = _f("hf", f"Rollout engine, one of {ROLLOUTS}.")
+    max_prompt_length: int = _f(512, "Prompts longer than this (tokens) are rejected before training.")
+    max_completion_length: int = _f(256, "Max new tokens per completion.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling mass.")
+    top_k: int = _f(0, "Top-k cut (0: none).")
+    generation_batch_size: int = _f(64, "Sequences per generate call.")
+    # --- rewards ---
+    reward_funcs: list[str] = _f(["accuracy"], "Reward functions: names (accuracy, format, math_verify, overlong), "
+                                               "`module:function`, or `model:<path>` (a sequence-classification model).")
+    reward_weights: list[float] | None = _f(None, "One weight per reward function (default all 1).")
+    on_reward_error: str = _f("raise", "A reward function that raises or returns NaN: raise (stop the step, naming the "
+                                       "function and prompt) or zero (score 0, counted in rewards/<name>/errors).")
+    overlong_cache_length: int = _f(0, "overlong reward: the soft-punishment zone before max_completion_length.")
+    # --- allocation ---
+    allocator: str = _f("uniform", f"How many rollouts each prompt gets, one of {ALLOCATORS}.")
+    gvm_samples: int = _f(8, "GVM N': estimation samples per prompt (acceptance rate p_i and grad norm G_i).")
+    gvm_interval: int = _f(1, "Re-estimate a prompt's (p_i, G_i) when older than this many rounds.")
+    gvm_alpha: float = _f(1e-3, "GVM α (regulariser of small acceptance rates).")
+    gvm_beta: float = _f(2.0, "GVM β.")
+    gvm_filter_threshold: float = _f(1.0, "GVM: drop prompts with p_i above this (1.0: off).")
+    gvm_filter_insufficient: float = _f(0.0, "GVM: drop prompts expected to get fewer accepted samples (0: off).")
+    gvm_min_n: int = _f(0, "GVM: at least this many rollouts per prompt.")
+    gvm_max_n: int | None = _f(None, "GVM: at most this many rollouts per prompt (none: no cap).")
+    gvm_reuse_samples: bool = _f(False, "GVM: train on the estimation samples too (the paper discards them).")
+    gvm_grad_params: list[str] = _f(["embed_tokens"], "GVM: parameters (name substrings) whose gradient norm is G_i.")
+    dynamic_max_rounds: int = _f(3, "dynamic: at most this many extra sampling rounds to replace zero-variance groups.")
+    # --- reference / eval ---
+    ref_model_name_or_path: str | None = _f(None, "Reference for the KL term; default: the initial policy.")
+    eval_max_new_tokens: int | None = _f(None, "Greedy eval: max new tokens (default max_completion_length).")
+    remove_unused_columns: bool = _f(False, "Keep every dataset column: reward functions read them.")
+
+    @property
+    def updates_per_round(self) -> int:
+        return self.num_minibatches * self.num_iterations
+
+    def validate_rl(self, world: int = 1) -> None:
+        """Every option check that needs no model and no data."""
+        choices = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "loss_type": LOSS_TYPES,
+                   "scale_rewards": SCALES, "allocator": ALLOCATORS, "rollout": ROLLOUTS,
+                   "on_reward_error": ("raise", "zero")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}: must be one of {allowed}, got {getattr(self, key)!r}")
+        positive = ("num_generations", "num_minibatches", "num_iterations", "micro_batch_size", "max_prompt_length",
+                    "max_completion_length", "generation_batch_size", "gvm_samples", "gvm_interval")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.epsilon < 0:
+            raise ConfigError(f"epsilon: must be >= 0, got {self.epsilon}")
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            raise ConfigError(f"epsilon_high: must be >= epsilon ({self.epsilon}), got {self.epsilon_high}")
+        if self.beta < 0:
+            raise ConfigError(f"beta: must be >= 0, got {self.beta}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: must be > 0 for sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.dynamic_max_rounds < 0:
+            raise ConfigError(f"dynamic_max_rounds: must be >= 0, got {self.dynamic_max_rounds}")
+        if self.gvm_min_n < 0 or (self.gvm_max_n is not None and self.gvm_max_n < max(self.gvm_min_n, 1)):
+            raise ConfigError(f"gvm_min_n / gvm_max_n: need 0 <= min_n <= max_n, got {self.gvm_min_n} / {self.gvm_max_n}")
+        if self.gradient_accumulation_steps != 1:
+            raise ConfigError("gradient_accumulation_steps: must be 1 in the RL loop (one optimizer step is one "
+                              "mini-batch); set micro_batch_size to bound memory instead")
+        prompts = self.per_device_train_batch_size * world
+        if self.allocator == "gvm" and self.gvm_min_n * prompts > self.num_generations * prompts:
+            raise ConfigError(f"gvm_min_n: budget num_generations x prompts = {self.num_generations * prompts} is "
+                              f"smaller than gvm_min_n x prompts = {self.gvm_min_n * prompts}")
+        if (prompts * self.num_generations) % self.num_minibatches:
+            raise ConfigError(f"num_minibatches: {self.num_minibatches} does not divide the round's "
+                              f"{prompts * self.num_generations} rollouts (per_device_train_batch_size {self.per_device_train_batch_size} "
+                              f"x processes {world} x num_generations {self.num_generations})")
+        if self.allocator in ("uniform", "dynamic") and self.advantage == "grpo" and self.num_generations < 2:
+            raise ConfigError("num_generations: GRPO groups need at least 2 completions per prompt")
+        save = str(getattr(self.save_strategy, "value", self.save_strategy))
+        if save == "steps" and self.save_steps >= 1 and int(self.save_steps) % self.updates_per_round:
+            raise ConfigError(f"save_steps: must be a multiple of the {self.updates_per_round} updates per round "
+                              "(num_minibatches x num_iterations), so a resumed run restarts at a round boundary")
+        if self.overlong_cache_length < 0 or self.overlong_cache_length > self.max_completion_length:
+            raise ConfigError(f"overlong_cache_length: must be in [0, max_completion_length], got "
+                              f"{self.overlong_cache_length}")
+
+    def describe(self, world: int = 1) -> str:
+        m = self.per_device_train_batch_size * world
+        rollouts = m * self.num_generations
+        how = {"uniform": f"{self.num_generations} completions each", "dynamic":
+               f"{self.num_generations} each, zero-variance groups resampled up to {self.dynamic_max_rounds} rounds",
+               "gvm": f"a GVM budget of {rollouts} rollouts spread by (p_i, G_i) from {self.gvm_samples} estimation "
+                      "samples per prompt"}[self.allocator]
+        return (f"RL round = per_device_train_batch_size {self.per_device_train_batch_size} x processes {world} = {m} "
+                f"prompts, {how}; {rollouts} rollouts -> num_minibatches {self.num_minibatches} x num_iterations "
+                f"{self.num_iterations} = {self.updates_per_round} optimizer steps per round; micro_batch_size "
+                f"{self.micro_batch_size} sequences per forward")
