@@ -91,3 +91,36 @@ def accuracy(model, tokenizer, rows, max_new_tokens: int = 32, batch_size: int =
     }
     result.update({f"accuracy/{t}": sum(v) / len(v) for t, v in sorted(per_task.items())})
     return result
+
+
+def answer_probability(model, tokenizer, rows, batch_size: int = 64) -> dict:
+    """Mean probability the policy gives the canonical correct completion ``Answer: <n>`` (then end of turn)
+    of each row: the policy's expected accuracy at temperature 1 without sampling noise (it leaves out the
+    rare correct answers in another format). Returns ``answer_probability`` and ``answer_probability/<task>``."""
+    import torch
+
+    from align.trainers.logps import pack, token_logps
+
+    rows = list(rows)
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in prompt_texts(tokenizer, [r["prompt"] for r in rows])]
+    answers = [tokenizer(f"Answer: {r['answer']}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for r in rows]
+    probs: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(rows), batch_size):
+            ids, attn, cmask, width = pack(prompts[s : s + batch_size], answers[s : s + batch_size],
+                                           tokenizer.pad_token_id, model.device)
+            with torch.no_grad():
+                logps = token_logps(model, ids, attn, width)
+            probs += (logps * cmask).sum(-1).exp().tolist()
+    finally:
+        model.train(was_training)
+    per_task: dict[str, list[float]] = defaultdict(list)
+    for p, r in zip(probs, rows, strict=True):
+        per_task[r.get("task", "all")].append(p)
+    out = {"answer_probability": sum(probs) / max(len(probs), 1)}
+    out.update({f"answer_probability/{t}": sum(v) / len(v) for t, v in sorted(per_task.items())})
+    return out

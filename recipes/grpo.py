@@ -35,7 +35,7 @@ class GRPORecipeConfig(RecipeArguments, RLConfig):
 
 def build_trainer(config):
     from align.data.loading import load_train_eval
-    from align.data.prompts import tokenize_prompts
+    from align.data.prompts import format_prompts, tokenize_prompts
     from align.modeling import load_model, load_tokenizer, lora_config
     from align.trainers.rl import RLTrainer
     from rewards.registry import RewardSet
@@ -45,6 +45,9 @@ def build_trainer(config):
                "overlong_cache_length": config.overlong_cache_length}
     reward_set = RewardSet(config.reward_funcs, config.reward_weights, options, config.on_reward_error)
     train, evaluation = load_train_eval(config)
+    fmt = (config.prompt_column, config.system_prompt, config.prompt_suffix)
+    train = format_prompts(train, *fmt)
+    evaluation = format_prompts(evaluation, *fmt) if evaluation is not None else None
     reward_set.check_columns(train.column_names, "train dataset")
     if evaluation is not None:
         reward_set.check_columns(evaluation.column_names, "eval dataset")

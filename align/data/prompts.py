@@ -6,6 +6,23 @@ from __future__ import annotations
 from align.errors import DataError
 
 
+def format_prompts(ds, column: str = "prompt", system_prompt: str | None = None, suffix: str = ""):
+    """``ds`` with a conversational ``prompt`` built from ``column`` (e.g. NuminaMath's ``problem``): an optional
+    system message, then the user message ``row[column] + suffix``. A dataset whose ``prompt`` column is used
+    as is (``column="prompt"``, no system prompt, no suffix) is returned unchanged."""
+    if column == "prompt" and not system_prompt and not suffix:
+        return ds
+    if column not in ds.column_names:
+        raise DataError(f"prompt_column: {column!r} is not a column (has: {', '.join(ds.column_names)})")
+
+    def build(row):
+        text = row[column] if isinstance(row[column], str) else row[column][-1]["content"]
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        return {"prompt": [*messages, {"role": "user", "content": text + suffix}]}
+
+    return ds.map(build, remove_columns=["prompt"] if "prompt" in ds.column_names and column != "prompt" else None)
+
+
 def tokenize_prompts(ds, tokenizer, max_prompt_length: int, split: str = "train"):
     """``ds`` with ``prompt_ids`` and ``uid`` columns added; a one-line DataError naming the row for a
     missing, empty or too long prompt."""

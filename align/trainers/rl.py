@@ -529,21 +529,27 @@ class RLTrainer(MetricsMixin, Trainer):
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Greedy completions of every eval prompt, scored by the reward functions: ``eval_reward`` and
-        ``eval_rewards/<name>`` (with the testbed's ``accuracy`` reward, held-out accuracy)."""
+        """Every eval prompt scored by the reward functions, greedy (``eval_reward``, ``eval_rewards/<name>``)
+        and, with ``eval_num_samples`` k > 0, sampled k times at the training temperature (``eval_sampled_*``:
+        mean@k, the GVM paper's metric). With the testbed's ``accuracy`` reward these are held-out accuracy."""
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             return {}
         rows = [ds[i] for i in range(len(ds))]
-        greedy = self._sampling(temperature=0.0, max_new_tokens=self.args.eval_max_new_tokens)
         saved = self.rollouts_total
-        samples = self._generate_scored(rows, [1] * len(rows), "eval", greedy)
-        self.rollouts_total = saved  # evaluation is not training rollouts
         p = metric_key_prefix
-        metrics = {f"{p}_reward": statistics.fmean(s.reward for s in samples),
-                   f"{p}_completion_length": statistics.fmean(s.length for s in samples)}
-        for name in sorted({k for s in samples for k in s.per_fn if not k.endswith("/errors")}):
-            metrics[f"{p}_rewards/{name}"] = statistics.fmean(s.per_fn[name] for s in samples)
+        metrics: dict[str, float] = {}
+        runs = [("", 1, self._sampling(temperature=0.0, max_new_tokens=self.args.eval_max_new_tokens))]
+        if self.args.eval_num_samples:
+            runs.append(("sampled_", self.args.eval_num_samples,
+                         self._sampling(max_new_tokens=self.args.eval_max_new_tokens)))
+        for name, k, sampling in runs:
+            samples = self._generate_scored(rows, [k] * len(rows), f"eval{name}", sampling)
+            metrics[f"{p}_{name}reward"] = statistics.fmean(s.reward for s in samples)
+            metrics[f"{p}_{name}completion_length"] = statistics.fmean(s.length for s in samples)
+            for fn in sorted({key for s in samples for key in s.per_fn if not key.endswith("/errors")}):
+                metrics[f"{p}_{name}rewards/{fn}"] = statistics.fmean(s.per_fn[fn] for s in samples)
+        self.rollouts_total = saved  # evaluation rollouts are not training rollouts
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

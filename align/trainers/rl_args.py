@@ -47,6 +47,10 @@ class RLArguments:
     num_minibatches: int = _f(1, "Optimizer updates per round and iteration (the rollouts are split this many ways).")
     num_iterations: int = _f(1, "μ: passes over each round's rollouts (old log-probs are kept from generation).")
     micro_batch_size: int = _f(64, "Sequences per forward/backward pass (memory knob; same gradient).")
+    # --- prompts ---
+    prompt_column: str = _f("prompt", "Column holding the prompt (a string or messages), e.g. `problem`.")
+    system_prompt: str | None = _f(None, "System message put before every prompt (then prompts become conversational).")
+    prompt_suffix: str = _f("", "Text appended to every user prompt (e.g. an answer-format instruction).")
     # --- generation ---
     rollout: str = _f("hf", f"Rollout engine, one of {ROLLOUTS}.")
     max_prompt_length: int = _f(512, "Prompts longer than this (tokens) are rejected before training.")
@@ -77,7 +81,9 @@ class RLArguments:
     dynamic_max_rounds: int = _f(3, "dynamic: at most this many extra sampling rounds to replace zero-variance groups.")
     # --- reference / eval ---
     ref_model_name_or_path: str | None = _f(None, "Reference for the KL term; default: the initial policy.")
-    eval_max_new_tokens: int | None = _f(None, "Greedy eval: max new tokens (default max_completion_length).")
+    eval_max_new_tokens: int | None = _f(None, "Eval: max new tokens (default max_completion_length).")
+    eval_num_samples: int = _f(8, "Eval: also sample this many completions per prompt at `temperature` (mean@k; 0: "
+                                  "greedy only).")
     remove_unused_columns: bool = _f(False, "Keep every dataset column: reward functions read them.")
 
     @property

@@ -1,0 +1,9 @@
+"""Reward functions for the RL tests (importable as ``rl_helpers:<name>`` while pytest runs)."""
+
+
+def constant(completions, **_):
+    return [1.0] * len(completions)
+
+
+def nan_on_odd_uid(completions, uid, **_):
+    return [float("nan") if u % 2 else 1.0 for u in uid]
