@@ -5,5 +5,5 @@ def constant(completions, **_):
     return [1.0] * len(completions)
 
 
-def nan_on_odd_uid(completions, uid, **_):
-    return [float("nan") if u % 2 else 1.0 for u in uid]
+def nan_on_odd_answer(completions, answer, **_):
+    return [float("nan") if int(a) % 2 else 1.0 for a in answer]

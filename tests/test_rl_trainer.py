@@ -71,12 +71,12 @@ def test_dynamic_sampling_keeps_only_informative_groups(repo, tmp_path, testbed)
 
 
 def test_reward_failure_names_function_and_prompt(repo, tmp_path, testbed):
-    with pytest.raises(TrainingError, match=r"reward function 'nan_on_odd_uid' returned nan for prompt id \d*[13579]$"):
-        run(cfg(repo, tmp_path, reward_funcs=["rl_helpers:nan_on_odd_uid"]))
+    with pytest.raises(TrainingError, match=r"reward function 'nan_on_odd_answer' returned nan for prompt id \d+$"):
+        run(cfg(repo, tmp_path, reward_funcs=["rl_helpers:nan_on_odd_answer"]))
     assert not (tmp_path / "out" / "model.safetensors").exists()
-    run(cfg(repo, tmp_path, reward_funcs=["rl_helpers:nan_on_odd_uid"], on_reward_error="zero", max_steps=1))
+    run(cfg(repo, tmp_path, reward_funcs=["rl_helpers:nan_on_odd_answer"], on_reward_error="zero", max_steps=1))
     (rec,) = [r for r in logs(tmp_path / "out") if "loss" in r]
-    assert 0 < rec["rewards/nan_on_odd_uid/errors"] < 16  # some of the 16 rollouts scored 0 and were counted
+    assert 0 < rec["rewards/nan_on_odd_answer/errors"] < 16  # some of the 16 rollouts scored 0 and were counted
 
 
 def test_resume_continues_the_same_run(repo, tmp_path, testbed):
@@ -99,13 +99,13 @@ def test_resume_continues_the_same_run(repo, tmp_path, testbed):
 
 @pytest.fixture(scope="module")
 def grpo_run(repo, tmp_path_factory, testbed):
-    """GRPO (uniform, 8 per prompt) for 60 steps from the warmed-up policy, evaluated before and after."""
+    """GRPO (uniform, 8 per prompt) for 80 steps from the warmed-up policy, evaluated before and after."""
     from align.evaluation import answer_probability
     from align.testbed.tasks import rl_rows
 
     out = tmp_path_factory.mktemp("grpo")
     trainer = build_trainer(load_config(GRPORecipeConfig, repo / "configs/grpo/testbed.yaml", {
-        "output_dir": str(out), "disable_tqdm": True, "max_steps": 60, "eval_num_samples": 16}))
+        "output_dir": str(out), "disable_tqdm": True, "max_steps": 80, "eval_num_samples": 16}))
     table = rl_rows(("add1", "sub1", "mul1"), n=None, split="test")  # every held-out fact
     model = trainer.accelerator.unwrap_model(trainer.model)
     before = {**trainer.evaluate(), **answer_probability(model, trainer.processing_class, table)}
@@ -117,21 +117,24 @@ def grpo_run(repo, tmp_path_factory, testbed):
 def test_grpo_raises_held_out_accuracy(grpo_run):
     _, before, after = grpo_run
     print({k: (round(before[k], 4), round(after[k], 4)) for k in before if "accuracy" in k or "probability" in k})
-    # mean@16 at T=1 (the GVM paper's metric) on 150 held-out problems: 0.141 -> 0.16 measured
+    # mean@16 at T=1 (the GVM paper's metric) on 150 held-out problems: 0.141 -> 0.164 measured (sampling
+    # noise: about 0.007 per evaluation)
     assert after["eval_sampled_rewards/accuracy"] > before["eval_sampled_rewards/accuracy"] + 0.01
     # the exact expected accuracy (probability of the correct answer, no sampling noise): 0.149 -> 0.17
     assert after["answer_probability"] > before["answer_probability"] + 0.01
+    # Greedy accuracy does not follow on this testbed (0.227 -> 0.193 measured): the warmed-up policy gives
+    # no fact more than 0.5 probability, so sharpening some answers flips near-ties on others.
 
 
 def test_grpo_logged_metrics(grpo_run):
     trainer, _, _ = grpo_run
     train = [r for r in logs(trainer.args.output_dir) if "loss" in r]
-    assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
+    assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60, 70, 80]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/accuracy/mean", "rewards/accuracy/std",
                 "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "entropy", "completions/mean_length",
                 "allocation/min", "allocation/median", "allocation/max", "allocation/prompts_dropped", "grad_norm"):
         assert key in train[-1], key
     # uniform allocation: 16 prompts x 8 per round, 2 updates per round -> 64 rollouts per step
-    assert [r["rollouts/total"] for r in train] == [640 * i for i in range(1, 7)]
+    assert [r["rollouts/total"] for r in train] == [640 * i for i in range(1, 9)]
     assert train[-1]["allocation/min"] == train[-1]["allocation/max"] == 8
     assert 0 <= train[-1]["frac_reward_zero_std"] <= 1 and train[-1]["entropy"] > 0
