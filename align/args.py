@@ -76,6 +76,8 @@ class RecipeArguments:
         if not self.model_name_or_path:
             raise ConfigError("model_name_or_path: required (a folder, a Hub id, or testbed:policy)")
         check_model_path(self.model_name_or_path)
+        if getattr(self, "ref_model_name_or_path", None):  # recipes with a separate reference model
+            check_model_path(self.ref_model_name_or_path, "ref_model_name_or_path")
         if not self.dataset_name:
             raise ConfigError("dataset_name: required (e.g. testbed:sft, a local file, or a Hub id)")
         check_dataset_name(self.dataset_name)

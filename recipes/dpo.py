@@ -25,13 +25,6 @@ class DPORecipeConfig(RecipeArguments, PreferenceConfig):
     recipe_name = "dpo"
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW learning rate (TRL's DPO default)."})
 
-    def validate(self) -> None:
-        super().validate()
-        if self.ref_model_name_or_path:
-            from align.modeling import check_model_path
-
-            check_model_path(self.ref_model_name_or_path, "ref_model_name_or_path")
-
 
 def build_trainer(config: DPORecipeConfig):
     from align.data.loading import load_train_eval

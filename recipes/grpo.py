@@ -25,13 +25,6 @@ class GRPORecipeConfig(RecipeArguments, RLConfig):
     recipe_name = "grpo"
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW learning rate (TRL's GRPO default)."})
 
-    def validate(self) -> None:
-        super().validate()
-        if self.ref_model_name_or_path:
-            from align.modeling import check_model_path
-
-            check_model_path(self.ref_model_name_or_path, "ref_model_name_or_path")
-
 
 def build_trainer(config):
     from align.data.loading import load_train_eval

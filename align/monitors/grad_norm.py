@@ -17,7 +17,8 @@ import torch
 from align.errors import ConfigError
 
 
-def select_parameters(model, patterns: Sequence[str], key: str = "gvm_grad_params") -> list[tuple[str, torch.nn.Parameter]]:
+def select_parameters(model, patterns: Sequence[str],
+                      key: str = "gvm_grad_params") -> list[tuple[str, torch.nn.Parameter]]:
     """The named parameters whose name contains any of ``patterns`` (``["all"]`` selects every one)."""
     named = list(model.named_parameters())
     if list(patterns) == ["all"]:

@@ -33,7 +33,8 @@ def group_advantages(rewards, group_ids: Sequence[int] | torch.Tensor, scale: st
     r = torch.as_tensor(rewards, dtype=torch.float32)
     ids = torch.as_tensor(group_ids)
     if r.ndim != 1 or ids.shape != r.shape:
-        raise ValueError(f"rewards and group_ids must be 1-D of one length, got {tuple(r.shape)} and {tuple(ids.shape)}")
+        raise ValueError(f"rewards and group_ids must be 1-D of one length, got {tuple(r.shape)} and "
+                         f"{tuple(ids.shape)}")
     if r.numel() == 0:
         return r.clone()
     _, inverse = torch.unique(ids, return_inverse=True)

@@ -148,8 +148,9 @@ class RLTrainer(MetricsMixin, Trainer):
                          eval_dataset=eval_dataset, processing_class=tok, callbacks=callbacks)
         world = self.accelerator.num_processes
         if len(train_dataset) < args.per_device_train_batch_size * world:
+            need = args.per_device_train_batch_size * world
             raise TrainingError(f"train dataset: {len(train_dataset)} prompts, fewer than one round needs "
-                                f"(per_device_train_batch_size x processes = {args.per_device_train_batch_size * world})")
+                                f"(per_device_train_batch_size x processes = {need})")
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.is_peft = hasattr(model, "disable_adapter")
         self.engine = engine or HFEngine(model, tok, args.generation_batch_size)

@@ -60,8 +60,8 @@ class RLArguments:
     top_k: int = _f(0, "Top-k cut (0: none).")
     generation_batch_size: int = _f(64, "Sequences per generate call.")
     # --- rewards ---
-    reward_funcs: list[str] = _f(["accuracy"], "Reward functions: names (accuracy, format, math_verify, overlong), "
-                                               "`module:function`, or `model:<path>` (a sequence-classification model).")
+    reward_funcs: list[str] = _f(["accuracy"], "Reward functions: names (accuracy, format, math_verify, "
+                                               "overlong), `module:function`, or `model:<path>` (a reward model).")
     reward_weights: list[float] | None = _f(None, "One weight per reward function (default all 1).")
     on_reward_error: str = _f("raise", "A reward function that raises or returns NaN: raise (stop the step, naming the "
                                        "function and prompt) or zero (score 0, counted in rewards/<name>/errors).")
@@ -116,7 +116,8 @@ class RLArguments:
         if self.dynamic_max_rounds < 0:
             raise ConfigError(f"dynamic_max_rounds: must be >= 0, got {self.dynamic_max_rounds}")
         if self.gvm_min_n < 0 or (self.gvm_max_n is not None and self.gvm_max_n < max(self.gvm_min_n, 1)):
-            raise ConfigError(f"gvm_min_n / gvm_max_n: need 0 <= min_n <= max_n, got {self.gvm_min_n} / {self.gvm_max_n}")
+            raise ConfigError(f"gvm_min_n / gvm_max_n: need 0 <= min_n <= max_n, got {self.gvm_min_n} / "
+                              f"{self.gvm_max_n}")
         if self.gradient_accumulation_steps != 1:
             raise ConfigError("gradient_accumulation_steps: must be 1 in the RL loop (one optimizer step is one "
                               "mini-batch); set micro_batch_size to bound memory instead")
@@ -126,7 +127,8 @@ class RLArguments:
                               f"smaller than gvm_min_n x prompts = {self.gvm_min_n * prompts}")
         if (prompts * self.num_generations) % self.num_minibatches:
             raise ConfigError(f"num_minibatches: {self.num_minibatches} does not divide the round's "
-                              f"{prompts * self.num_generations} rollouts (per_device_train_batch_size {self.per_device_train_batch_size} "
+                              f"{prompts * self.num_generations} rollouts (per_device_train_batch_size "
+                              f"{self.per_device_train_batch_size} "
                               f"x processes {world} x num_generations {self.num_generations})")
         if self.allocator in ("uniform", "dynamic") and self.advantage == "grpo" and self.num_generations < 2:
             raise ConfigError("num_generations: GRPO groups need at least 2 completions per prompt")
