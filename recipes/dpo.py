@@ -11,12 +11,11 @@ precomputed once by default (``precompute_ref_logps``), so no reference model st
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 
 from align.args import RecipeArguments
-from align.recipe import Recipe, main, start
+from align.recipe import Recipe, main, start, train_and_save
 from align.trainers.preference import PreferenceConfig
 
 
@@ -51,12 +50,7 @@ def build_trainer(config: DPORecipeConfig):
 
 def run(config: DPORecipeConfig) -> dict:
     trainer = build_trainer(config)
-    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    metrics = dict(result.metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    return {"output_dir": os.path.abspath(config.output_dir), **metrics}
+    return train_and_save(trainer, config)
 
 
 RECIPE = Recipe("dpo", "Offline preference optimisation (dpo, ipo, hinge, robust, rpo, hdpo, lrdpo, ...).",

@@ -11,12 +11,11 @@ read (``answer`` for ``accuracy``, ``solution`` for ``math_verify``).
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 
 from align.args import RecipeArguments
-from align.recipe import Recipe, main, start
+from align.recipe import Recipe, main, start, train_and_save
 from align.trainers.rl import RLConfig
 
 
@@ -62,12 +61,7 @@ def build_trainer(config):
 
 def run(config) -> dict:
     trainer = build_trainer(config)
-    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    metrics = {**result.metrics, "rollouts/total": trainer.rollouts_total}
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    return {"output_dir": os.path.abspath(config.output_dir), **metrics}
+    return train_and_save(trainer, config, **{"rollouts/total": lambda: trainer.rollouts_total})
 
 
 RECIPE = Recipe("grpo", "GRPO / DAPO / Dr.GRPO with ragged groups (allocator: uniform, gvm, dynamic).",
