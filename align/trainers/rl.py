@@ -272,8 +272,11 @@ class RLTrainer(MetricsMixin, Trainer):
         before = self.rollouts_total
         if a.allocator == "gvm":
             counts, reused = self._gvm_allocation(rows, index, metrics)
-            samples = reused + self._generate_scored(rows, [max(n - sum(1 for s in reused if s.g == i), 0)
-                                                            for i, n in enumerate(counts)], tag, k_offset=a.gvm_samples)
+            have = [0] * len(rows)
+            for s in reused:
+                have[s.g] += 1
+            samples = reused + self._generate_scored(rows, [max(n - h, 0) for n, h in zip(counts, have)], tag,
+                                                     k_offset=a.gvm_samples)
             samples.sort(key=lambda s: (s.g, s.k))
         elif a.allocator == "dynamic":
             rows, counts, samples = self._dynamic(rows, index, metrics)
@@ -297,7 +300,8 @@ class RLTrainer(MetricsMixin, Trainer):
         stale = [i for i, r in enumerate(rows) if self.stats.is_stale(r["uid"], index, a.gvm_interval)]
         est: list[Sample] = []
         if stale:
-            counts = [a.gvm_samples if i in set(stale) else 0 for i in range(len(rows))]
+            stale_set = set(stale)
+            counts = [a.gvm_samples if i in stale_set else 0 for i in range(len(rows))]
             est = self._generate_scored(rows, counts, f"e{index}")
             accepted = [s for s in est if s.completion_ids is not None and s.reward > a.accept_threshold]
             norms = sequence_grad_norms(self._policy, [s.prompt_ids for s in accepted],
