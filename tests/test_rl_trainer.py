@@ -40,6 +40,30 @@ def test_bad_options_fail_before_any_work(repo, tmp_path, overrides, match):
         build_trainer(cfg(repo, tmp_path, **overrides))  # reward specs are checked when the set is built
 
 
+def test_fsdp_is_refused_at_start(repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(ConfigError, match="distributed_type: the RL loop does not run under FSDP"):
+        cfg(repo, tmp_path)
+
+
+@pytest.mark.parametrize("env,deepspeed,expected", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, None, "ZeRO-3"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None, None),
+    ({}, {"zero_optimization": {"stage": 3}}, "ZeRO-3"),
+    ({}, {"zero_optimization": {"stage": 1}}, None),
+    ({"ACCELERATE_USE_FSDP": "false"}, None, None),
+])
+def test_sharded_weights_detection(monkeypatch, env, deepspeed, expected):
+    # transformers itself needs the deepspeed package to build arguments with it, so read the rule directly.
+    from types import SimpleNamespace
+
+    from align.trainers.rl_args import RLArguments
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert RLArguments.sharded_weights(SimpleNamespace(fsdp="", deepspeed=deepspeed)) == expected
+
+
 def test_missing_reward_column_and_long_prompt(repo, tmp_path, testbed):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i}+1?"}) + "\n" for i in range(8)))

@@ -402,26 +402,25 @@ class RLTrainer(MetricsMixin, Trainer):
 
     @torch.no_grad()
     def _precompute_logps(self, local: list[Sample]) -> None:
-        """Old log-probs (when the policy moves before a sample's last use) and reference log-probs (β > 0)."""
+        """Old log-probs of the samples the policy moves under before their use, and reference log-probs
+        (β > 0). With one iteration, mini-batch 0 is used on the very weights that generated it, so its old
+        log-probs are the live ones detached (what a stored copy would hold, without the extra forward)."""
         a = self.args
-        need_old = a.updates_per_round > 1
-        if not local or not (need_old or a.beta):
-            return
+        old = [s for s in local if a.updates_per_round > 1 and (a.num_iterations > 1 or s.minibatch > 0)]
+        passes = [(old, "old_logps", lambda *batch: token_logps(self._policy, *batch))]
+        if a.beta:
+            passes.append((local, "ref_logps", self._ref_logps))
         policy = self._policy
         was_training = policy.training
         policy.eval()
         try:
-            for s0 in range(0, len(local), a.micro_batch_size):
-                chunk = local[s0 : s0 + a.micro_batch_size]
-                ids, attn, cmask, width = pack([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk],
+            for samples, attr, fn in passes:
+                for s0 in range(0, len(samples), a.micro_batch_size):
+                    chunk = samples[s0 : s0 + a.micro_batch_size]
+                    ids, attn, _, width = pack([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk],
                                                self.pad_id, self.args.device)
-                if need_old:
-                    old = token_logps(policy, ids, attn, width)
-                    for s, row in zip(chunk, old):
-                        s.old_logps = row[: s.length].cpu()
-                if a.beta:
-                    for s, row in zip(chunk, self._ref_logps(ids, attn, width)):
-                        s.ref_logps = row[: s.length].cpu()
+                    for s, row in zip(chunk, fn(ids, attn, width)):
+                        setattr(s, attr, row[: s.length].cpu())
         finally:
             policy.train(was_training)
 

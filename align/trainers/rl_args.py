@@ -139,6 +139,30 @@ class RLArguments:
         if self.overlong_cache_length < 0 or self.overlong_cache_length > self.max_completion_length:
             raise ConfigError(f"overlong_cache_length: must be in [0, max_completion_length], got "
                               f"{self.overlong_cache_length}")
+        sharded = self.sharded_weights()
+        if sharded:
+            raise ConfigError(f"distributed_type: the RL loop does not run under {sharded} yet (each process "
+                              "generates its own groups and estimates G_i on unsharded weights, so sharded forwards "
+                              "would not line up and would hang); launch with configs/accelerate/ddp.yaml or "
+                              "ZeRO-1/2, with LoRA for large models")
+
+    def sharded_weights(self) -> str | None:
+        """``"FSDP"`` or ``"ZeRO-3"`` when this run shards the weights (from ``accelerate launch``'s environment or
+        the ``fsdp`` / ``deepspeed`` arguments), else None."""
+        import json
+        import os
+
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or getattr(self, "fsdp", None):
+            return "FSDP"
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") if os.environ.get(
+            "ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") else ""
+        ds = getattr(self, "deepspeed", None)
+        if isinstance(ds, str) and os.path.isfile(ds):
+            with open(ds, encoding="utf-8") as fh:
+                ds = json.load(fh)
+        if isinstance(ds, dict):
+            stage = str(ds.get("zero_optimization", {}).get("stage", stage))
+        return "ZeRO-3" if stage == "3" else None
 
     def describe(self, world: int = 1) -> str:
         m = self.per_device_train_batch_size * world
