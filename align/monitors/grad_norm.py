@@ -42,26 +42,32 @@ def _trainable(params):
             p.requires_grad_(flag)
 
 
-def sequence_grad_norms(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
-                        params: Sequence[torch.nn.Parameter], chunk: int = 8) -> list[float]:
-    """‖∇_params S_θ(completion | prompt)‖₂ for each (prompt, completion) pair, in order."""
+def sequence_grads(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
+                   params: Sequence[torch.nn.Parameter], chunk: int = 8):
+    """Yields ``(∇_params S_θ(completion | prompt) flattened into one fp32 vector, S_θ)`` for each (prompt,
+    completion) pair, in order: one forward per chunk, one ``autograd.grad`` per sequence (exact; the
+    sequences of a chunk do not interact). Parameters outside ``params`` get no gradient."""
     from align.trainers.logps import pack, token_logps
 
     params = list(params)
     device = params[0].device
-    norms: list[float] = []
     was_training = model.training
     model.eval()  # no dropout: the gradient of the sequence's log-prob itself
     try:
         with _trainable(params), torch.enable_grad():
             for s in range(0, len(prompts), chunk):
                 ids, attn, cmask, width = pack(prompts[s : s + chunk], completions[s : s + chunk], pad_id, device)
-                logps = token_logps(model, ids, attn, width)
-                seq = (logps * cmask).sum(-1)
+                seq = (token_logps(model, ids, attn, width) * cmask).sum(-1)
                 for b in range(seq.shape[0]):
                     grads = torch.autograd.grad(seq[b], params, retain_graph=b < seq.shape[0] - 1, allow_unused=True)
-                    sq = sum(float((g.float() ** 2).sum()) for g in grads if g is not None)
-                    norms.append(sq ** 0.5)
+                    flat = [(g if g is not None else torch.zeros_like(p)).float().reshape(-1)
+                            for g, p in zip(grads, params, strict=True)]
+                    yield torch.cat(flat), float(seq[b].detach())
     finally:
         model.train(was_training)
-    return norms
+
+
+def sequence_grad_norms(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
+                        params: Sequence[torch.nn.Parameter], chunk: int = 8) -> list[float]:
+    """‖∇_params S_θ(completion | prompt)‖₂ for each (prompt, completion) pair, in order."""
+    return [float(g.norm()) for g, _ in sequence_grads(model, prompts, completions, pad_id, params, chunk)]

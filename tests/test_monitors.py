@@ -1,0 +1,182 @@
+"""Gradient monitors: per-sequence gradients and the entanglement quantities equal autograd computed
+directly; the predicted signs of Δlog π come true after one small SGD step; shared suffixes entangle."""
+
+import pytest
+import torch
+
+from align.errors import ConfigError
+from align.monitors.entanglement import CASES, case_of, entanglement, pair_stats, select_subset, summarize
+from align.monitors.grad_norm import sequence_grads
+from align.trainers.logps import pack, token_logps
+
+
+@pytest.fixture(scope="module")
+def policy(testbed):
+    from align.modeling import load_model, load_tokenizer
+
+    return load_model(str(testbed.policy)), load_tokenizer(str(testbed.policy))
+
+
+def encode(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def summed_logp(model, prompt, completion, pad_id):
+    ids, attn, cmask, width = pack([prompt], [completion], pad_id)
+    return (token_logps(model, ids, attn, width) * cmask).sum()
+
+
+def direct_grad(model, params, prompt, completion, pad_id, partner=None):
+    """∇ S_θ(completion) by a plain backward; with ``partner``, the sequence sits in a batch beside it (the
+    padding the monitor's pair batch has, which moves float rounding by ~1e-4 over every parameter)."""
+    model.zero_grad()
+    if partner is None:
+        summed_logp(model, prompt, completion, pad_id).backward()
+    else:
+        ids, attn, cmask, width = pack([prompt, prompt], [completion, partner], pad_id)
+        (token_logps(model, ids, attn, width) * cmask).sum(-1)[0].backward()
+    return torch.cat([p.grad.reshape(-1).double() for p in params])
+
+
+@pytest.fixture(scope="module")
+def pairs(policy):
+    _, tok = policy
+    prompt = encode(tok, "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n")
+    right, wrong = encode(tok, "3 + 4 = 7. Answer: 7"), encode(tok, "3 + 4 = 8. Answer: 8")
+    other = encode(tok, "Answer: 7")
+    return [(prompt, right, wrong), (prompt, other, wrong), (prompt, right, other),
+            (encode(tok, "<|im_start|>user\nWhat is 9 - 5?<|im_end|>\n<|im_start|>assistant\n"),
+             encode(tok, "9 - 5 = 4. Answer: 4"), encode(tok, "9 - 5 = 3. Answer: 3"))]
+
+
+@pytest.mark.parametrize("subset", ["lm_head", "all"])
+def test_pair_quantities_equal_direct_autograd(policy, pairs, subset):
+    """Pair by pair (the pair's two sequences in one batch, as a plain backward sees them) to 1e-5; the pairs
+    batched together to 2e-3 (left padding to the longest prompt shifts RoPE positions: same maths, other
+    float rounding, ~3e-4 on a norm over every parameter)."""
+    model, tok = policy
+    params = [p for _, p in select_subset(model, subset)]
+    batched = entanglement(model, [p for p, _, _ in pairs], [c for _, c, _ in pairs], [r for _, _, r in pairs],
+                           tok.pad_token_id, params)
+    for (prompt, c, r), together in zip(pairs, batched, strict=True):
+        (row,) = entanglement(model, [prompt], [c], [r], tok.pad_token_id, params)
+        g_w = direct_grad(model, params, prompt, c, tok.pad_token_id, partner=r)
+        g_l = direct_grad(model, params, prompt, r, tok.pad_token_id, partner=c)
+        direct = {"dot": float(g_w @ g_l), "norm_chosen": float(g_w.norm()), "norm_rejected": float(g_l.norm()),
+                  "cos": float(torch.nn.functional.cosine_similarity(g_w, g_l, dim=0)),
+                  "ratio": float(g_w @ g_l) / min(float(g_w @ g_w), float(g_l @ g_l))}
+        for key, value in direct.items():
+            assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+            assert together[key] == pytest.approx(value, rel=2e-3, abs=1e-4), key
+        with torch.no_grad():
+            assert row["logp_chosen"] == pytest.approx(float(summed_logp(model, prompt, c, tok.pad_token_id)), abs=1e-4)
+    model.zero_grad()
+
+
+def test_pair_stats_cases_on_hand_made_gradients():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert pair_stats(e1, e2)["case"] == "ideal"  # orthogonal: ⟨g_w,g_l⟩ = 0 < both squared norms
+    s = pair_stats(torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0]))  # dot 2: > ‖g_w‖² = 1, < ‖g_l‖² = 4
+    assert s["case"] == "both_down" and s["pred_chosen"] == -1 and s["pred_rejected"] == -1
+    assert s["cos"] == pytest.approx(1.0) and s["ratio"] == pytest.approx(2.0)  # 2 / min(1, 4)
+    assert pair_stats(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]))["case"] == "both_up"  # dot 2 < 4, > 1
+    # A slope ratio d_w/d_l = 3 (e.g. a shorter chosen under token averaging) lifts the chosen condition.
+    assert pair_stats(torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0]), slope_ratio=3.0)["case"] == "both_up"
+    assert case_of(False, False) == "inverted"
+    rows = [pair_stats(e1, e2) | {"logp_chosen": -1.0, "logp_rejected": -2.0},
+            s | {"logp_chosen": -3.0, "logp_rejected": -4.0}]
+    out = summarize(rows)
+    assert [out[f"entanglement/{c}"] for c in CASES] == [0.5, 0.5, 0.0, 0.0]
+    assert out["entanglement/logps_chosen"] == -2.0
+    later = [r | {"logp_chosen": r["logp_chosen"] + 1, "logp_rejected": r["logp_rejected"] - 1} for r in rows]
+    out = summarize(later, rows)  # both chosen up, both rejected down: 3 of the 4 predicted signs held
+    assert out["entanglement/observed_chosen_up"] == 1.0 and out["entanglement/observed_rejected_down"] == 1.0
+    assert out["entanglement/sign_agreement"] == 0.75
+
+
+def test_predicted_signs_match_one_small_sgd_step(policy, pairs):
+    """First order: one SGD step of size η on a margin loss −m·(S_w − S_l) over the subset moves S_w by
+    ηm(‖g_w‖² − ⟨g_w,g_l⟩) and S_l by ηm(⟨g_w,g_l⟩ − ‖g_l‖²) (DPO's m = βσ(−βΔ) only rescales η; m = 1
+    here, as DPO's σ underflows on pairs the model separates by 100+ nats). η is set so the larger move
+    is 0.01 nats; every move must land within 1e-3 nats of its prediction (second-order terms), and every
+    move predicted beyond that must happen with the predicted sign."""
+    import copy
+
+    model, tok = policy
+    pad = tok.pad_token_id
+    checked = 0
+    for subset in ("lm_head", "last_block", "all"):
+        for prompt, c, r in pairs:
+            m = copy.deepcopy(model)
+            params = [p for _, p in select_subset(m, subset)]
+            (row,) = entanglement(m, [prompt], [c], [r], pad, params)
+            with torch.no_grad():
+                s_w, s_l = float(summed_logp(m, prompt, c, pad)), float(summed_logp(m, prompt, r, pad))
+            sq_w, sq_l, dot = row["norm_chosen"] ** 2, row["norm_rejected"] ** 2, row["dot"]
+            lr = 0.01 / max(abs(sq_w - dot), abs(dot - sq_l))
+            predicted = (lr * (sq_w - dot), lr * (dot - sq_l))
+            for p in m.parameters():
+                p.requires_grad_(any(p is q for q in params))
+            loss = summed_logp(m, prompt, r, pad) - summed_logp(m, prompt, c, pad)
+            loss.backward()
+            torch.optim.SGD(params, lr=lr).step()
+            with torch.no_grad():
+                observed = (float(summed_logp(m, prompt, c, pad)) - s_w, float(summed_logp(m, prompt, r, pad)) - s_l)
+            assert predicted[0] * row["pred_chosen"] > 0 and predicted[1] * row["pred_rejected"] > 0
+            for pred, obs in zip(predicted, observed, strict=True):
+                assert abs(obs - pred) < 1e-3, (subset, pred, obs)
+                if abs(pred) > 1e-3:
+                    assert obs * pred > 0, (subset, pred, obs)
+                    checked += 1
+    assert checked >= 16, checked  # of 24 moves (3 subsets x 4 pairs x chosen/rejected)
+
+
+def test_shared_suffixes_entangle(policy):
+    """METHODS §12.1: long shared suffixes make the cosine positive and put pairs in 'both down'. Measured
+    over every parameter: long suffixes cos median 0.69 (min 0.37), both down 3/8; the same pairs cut to the
+    single differing token: cos median 0.73 (on this tiny model one token's gradients already share most
+    directions), both down 0/8."""
+    model, tok = policy
+    params = [p for _, p in select_subset(model, "all")]
+    stats = {}
+    for name, repeats in (("short", 0), ("long", 3)):
+        prompts, chosen, rejected = [], [], []
+        for a in range(1, 9):
+            prompts.append(encode(tok, f"<|im_start|>user\nWhat is {a} + 1?<|im_end|>\n<|im_start|>assistant\n"))
+            tail = f". So {a} + 1 = {a + 1}. Answer: {a + 1}" * repeats
+            chosen.append(encode(tok, f"{a + 1}{tail}"))
+            rejected.append(encode(tok, f"{a + 2}{tail}"))
+        rows = entanglement(model, prompts, chosen, rejected, tok.pad_token_id, params)
+        stats[name] = summarize(rows) | {"cos_min": min(r["cos"] for r in rows)}
+    long, short = stats["long"], stats["short"]
+    assert long["cos_min"] > 0.2, stats
+    assert long["entanglement/both_down"] >= 0.25, stats
+    assert short["entanglement/both_down"] == 0.0, stats
+
+
+def test_sequence_grads_match_backward(policy, pairs):
+    model, tok = policy
+    params = [p for _, p in select_subset(model, "embeddings")]
+    prompt, c, _ = pairs[0]
+    ((g, s),) = list(sequence_grads(model, [prompt], [c], tok.pad_token_id, params))
+    assert torch.allclose(g.double(), direct_grad(model, params, prompt, c, tok.pad_token_id), atol=1e-6)
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("no_such_layer", "entanglement_params: .*matches no parameter"),
+    ("lora", "entanglement_params: subset 'lora' matches no parameter"),
+    ([], "entanglement_params: empty parameter subset"),
+])
+def test_bad_subset_is_one_line(policy, spec, match):
+    with pytest.raises(ConfigError, match=match):
+        select_subset(policy[0], spec)
+
+
+def test_subsets(policy):
+    model, _ = policy
+    assert [n for n, _ in select_subset(model, "lm_head")] == ["lm_head.weight"]
+    assert [n for n, _ in select_subset(model, "embeddings")] == ["model.embed_tokens.weight"]
+    last = [n for n, _ in select_subset(model, "last_block")]
+    assert last and all(n.startswith("model.layers.3.") for n in last)
+    assert len(select_subset(model, "all")) == len(list(model.parameters()))
