@@ -27,13 +27,17 @@ def run_dpo(repo, out, processes: int, per_device: int, extra=()):
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     refs = [p for p in out.iterdir() if p.name.startswith("ref_logps-")]
-    weights = out / ("adapter_model.safetensors" if extra else "model.safetensors")
+    weights = out / ("adapter_model.safetensors" if "use_peft=true" in extra else "model.safetensors")
     return proc, losses, load_file(str(weights)), torch.load(refs[0])
 
 
+MONITOR = ("entanglement_steps=2", "entanglement_probe_size=8", "entanglement_params=[lm_head,last_block]",
+           "entanglement_action=downweight")
+
+
 # LoRA dropout off: dropout masks are drawn per process, so no layout of processes can reproduce them.
-@pytest.mark.parametrize("extra", [(), ("use_peft=true", "lora_r=4", "lora_dropout=0", "learning_rate=2e-3")],
-                         ids=["full", "lora"])
+@pytest.mark.parametrize("extra", [(), ("use_peft=true", "lora_r=4", "lora_dropout=0", "learning_rate=2e-3"), MONITOR],
+                         ids=["full", "lora", "entanglement"])
 def test_two_processes_match_one(repo, tmp_path, testbed, extra):
     one, losses1, w1, ref1 = run_dpo(repo, tmp_path / "one", 1, 16, extra)
     two, losses2, w2, ref2 = run_dpo(repo, tmp_path / "two", 2, 8, extra)
@@ -44,7 +48,15 @@ def test_two_processes_match_one(repo, tmp_path, testbed, extra):
     assert torch.allclose(ref1, ref2, atol=1e-5)  # the sharded precomputation gathers to the same table
     # Final weights: the two runs differ by float rounding only (Adam amplifies last-bit differences in
     # near-zero gradients, so compare the gap with the size of the update the run made).
-    if extra:  # LoRA: compare the B matrices, which start at zero
+    if extra == MONITOR:  # the probe pairs, split over the processes, gather to the same table
+        t1, t2 = ([json.loads(x) for x in (tmp_path / n / "entanglement.jsonl").read_text().splitlines()]
+                  for n in ("one", "two"))
+        assert len(t1) == len(t2) == 3 * 8
+        for a, b in zip(t1, t2, strict=True):
+            assert (a["step"], a["pair"], a["case"]) == (b["step"], b["pair"], b["case"])
+            assert a["dot"] == pytest.approx(b["dot"], rel=1e-3, abs=1e-5)
+            assert a["norm_chosen"] == pytest.approx(b["norm_chosen"], rel=1e-3)
+    if "use_peft=true" in extra:  # LoRA: compare the B matrices, which start at zero
         w1, w2 = ({k: v for k, v in w.items() if "lora_B" in k} for w in (w1, w2))
         w0 = {k: torch.zeros_like(v) for k, v in w1.items()}
     else:

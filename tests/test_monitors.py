@@ -180,3 +180,93 @@ def test_subsets(policy):
     last = [n for n, _ in select_subset(model, "last_block")]
     assert last and all(n.startswith("model.layers.3.") for n in last)
     assert len(select_subset(model, "all")) == len(list(model.parameters()))
+
+
+# --- the monitor and the feedback inside PreferenceTrainer ---------------------------------------------------
+
+
+def dpo_cfg(repo, tmp_path, **kw):
+    from align.config import load_config
+    from recipes.dpo import DPORecipeConfig
+
+    over = {"output_dir": str(tmp_path / "out"), "max_steps": 10, "logging_steps": 5, "disable_tqdm": True,
+            "overwrite_output_dir": True, "max_eval_samples": 16, **kw}
+    return load_config(DPORecipeConfig, repo / "configs/dpo/testbed.yaml", over)
+
+
+def test_monitor_logs_cases_writes_table_and_plot(repo, tmp_path, testbed):
+    import json
+
+    from recipes.dpo import build_trainer
+
+    trainer = build_trainer(dpo_cfg(repo, tmp_path, entanglement_steps=5, entanglement_probe_size=16,
+                                    entanglement_params=["lm_head", "last_block"]))
+    trainer.train()
+    out = tmp_path / "out"
+    logs = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    checked = [r for r in logs if "entanglement/ideal" in r]
+    assert [r["step"] for r in checked] == [5, 10]
+    for r in checked:
+        assert sum(r[f"entanglement/{c}"] for c in CASES) == pytest.approx(1.0)
+        assert 0.0 <= r["entanglement/sign_agreement"] <= 1.0
+    table = [json.loads(x) for x in open(out / "entanglement.jsonl")]
+    assert [sum(t["step"] == s for t in table) for s in (0, 5, 10)] == [16, 16, 16]
+    assert {"dot", "norm_chosen", "norm_rejected", "cos", "ratio", "case", "pair"} <= set(table[0])
+    # Observed changes are computed against the previous check: step 5's rows minus step 0's.
+    first = {t["pair"]: t for t in table if t["step"] == 0}
+    fifth = [t for t in table if t["step"] == 5]
+    up = sum(t["logp_chosen"] > first[t["pair"]]["logp_chosen"] for t in fifth) / 16
+    assert checked[0]["entanglement/observed_chosen_up"] == pytest.approx(up)
+    assert (out / "entanglement.png").stat().st_size > 10_000
+
+
+def test_drop_and_downweight_weight_the_both_down_pairs(repo, tmp_path, testbed):
+    """The per-pair loss weights follow the batch's own predicted cases: downweight with weight 1 is plain
+    DPO; drop averages the other pairs' losses over the whole batch."""
+    from align.monitors.entanglement import batch_pair_stats
+    from recipes.dpo import build_trainer
+
+    plain = build_trainer(dpo_cfg(repo, tmp_path / "a", entanglement_params=["all"]))
+    batch = plain.data_collator([plain.train_dataset[i] for i in range(16)])
+    plain.model.train()
+    loss, out = plain.compute_loss(plain.model, batch, return_outputs=True)
+    logps, _, _ = plain._sequence_logps(plain.model, batch)
+    cases = [r["case"] for r in batch_pair_stats(logps, [p for p in plain.model.parameters()])]
+    assert 0 < cases.count("both_down") < 16, cases  # the testbed's synthetic pairs: some, not all
+    keep = torch.tensor([c != "both_down" for c in cases], dtype=torch.float32)
+    losses = out.losses.detach()
+    for action, weight, expected in (("downweight", 1.0, loss.item()), ("drop", 0.5, (losses * keep).mean().item()),
+                                     ("downweight", 0.25, (losses * (keep + 0.25 * (1 - keep))).mean().item())):
+        t = build_trainer(dpo_cfg(repo, tmp_path / action, entanglement_params=["all"], entanglement_action=action,
+                                  entanglement_weight=weight))
+        t.model.train()
+        assert t.compute_loss(t.model, batch).item() == pytest.approx(expected, rel=1e-5), action
+    assert t._metrics["train"]["entanglement/batch_both_down"][-1] == pytest.approx(cases.count("both_down") / 16)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"entanglement_steps": 0}, "entanglement_steps: must be >= 1"),
+    ({"entanglement_action": "reweight"}, "entanglement_action: must be one of"),
+    ({"entanglement_weight": 2.0}, "entanglement_weight: must be in"),
+    ({"entanglement_probe": "no/such/file.jsonl"}, "entanglement_probe: 'no/such/file.jsonl' is not"),
+])
+def test_bad_monitor_options_fail_at_start(repo, tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        dpo_cfg(repo, tmp_path, **overrides)
+
+
+def test_bad_subset_and_probe_rows_fail_before_training(repo, tmp_path, testbed):
+    import json
+
+    from align.errors import DataError
+    from recipes.dpo import build_trainer
+
+    with pytest.raises(ConfigError, match="entanglement_params: subset 'lora' matches no parameter"):
+        build_trainer(dpo_cfg(repo, tmp_path, entanglement_steps=5, entanglement_params=["lora"]))
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text(json.dumps({"prompt": "What is 1 + 1?", "chosen": "Answer: 2", "rejected": "Answer: 2"}) + "\n")
+    with pytest.raises(DataError, match="entanglement_probe row 0: chosen and rejected are identical"):
+        build_trainer(dpo_cfg(repo, tmp_path, entanglement_steps=5, entanglement_probe=str(probe)))
+    probe.write_text(json.dumps({"prompt": "What is 1 + 1?", "completion": "Answer: 2"}) + "\n")
+    with pytest.raises(DataError, match="entanglement_probe"):
+        build_trainer(dpo_cfg(repo, tmp_path, entanglement_steps=5, entanglement_probe=str(probe)))

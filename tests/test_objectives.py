@@ -119,3 +119,18 @@ def test_unknown_objective_and_parameter():
         build("rpo", sft_norm="median")(batch())
     with pytest.raises(ConfigError, match="label_smoothing"):
         build("robust", label_smoothing=0.5)(batch())
+
+
+def test_pairnorm_keeps_dpo_value_and_normalises_the_gradient():
+    # ‖g_w‖ = 2, ‖g_l‖ = 4: the loss value is DPO's 0.3132617; d/dS_w = −β·σ(−βΔ)/‖g_w‖ = −0.5·σ(−1)/2,
+    # d/dS_l = +0.5·σ(−1)/4 (DPO's weights divided by each sequence's gradient norm).
+    b = batch(chosen_grad_norms=2.0, rejected_grad_norms=4.0)
+    for k in ("policy_chosen_logps", "policy_rejected_logps"):
+        b[k].requires_grad_(True)
+    out = build("pairnorm", beta=0.5)(b)
+    assert out.losses.item() == pytest.approx(0.3132617, abs=1e-6)
+    out.losses.sum().backward()
+    assert b["policy_chosen_logps"].grad.item() == pytest.approx(-0.5 / (1 + math.e) / 2, abs=1e-7)
+    assert b["policy_rejected_logps"].grad.item() == pytest.approx(0.5 / (1 + math.e) / 4, abs=1e-7)
+    assert out.metrics["pairnorm/grad_norm_ratio"].item() == pytest.approx(2.0)
+    assert registry()["pairnorm"].needs == ("grad_norms",)

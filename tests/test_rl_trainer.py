@@ -162,3 +162,20 @@ def test_grpo_logged_metrics(grpo_run):
     assert [r["rollouts/total"] for r in train] == [640 * i for i in range(1, 9)]
     assert train[-1]["allocation/min"] == train[-1]["allocation/max"] == 8
     assert 0 <= train[-1]["frac_reward_zero_std"] <= 1 and train[-1]["entropy"] > 0
+
+
+def test_grad_norm_monitor_fills_the_prompt_stats(repo, tmp_path, testbed):
+    """Every round, p_i and G_i of the round's prompts measured on the round's own rollouts, in the store GVM
+    reads: G_i > 0 exactly for the prompts with an accepted rollout, and the logged count matches."""
+    trainer = build_trainer(cfg(repo, tmp_path, grad_norm_monitor_steps=1, max_steps=3, num_generations=8))
+    trainer.train()
+    records = {uid: trainer.stats.get(uid) for uid in trainer.stats.uids()}
+    assert len(records) == 12  # 3 rounds x 4 prompts
+    for r in records.values():
+        assert r["n_samples"] == 8 and r["accept_rate"] in {k / 8 for k in range(9)}
+        assert (r["grad_norm"] > 0) == (r["accept_rate"] > 0)
+    monitored = [x for x in logs(tmp_path / "out") if "grad_norm/prompts_measured" in x]
+    assert len(monitored) == 3
+    last_round = [r for r in records.values() if r["step"] == 2]
+    assert monitored[-1]["grad_norm/prompts_measured"] == sum(r["accept_rate"] > 0 for r in last_round)
+    assert monitored[-1].get("grad_norm/G_max", 0.0) >= monitored[-1].get("grad_norm/G_min", 0.0)

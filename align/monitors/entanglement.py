@@ -31,6 +31,7 @@ from align.errors import ConfigError
 
 CASES = ("ideal", "both_down", "both_up", "inverted")
 SUBSETS = ("all", "lora", "embeddings", "lm_head", "last_block")
+ACTIONS = ("none", "downweight", "drop")  # what training does with a batch pair predicted 'both down'
 
 
 def select_subset(model, spec: Sequence[str] | str,
@@ -83,6 +84,20 @@ def case_of(chosen_up: bool, rejected_down: bool) -> str:
     if chosen_up:
         return "ideal" if rejected_down else "both_up"
     return "both_down" if rejected_down else "inverted"
+
+
+def flat_grad(output: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_graph: bool = True) -> torch.Tensor:
+    """∇_params output as one flat fp32 vector (zeros for parameters the output does not depend on)."""
+    grads = torch.autograd.grad(output, list(params), retain_graph=retain_graph, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).float().reshape(-1)
+                      for g, p in zip(grads, params, strict=True)])
+
+
+def batch_pair_stats(logps: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> list[dict]:
+    """:func:`pair_stats` of every pair of a training batch, from its live graph: ``logps`` is
+    [chosen; rejected] summed log-probs ([2B], still attached). The graph is kept for the loss's backward."""
+    half = logps.shape[0] // 2
+    return [pair_stats(flat_grad(logps[i], params), flat_grad(logps[half + i], params)) for i in range(half)]
 
 
 def entanglement(model, prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
@@ -148,6 +163,7 @@ class EntanglementMonitor(TrainerCallback):
         self.probe = [probe[i] for i in range(len(probe))]
         self.params = [p for _, p in select_subset(trainer.accelerator.unwrap_model(trainer.model), params)]
         self.previous: list[dict] | None = None
+        self.history: list[tuple[int, dict[str, float]]] = []
 
     def check(self, step: int) -> dict[str, float]:
         import json
@@ -166,6 +182,7 @@ class EntanglementMonitor(TrainerCallback):
         rows = sorted(gather_object(rows), key=lambda r: r["pair"])
         metrics = summarize(rows, self.previous)
         self.previous = rows
+        self.history.append((step, metrics))
         if t.accelerator.is_main_process:
             os.makedirs(t.args.output_dir, exist_ok=True)
             with open(os.path.join(t.args.output_dir, self.FILE), "a", encoding="utf-8") as fh:
@@ -179,3 +196,33 @@ class EntanglementMonitor(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
             self.trainer._record_global("train", self.check(state.global_step))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer.accelerator.is_main_process and self.history:
+            import os
+
+            plot_history(self.history, os.path.join(args.output_dir, "entanglement.png"))
+
+
+def plot_history(history: Sequence[tuple[int, dict[str, float]]], path: str) -> None:
+    """Two panels over the monitor's checks: the four-case fractions, and the probe pairs' mean chosen and
+    rejected log-probs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s for s, _ in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for case in CASES:
+        left.plot(steps, [m[f"entanglement/{case}"] for _, m in history], marker="o", label=case.replace("_", " "))
+    left.set(xlabel="step", ylabel="fraction of probe pairs", title="predicted gradient-entanglement case",
+             ylim=(-0.02, 1.02))
+    left.legend()
+    for key, label in (("logps_chosen", "chosen"), ("logps_rejected", "rejected")):
+        right.plot(steps, [m[f"entanglement/{key}"] for _, m in history], marker="o", label=label)
+    right.set(xlabel="step", ylabel="mean summed log-prob", title="probe pairs' log-probs")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

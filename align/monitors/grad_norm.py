@@ -47,6 +47,7 @@ def sequence_grads(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     """Yields ``(∇_params S_θ(completion | prompt) flattened into one fp32 vector, S_θ)`` for each (prompt,
     completion) pair, in order: one forward per chunk, one ``autograd.grad`` per sequence (exact; the
     sequences of a chunk do not interact). Parameters outside ``params`` get no gradient."""
+    from align.monitors.entanglement import flat_grad
     from align.trainers.logps import pack, token_logps
 
     params = list(params)
@@ -59,10 +60,7 @@ def sequence_grads(model, prompts: Sequence[Sequence[int]], completions: Sequenc
                 ids, attn, cmask, width = pack(prompts[s : s + chunk], completions[s : s + chunk], pad_id, device)
                 seq = (token_logps(model, ids, attn, width) * cmask).sum(-1)
                 for b in range(seq.shape[0]):
-                    grads = torch.autograd.grad(seq[b], params, retain_graph=b < seq.shape[0] - 1, allow_unused=True)
-                    flat = [(g if g is not None else torch.zeros_like(p)).float().reshape(-1)
-                            for g, p in zip(grads, params, strict=True)]
-                    yield torch.cat(flat), float(seq[b].detach())
+                    yield flat_grad(seq[b], params, retain_graph=b < seq.shape[0] - 1), float(seq[b].detach())
     finally:
         model.train(was_training)
 

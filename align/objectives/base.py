@@ -40,13 +40,16 @@ class ObjectiveSpec:
     summary: str
     paper: str
     params: dict[str, Any]  # hyperparameter -> default
+    needs: tuple[str, ...] = ()  # extra batch entries the trainer must supply, e.g. "grad_norms"
 
 
 _REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
-def register(name: str, summary: str, paper: str):
-    """Decorator: register ``fn(batch, *, hyper=default, ...)`` under ``name``."""
+def register(name: str, summary: str, paper: str, needs: tuple[str, ...] = ()):
+    """Decorator: register ``fn(batch, *, hyper=default, ...)`` under ``name``. ``needs=("grad_norms",)``: the
+    batch also carries ``chosen_grad_norms`` / ``rejected_grad_norms`` ([B], ‖∇ S_θ‖ over the trainer's
+    ``entanglement_params`` subset; ones where no gradient exists, e.g. in evaluation)."""
 
     def deco(fn):
         params = {
@@ -56,7 +59,7 @@ def register(name: str, summary: str, paper: str):
         }
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"objective {name!r} is registered twice")
-        _REGISTRY[name] = ObjectiveSpec(name, fn, summary, paper, params)
+        _REGISTRY[name] = ObjectiveSpec(name, fn, summary, paper, params, tuple(needs))
         return fn
 
     return deco

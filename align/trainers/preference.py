@@ -25,6 +25,7 @@ from transformers import Trainer, TrainingArguments
 from align.args import CPUSaneDefaults, _f
 from align.data.preference import PreferenceCollator, tokenize_preferences
 from align.errors import ConfigError, TrainingError
+from align.monitors.entanglement import ACTIONS, SUBSETS
 from align.objectives import build, check_params, registry
 from align.trainers.logps import completion_logps
 from align.trainers.metric_log import MetricsMixin
@@ -47,6 +48,17 @@ class PreferenceArguments:
     ref_model_name_or_path: str | None = _f(None, "Frozen reference model; default: the initial policy.")
     precompute_ref_logps: bool = _f(True, "Compute reference log-probs once before training (frees the reference).")
     remove_unused_columns: bool = _f(False, "Keep the tokenised columns the preference collator needs.")
+    # --- gradient entanglement (METHODS §12; align/monitors/entanglement.py) ---
+    entanglement_steps: int | None = _f(None, "Entanglement monitor: check the probe pairs before the first step and "
+                                              "every this many optimizer steps (e.g. 50); None: off.")
+    entanglement_params: list[str] = _f(["lm_head"], f"Parameter subset of the pair gradients, any of {SUBSETS} or "
+                                                     "parameter-name substrings.")
+    entanglement_probe: str | None = _f(None, "Probe pairs: a .json/.jsonl file of prompt/chosen/rejected rows; "
+                                              "default: the eval set, else the train set.")
+    entanglement_probe_size: int = _f(64, "Probe pairs used (the first rows).")
+    entanglement_action: str = _f("none", f"On each training batch, one of {ACTIONS}: downweight or drop the pairs "
+                                          "predicted 'both down' (chosen and rejected log-probs both falling).")
+    entanglement_weight: float = _f(0.5, "Loss weight of a 'both down' pair with entanglement_action=downweight.")
 
     def objective_params(self) -> dict:
         """The hyperparameters to pass to the objective; errors if one is set that it does not take."""
@@ -68,6 +80,18 @@ class PreferenceArguments:
 
     def validate_preference(self) -> None:
         self.objective_params()
+        if self.entanglement_steps is not None and self.entanglement_steps < 1:
+            raise ConfigError(f"entanglement_steps: must be >= 1 (None turns the monitor off), got "
+                              f"{self.entanglement_steps}")
+        if self.entanglement_action not in ACTIONS:
+            raise ConfigError(f"entanglement_action: must be one of {ACTIONS}, got {self.entanglement_action!r}")
+        if not 0 <= self.entanglement_weight <= 1:
+            raise ConfigError(f"entanglement_weight: must be in [0, 1], got {self.entanglement_weight}")
+        if self.entanglement_probe_size < 1:
+            raise ConfigError(f"entanglement_probe_size: must be >= 1, got {self.entanglement_probe_size}")
+        probe = self.entanglement_probe
+        if probe is not None and not (os.path.isfile(probe) and probe.endswith((".json", ".jsonl"))):
+            raise ConfigError(f"entanglement_probe: {probe!r} is not a .json/.jsonl file")
         if self.max_length < 2:
             raise ConfigError(f"max_length: must be >= 2, got {self.max_length}")
         if self.remove_unused_columns:
@@ -114,6 +138,53 @@ class PreferenceTrainer(MetricsMixin, Trainer):
             ref_model.requires_grad_(False).eval().to(self.args.device)
         self.ref_model = ref_model
         self._init_metrics()
+        self._setup_entanglement(train_dataset, eval_dataset)
+
+    # --- gradient entanglement --------------------------------------------------------------------
+
+    def _setup_entanglement(self, train_dataset, eval_dataset) -> None:
+        """The probe monitor (``entanglement_steps``) and the per-batch pair statistics that
+        ``entanglement_action`` and objectives needing gradient norms (``pairnorm``) read."""
+        from align.monitors.entanglement import EntanglementMonitor, select_subset
+
+        a = self.args
+        self._needs_norms = "grad_norms" in self.loss_fn.spec.needs
+        self._ent_params = None
+        if a.entanglement_steps or a.entanglement_action != "none" or self._needs_norms:
+            policy = self.accelerator.unwrap_model(self.model)
+            self._ent_params = [p for _, p in select_subset(policy, a.entanglement_params)]
+        if a.entanglement_steps:
+            if a.entanglement_probe:
+                import datasets
+
+                probe = datasets.load_dataset("json", data_files=a.entanglement_probe, split="train")
+                probe = tokenize_preferences(probe, self.processing_class, a.max_length, "entanglement_probe")
+            else:
+                probe = eval_dataset if eval_dataset is not None else train_dataset
+            probe = probe.select(range(min(a.entanglement_probe_size, len(probe))))
+            self.add_callback(EntanglementMonitor(self, probe, a.entanglement_params, a.entanglement_steps))
+
+    def _batch_entanglement(self, logps: torch.Tensor, batch: dict) -> torch.Tensor | None:
+        """Per-pair loss weights from this batch's entanglement (or None for weight 1), and the gradient norms
+        the objective reads; recorded: the share of the batch's pairs predicted 'both down'."""
+        from align.monitors.entanglement import batch_pair_stats
+
+        a = self.args
+        half = logps.shape[0] // 2
+        if not torch.is_grad_enabled() or not logps.requires_grad:  # evaluation: no gradients to measure
+            if self._needs_norms:
+                batch["chosen_grad_norms"] = batch["rejected_grad_norms"] = torch.ones(half, device=logps.device)
+            return None
+        stats = batch_pair_stats(logps, self._ent_params)
+        if self._needs_norms:
+            batch["chosen_grad_norms"] = torch.tensor([r["norm_chosen"] for r in stats], device=logps.device)
+            batch["rejected_grad_norms"] = torch.tensor([r["norm_rejected"] for r in stats], device=logps.device)
+        down = torch.tensor([r["case"] == "both_down" for r in stats], device=logps.device)
+        self._batch_metrics = {"entanglement/batch_both_down": down.float().mean()}
+        if a.entanglement_action == "none":
+            return None
+        low = 0.0 if a.entanglement_action == "drop" else a.entanglement_weight
+        return torch.where(down, torch.full_like(logps[:half], low), torch.ones_like(logps[:half]))
 
     # --- reference log-probs ----------------------------------------------------------------------
 
@@ -217,19 +288,22 @@ class PreferenceTrainer(MetricsMixin, Trainer):
             ref_c, ref_r = inputs["ref_chosen_logps"].to(logps.dtype), inputs["ref_rejected_logps"].to(logps.dtype)
         else:
             ref_c, ref_r = self.reference_logps(inputs)
-        out = self.loss_fn({
+        batch = {
             "policy_chosen_logps": logps[:half], "policy_rejected_logps": logps[half:],
             "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r,
             "chosen_lengths": lengths[:half], "rejected_lengths": lengths[half:],
-        })
-        loss = out.losses.mean()
+        }
+        self._batch_metrics = {}
+        weights = self._batch_entanglement(logps, batch) if self._ent_params is not None else None
+        out = self.loss_fn(batch)
+        loss = out.losses.mean() if weights is None else (out.losses * weights).mean()
         if not torch.isfinite(loss):
             rows = inputs["row_id"].tolist()
             raise TrainingError(
                 f"non-finite {mode} loss ({loss.item()}) at step {self.state.global_step + 1}, batch rows {rows}; "
                 f"stopped before the update, checkpoints already in {self.args.output_dir!r} are kept"
             )
-        self._record(mode, {**out.metrics, "entropy": entropy})
+        self._record(mode, {**out.metrics, "entropy": entropy, **self._batch_metrics})
         return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -155,7 +155,7 @@ class RLTrainer(MetricsMixin, Trainer):
         self.is_peft = hasattr(model, "disable_adapter")
         self.engine = engine or HFEngine(model, tok, args.generation_batch_size)
         self.grad_params = None
-        if args.allocator == "gvm":
+        if args.allocator == "gvm" or args.grad_norm_monitor_steps:
             from align.monitors.grad_norm import select_parameters
 
             self.grad_params = [p for _, p in select_parameters(model, args.gvm_grad_params)]
@@ -284,6 +284,8 @@ class RLTrainer(MetricsMixin, Trainer):
             counts = [a.num_generations] * len(rows)
             samples = self._generate_scored(rows, counts, tag)
         metrics.update(self._round_metrics(rows, counts, samples))
+        if a.grad_norm_monitor_steps and index % a.grad_norm_monitor_steps == 0:
+            self._estimate(rows, samples, index, metrics, "grad_norm")
         metrics["rollouts/round"] = float(self.rollouts_total - before)
         self._assign(samples, index)
         self._precompute_logps([s for s in samples if s.completion_ids is not None])
@@ -292,10 +294,6 @@ class RLTrainer(MetricsMixin, Trainer):
     def _gvm_allocation(self, rows: list[dict], index: int, metrics: dict) -> tuple[list[int], list[Sample]]:
         """Estimate (p_i, G_i) where stale, then allocate the round's budget (METHODS §13.2-13.3). Returns the
         counts and, with ``gvm_reuse_samples``, the estimation samples to train on."""
-        from accelerate.utils import gather_object
-
-        from align.monitors.grad_norm import sequence_grad_norms
-
         a = self.args
         stale = [i for i, r in enumerate(rows) if self.stats.is_stale(r["uid"], index, a.gvm_interval)]
         est: list[Sample] = []
@@ -303,17 +301,7 @@ class RLTrainer(MetricsMixin, Trainer):
             stale_set = set(stale)
             counts = [a.gvm_samples if i in stale_set else 0 for i in range(len(rows))]
             est = self._generate_scored(rows, counts, f"e{index}")
-            accepted = [s for s in est if s.completion_ids is not None and s.reward > a.accept_threshold]
-            norms = sequence_grad_norms(self._policy, [s.prompt_ids for s in accepted],
-                                        [s.completion_ids for s in accepted], self.pad_id, self.grad_params)
-            found = {}
-            for part in gather_object([((s.g, s.k), n) for s, n in zip(accepted, norms)]):
-                found[part[0]] = part[1]
-            for i in stale:
-                group = [s for s in est if s.g == i]
-                ok = [found[(s.g, s.k)] for s in group if (s.g, s.k) in found]
-                self.stats.update(rows[i]["uid"], index, accept_rate=len(ok) / len(group),
-                                  grad_norm=sum(ok) / len(ok) if ok else 0.0, n_samples=len(group))
+            self._estimate(rows, est, index, metrics, "gvm")
             metrics["gvm/estimated_prompts"] = float(len(stale))
         p = [self.stats.get(r["uid"])["accept_rate"] for r in rows]
         g = [self.stats.get(r["uid"])["grad_norm"] for r in rows]
@@ -333,6 +321,36 @@ class RLTrainer(MetricsMixin, Trainer):
             for i, n in enumerate(counts):
                 reused += [s for s in est if s.g == i][:n]
         return counts, reused
+
+    def _estimate(self, rows: list[dict], samples: list[Sample], index: int, metrics: dict, prefix: str) -> None:
+        """p_i and G_i of every prompt with samples (METHODS §13.3), written to the prompt-stats store that GVM
+        allocates from: p_i = accepted / generated; G_i = mean ‖∇ S_θ(y)‖ over the accepted samples on
+        ``gvm_grad_params`` (0 with none accepted). Each process measures its own samples; gathered. The GVM
+        estimation stage and the per-prompt gradient-norm monitor (``grad_norm_monitor_steps``) both call this."""
+        from accelerate.utils import gather_object
+
+        from align.monitors.grad_norm import sequence_grad_norms
+
+        a = self.args
+        accepted = [s for s in samples if s.completion_ids is not None and s.reward > a.accept_threshold]
+        norms = sequence_grad_norms(self._policy, [s.prompt_ids for s in accepted],
+                                    [s.completion_ids for s in accepted], self.pad_id, self.grad_params)
+        found = dict(gather_object([((s.g, s.k), n) for s, n in zip(accepted, norms)]))
+        groups: dict[int, list[Sample]] = {}
+        for s in samples:
+            groups.setdefault(s.g, []).append(s)
+        measured = []
+        for g, group in sorted(groups.items()):
+            ok = [found[(s.g, s.k)] for s in group if (s.g, s.k) in found]
+            grad_norm = sum(ok) / len(ok) if ok else 0.0
+            self.stats.update(rows[g]["uid"], index, accept_rate=len(ok) / len(group), grad_norm=grad_norm,
+                              n_samples=len(group))
+            if ok:
+                measured.append(grad_norm)
+        if measured:
+            metrics.update({f"{prefix}/G_median": statistics.median(measured), f"{prefix}/G_min": min(measured),
+                            f"{prefix}/G_mean": statistics.fmean(measured), f"{prefix}/G_max": max(measured)})
+        metrics[f"{prefix}/prompts_measured"] = float(len(measured))
 
     def _dynamic(self, rows: list[dict], index: int, metrics: dict):
         """DAPO dynamic sampling: keep groups whose rewards differ; replace the others with fresh prompts for up

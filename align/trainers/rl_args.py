@@ -78,6 +78,9 @@ class RLArguments:
     gvm_max_n: int | None = _f(None, "GVM: at most this many rollouts per prompt (none: no cap).")
     gvm_reuse_samples: bool = _f(False, "GVM: train on the estimation samples too (the paper discards them).")
     gvm_grad_params: list[str] = _f(["embed_tokens"], "GVM: parameters (name substrings) whose gradient norm is G_i.")
+    grad_norm_monitor_steps: int | None = _f(None, "Per-prompt gradient-norm monitor: every this many rounds, measure "
+                                                   "p_i and G_i on the round's own rollouts into the prompt-stats "
+                                                   "store (GVM allocates from it; logged as grad_norm/*); None: off.")
     dynamic_max_rounds: int = _f(3, "dynamic: at most this many extra sampling rounds to replace zero-variance groups.")
     # --- reference / eval ---
     ref_model_name_or_path: str | None = _f(None, "Reference for the KL term; default: the initial policy.")
@@ -103,6 +106,9 @@ class RLArguments:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.grad_norm_monitor_steps is not None and self.grad_norm_monitor_steps < 1:
+            raise ConfigError(f"grad_norm_monitor_steps: must be >= 1 (None turns the monitor off), got "
+                              f"{self.grad_norm_monitor_steps}")
         if self.epsilon < 0:
             raise ConfigError(f"epsilon: must be >= 0, got {self.epsilon}")
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
