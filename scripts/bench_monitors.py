@@ -66,7 +66,8 @@ def main() -> None:
               f"{'both_down (probe)':>18}")
         for name, over in runs.items():
             _, ev, trainer = train(tmp, name, args.steps, **monitor, **over)
-            down = trainer.state.log_history[-2].get("entanglement/both_down", float("nan"))
+            logged = [r for r in trainer.state.log_history if "entanglement/both_down" in r]
+            down = logged[-1]["entanglement/both_down"] if logged else float("nan")
             print(f"{name:<16} {ev['eval_logps/chosen']:>12.3f} {ev['eval_logps/rejected']:>14.3f} "
                   f"{ev['eval_rewards/accuracies']:>9.3f} {ev['eval_rewards/margins']:>7.3f} {down:>18.3f}", flush=True)
 

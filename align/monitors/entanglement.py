@@ -102,21 +102,23 @@ def batch_pair_stats(logps: torch.Tensor, params: Sequence[torch.nn.Parameter]) 
 
 def entanglement(model, prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
                  rejected: Sequence[Sequence[int]], pad_id: int, params: Sequence[torch.nn.Parameter],
-                 slope_ratios: Sequence[float] | None = None) -> list[dict]:
-    """Per pair: :func:`pair_stats` plus ``logp_chosen`` / ``logp_rejected`` (S_θ, for the observed change)."""
+                 slope_ratios: Sequence[float] | None = None, chunk: int = 8) -> list[dict]:
+    """Per pair: :func:`pair_stats` plus ``logp_chosen`` / ``logp_rejected`` (S_θ, for the observed change).
+    ``chunk``: sequences per forward (even; see :func:`align.monitors.grad_norm.sequence_grads`)."""
+    from contextlib import closing
+
     from align.monitors.grad_norm import sequence_grads
 
-    n = len(prompts)
     # Chosen and rejected of a pair in one chunk: [p0 w, p0 l, p1 w, p1 l, ...].
     ps = [p for p in prompts for _ in range(2)]
     cs = [c for pair in zip(chosen, rejected, strict=True) for c in pair]
-    grads = sequence_grads(model, ps, cs, pad_id, params)
     out = []
-    for i in range(n):
-        (g_w, s_w), (g_l, s_l) = next(grads), next(grads)
-        row = pair_stats(g_w, g_l, 1.0 if slope_ratios is None else slope_ratios[i])
-        row.update(logp_chosen=s_w, logp_rejected=s_l)
-        out.append(row)
+    with closing(sequence_grads(model, ps, cs, pad_id, params, chunk=2 * max(chunk // 2, 1))) as grads:
+        for i in range(len(prompts)):
+            (g_w, s_w), (g_l, s_l) = next(grads), next(grads)
+            row = pair_stats(g_w, g_l, 1.0 if slope_ratios is None else slope_ratios[i])
+            row.update(logp_chosen=s_w, logp_rejected=s_l)
+            out.append(row)
     return out
 
 

@@ -31,14 +31,18 @@ def select_parameters(model, patterns: Sequence[str],
 
 
 @contextmanager
-def _trainable(params):
-    before = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
+def _only_trainable(model, params):
+    """Only ``params`` require grad for the duration (restored after), so the forward records a graph only from
+    the first operation that touches them: for an output-layer subset the body runs graph-free."""
+    chosen = {id(p) for p in params}
+    every = list(model.parameters())
+    before = [p.requires_grad for p in every]
+    for p in every:
+        p.requires_grad_(id(p) in chosen)
     try:
         yield
     finally:
-        for p, flag in zip(params, before, strict=True):
+        for p, flag in zip(every, before, strict=True):
             p.requires_grad_(flag)
 
 
@@ -46,7 +50,10 @@ def sequence_grads(model, prompts: Sequence[Sequence[int]], completions: Sequenc
                    params: Sequence[torch.nn.Parameter], chunk: int = 8):
     """Yields ``(∇_params S_θ(completion | prompt) flattened into one fp32 vector, S_θ)`` for each (prompt,
     completion) pair, in order: one forward per chunk, one ``autograd.grad`` per sequence (exact; the
-    sequences of a chunk do not interact). Parameters outside ``params`` get no gradient."""
+    sequences of a chunk do not interact). Parameters outside ``params`` get no gradient. Consume it whole or
+    close it: the model's training mode and ``requires_grad`` flags are restored when it finishes.
+    ``chunk``: sequences per forward; each ``autograd.grad`` walks the chunk's whole graph, so keep it small
+    for deep subsets (embeddings) and larger for output-layer ones."""
     from align.monitors.entanglement import flat_grad
     from align.trainers.logps import pack, token_logps
 
@@ -55,7 +62,7 @@ def sequence_grads(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     was_training = model.training
     model.eval()  # no dropout: the gradient of the sequence's log-prob itself
     try:
-        with _trainable(params), torch.enable_grad():
+        with _only_trainable(model, params), torch.enable_grad():
             for s in range(0, len(prompts), chunk):
                 ids, attn, cmask, width = pack(prompts[s : s + chunk], completions[s : s + chunk], pad_id, device)
                 seq = (token_logps(model, ids, attn, width) * cmask).sum(-1)

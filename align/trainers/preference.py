@@ -149,8 +149,8 @@ class PreferenceTrainer(MetricsMixin, Trainer):
 
         a = self.args
         self._needs_norms = "grad_norms" in self.loss_fn.spec.needs
-        self._ent_params = None
-        if a.entanglement_steps or a.entanglement_action != "none" or self._needs_norms:
+        self._ent_params = None  # set when each training batch needs its pairs' gradients
+        if a.entanglement_action != "none" or self._needs_norms:
             policy = self.accelerator.unwrap_model(self.model)
             self._ent_params = [p for _, p in select_subset(policy, a.entanglement_params)]
         if a.entanglement_steps:
