@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
+
+from _bench import peak_rss_mib, run_children, step_timer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -36,19 +35,6 @@ def _dataset(n: int):
     from align.testbed.tasks import dataset
 
     return dataset("preference", n=n, split="train", seed=0)
-
-
-def _step_timer():
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter())
-
-    return StepTimer()
 
 
 def _tokens(rows, tokenizer) -> int:
@@ -74,7 +60,7 @@ def child(tool: str, setting: str, steps: int, batch: int) -> dict:
     common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=LR,
                   beta=BETA, max_length=MAX_LENGTH, logging_steps=steps, save_strategy="no", report_to="none",
                   disable_tqdm=True, seed=0, lr_scheduler_type="constant", dataloader_pin_memory=False)
-    timer = _step_timer()
+    timer = step_timer()
     if tool == "trl":
         from trl import DPOConfig, DPOTrainer
 
@@ -97,9 +83,8 @@ def child(tool: str, setting: str, steps: int, batch: int) -> dict:
     wall = time.perf_counter() - t0
     steady = timer.times[2:]  # skip the first steps (allocation, warm-up)
     s_per_step = (steady[-1] - steady[0]) / (len(steady) - 1)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"tool": tool, "setting": setting, "tokens_per_s": _tokens(rows, tokenizer) / wall, "s_per_step": s_per_step,
-            "wall_s": wall, "peak_rss_mib": peak_kib / 1024, "bf16": bool(config.bf16),
+            "wall_s": wall, "peak_rss_mib": peak_rss_mib(), "bf16": bool(config.bf16),
             "gradient_checkpointing": bool(config.gradient_checkpointing)}
 
 
@@ -117,20 +102,9 @@ def main() -> None:
     from align.testbed.build import ensure_testbed
 
     ensure_testbed()  # build outside the timed children
-    results: dict[tuple[str, str], dict] = {}
-    for setting in ("identical", "default"):
-        for tool in ("trl", "align"):
-            for _ in range(args.repeats):
-                cmd = [sys.executable, __file__, "--child", tool, setting, "--steps", str(args.steps), "--batch",
-                       str(args.batch)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    sys.exit(f"{tool}/{setting} failed:\n{proc.stderr[-3000:]}")
-                r = json.loads(line[0][7:])
-                best = results.get((tool, setting))
-                if best is None or r["tokens_per_s"] > best["tokens_per_s"]:
-                    results[(tool, setting)] = r
+    results = run_children(__file__, ("identical", "default"), args.repeats,
+                           ["--steps", str(args.steps), "--batch", str(args.batch)],
+                           better=lambda new, old: new["tokens_per_s"] > old["tokens_per_s"])
     print(f"\nDPO, tiny testbed Llama ({args.steps} steps, batch {args.batch}, max_length {MAX_LENGTH}, "
           f"{os.cpu_count()} CPUs)")
     print(f"{'setting':<10} {'tool':<6} {'tokens/s':>9} {'s/step':>8} {'peak RSS MiB':>13}  precision / checkpointing")

@@ -29,34 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
+
+from _bench import peak_rss_mib, run_children, step_timer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 LR, MAX_NEW, TASKS = 1e-4, 16, ("add1", "sub1", "mul1")
 UPDATES_PER_ROUND = 2
-
-
-def _step_timer():
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-            self.rewards: list[float] = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "reward" in logs:
-                self.rewards.append(float(logs["reward"]))
-
-    return StepTimer()
 
 
 def child(tool: str, setting: str, steps: int, prompts: int, generations: int) -> dict:
@@ -77,7 +58,7 @@ def child(tool: str, setting: str, steps: int, prompts: int, generations: int) -
                   logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, num_generations=generations,
                   max_completion_length=MAX_NEW, temperature=1.0, beta=0.0, loss_type="dapo", epsilon=0.2,
                   num_iterations=1, dataloader_pin_memory=False)
-    timer = _step_timer()
+    timer = step_timer()
     model = AutoModelForCausalLM.from_pretrained(path)
     if tool == "trl":
         from trl import GRPOConfig, GRPOTrainer
@@ -101,9 +82,8 @@ def child(tool: str, setting: str, steps: int, prompts: int, generations: int) -
     wall = time.perf_counter() - t0
     steady = timer.times[UPDATES_PER_ROUND - 1 :]  # from the end of the first round
     s_per_step = (steady[-1] - steady[0]) / (len(steady) - 1)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"tool": tool, "setting": setting, "s_per_step": s_per_step, "wall_s": wall,
-            "rollouts_per_s": prompts * generations * rounds / wall, "peak_rss_mib": peak_kib / 1024,
+            "rollouts_per_s": prompts * generations * rounds / wall, "peak_rss_mib": peak_rss_mib(),
             "mean_reward": sum(timer.rewards) / max(len(timer.rewards), 1), "bf16": bool(config.bf16),
             "gradient_checkpointing": bool(config.gradient_checkpointing)}
 
@@ -128,20 +108,9 @@ def main() -> None:
     from align.testbed.build import ensure_testbed
 
     ensure_testbed()  # build outside the timed children
-    results: dict[tuple[str, str], dict] = {}
-    for setting in args.settings:
-        for tool in ("trl", "align"):
-            for _ in range(args.repeats):
-                cmd = [sys.executable, __file__, "--child", tool, setting, "--steps", str(args.steps), "--prompts",
-                       str(args.prompts), "--generations", str(args.generations)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    sys.exit(f"{tool}/{setting} failed:\n{proc.stderr[-3000:]}")
-                r = json.loads(line[0][7:])
-                best = results.get((tool, setting))
-                if best is None or r["s_per_step"] < best["s_per_step"]:
-                    results[(tool, setting)] = r
+    child_args = ["--steps", str(args.steps), "--prompts", str(args.prompts), "--generations", str(args.generations)]
+    results = run_children(__file__, args.settings, args.repeats, child_args,
+                           better=lambda new, old: new["s_per_step"] < old["s_per_step"])
     print(f"\nGRPO, tiny testbed Llama ({args.steps} steps, {args.prompts} prompts x {args.generations} completions "
           f"a round, {MAX_NEW} new tokens, {os.cpu_count()} CPUs)")
     print(f"{'setting':<10} {'tool':<6} {'s/step':>8} {'rollouts/s':>11} {'peak RSS MiB':>13} {'reward':>7}  "
