@@ -221,8 +221,8 @@ def test_monitor_logs_cases_writes_table_and_plot(repo, tmp_path, testbed):
 
 
 def test_drop_and_downweight_weight_the_both_down_pairs(repo, tmp_path, testbed):
-    """The per-pair loss weights follow the batch's own predicted cases: downweight with weight 1 is plain
-    DPO; drop averages the other pairs' losses over the whole batch."""
+    """The per-pair loss weights follow the batch's own predicted cases: downweight with weight 1, and monitor,
+    are plain DPO; drop averages the other pairs' losses over the whole batch, replace over the kept pairs."""
     from align.monitors.entanglement import batch_pair_stats
     from recipes.dpo import build_trainer
 
@@ -235,13 +235,16 @@ def test_drop_and_downweight_weight_the_both_down_pairs(repo, tmp_path, testbed)
     assert 0 < cases.count("both_down") < 16, cases  # the testbed's synthetic pairs: some, not all
     keep = torch.tensor([c != "both_down" for c in cases], dtype=torch.float32)
     losses = out.losses.detach()
-    for action, weight, expected in (("downweight", 1.0, loss.item()), ("drop", 0.5, (losses * keep).mean().item()),
+    for action, weight, expected in (("downweight", 1.0, loss.item()), ("monitor", 0.5, loss.item()),
+                                     ("drop", 0.5, (losses * keep).mean().item()),
+                                     ("replace", 0.5, ((losses * keep).sum() / keep.sum()).item()),
                                      ("downweight", 0.25, (losses * (keep + 0.25 * (1 - keep))).mean().item())):
         t = build_trainer(dpo_cfg(repo, tmp_path / action, entanglement_params=["all"], entanglement_action=action,
                                   entanglement_weight=weight))
         t.model.train()
         assert t.compute_loss(t.model, batch).item() == pytest.approx(expected, rel=1e-5), action
-    assert t._metrics["train"]["entanglement/batch_both_down"][-1] == pytest.approx(cases.count("both_down") / 16)
+    for c in CASES:
+        assert t._metrics["train"][f"entanglement/batch_{c}"][-1] == pytest.approx(cases.count(c) / 16)
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -31,7 +31,11 @@ from align.errors import ConfigError
 
 CASES = ("ideal", "both_down", "both_up", "inverted")
 SUBSETS = ("all", "lora", "embeddings", "lm_head", "last_block")
-ACTIONS = ("none", "downweight", "drop")  # what training does with a batch pair predicted 'both down'
+# What training does with its batch's pairs predicted 'both down': nothing ("none": no batch gradients at all),
+# only log the batch's case fractions ("monitor"), weigh them by entanglement_weight ("downweight"), weigh
+# them 0 ("drop": a smaller step), or replace them by the batch's other pairs ("replace": the loss averaged
+# over the kept pairs, so the step keeps a full batch's size).
+ACTIONS = ("none", "monitor", "downweight", "drop", "replace")
 
 
 def select_subset(model, spec: Sequence[str] | str,
@@ -164,6 +168,8 @@ class EntanglementMonitor(TrainerCallback):
         self.trainer, self.every = trainer, every
         self.probe = [probe[i] for i in range(len(probe))]
         self.params = [p for _, p in select_subset(trainer.accelerator.unwrap_model(trainer.model), params)]
+        tok = trainer.processing_class
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.previous: list[dict] | None = None
         self.history: list[tuple[int, dict[str, float]]] = []
 
@@ -178,7 +184,7 @@ class EntanglementMonitor(TrainerCallback):
         mine = list(range(rank, len(self.probe), world))
         rows = entanglement(t.accelerator.unwrap_model(t.model), [self.probe[i]["prompt_ids"] for i in mine],
                             [self.probe[i]["chosen_ids"] for i in mine], [self.probe[i]["rejected_ids"] for i in mine],
-                            t.processing_class.pad_token_id, self.params)
+                            self.pad_id, self.params)
         for i, row in zip(mine, rows, strict=True):
             row["pair"] = i
         rows = sorted(gather_object(rows), key=lambda r: r["pair"])

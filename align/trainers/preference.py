@@ -56,7 +56,8 @@ class PreferenceArguments:
     entanglement_probe: str | None = _f(None, "Probe pairs: a .json/.jsonl file of prompt/chosen/rejected rows; "
                                               "default: the eval set, else the train set.")
     entanglement_probe_size: int = _f(64, "Probe pairs used (the first rows).")
-    entanglement_action: str = _f("none", f"On each training batch, one of {ACTIONS}: downweight or drop the pairs "
+    entanglement_action: str = _f("none", f"On each training batch, one of {ACTIONS}: log the batch's cases, or "
+                                          "downweight, drop or replace (by the batch's other pairs) the pairs "
                                           "predicted 'both down' (chosen and rejected log-probs both falling).")
     entanglement_weight: float = _f(0.5, "Loss weight of a 'both down' pair with entanglement_action=downweight.")
 
@@ -166,8 +167,8 @@ class PreferenceTrainer(MetricsMixin, Trainer):
 
     def _batch_entanglement(self, logps: torch.Tensor, batch: dict) -> torch.Tensor | None:
         """Per-pair loss weights from this batch's entanglement (or None for weight 1), and the gradient norms
-        the objective reads; recorded: the share of the batch's pairs predicted 'both down'."""
-        from align.monitors.entanglement import batch_pair_stats
+        the objective reads; recorded: the shares of the batch's pairs in each case (``entanglement/batch_*``)."""
+        from align.monitors.entanglement import CASES, batch_pair_stats
 
         a = self.args
         half = logps.shape[0] // 2
@@ -179,12 +180,16 @@ class PreferenceTrainer(MetricsMixin, Trainer):
         if self._needs_norms:
             batch["chosen_grad_norms"] = torch.tensor([r["norm_chosen"] for r in stats], device=logps.device)
             batch["rejected_grad_norms"] = torch.tensor([r["norm_rejected"] for r in stats], device=logps.device)
-        down = torch.tensor([r["case"] == "both_down" for r in stats], device=logps.device)
-        self._batch_metrics = {"entanglement/batch_both_down": down.float().mean()}
-        if a.entanglement_action == "none":
+        cases = [r["case"] for r in stats]
+        self._batch_metrics = {f"entanglement/batch_{c}": torch.tensor(cases.count(c) / half) for c in CASES}
+        down = torch.tensor([c == "both_down" for c in cases], device=logps.device)
+        if a.entanglement_action in ("none", "monitor"):
             return None
-        low = 0.0 if a.entanglement_action == "drop" else a.entanglement_weight
-        return torch.where(down, torch.full_like(logps[:half], low), torch.ones_like(logps[:half]))
+        low = a.entanglement_weight if a.entanglement_action == "downweight" else 0.0
+        weights = torch.where(down, torch.full_like(logps[:half], low), torch.ones_like(logps[:half]))
+        if a.entanglement_action == "replace" and bool((~down).any()):
+            weights = weights * half / (~down).sum()
+        return weights
 
     # --- reference log-probs ----------------------------------------------------------------------
 
