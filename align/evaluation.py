@@ -124,3 +124,33 @@ def answer_probability(model, tokenizer, rows, batch_size: int = 64) -> dict:
     out = {"answer_probability": sum(probs) / max(len(probs), 1)}
     out.update({f"answer_probability/{t}": sum(v) / len(v) for t, v in sorted(per_task.items())})
     return out
+
+
+def win_rate(policy, baseline, tokenizer, rows, oracle, num_samples: int = 4, max_new_tokens: int = 32,
+             temperature: float = 1.0, seed: int = 1234, batch_size: int = 64) -> dict:
+    """Win rate of ``policy`` against ``baseline`` under a preference ``oracle`` (:mod:`rewards.preference`).
+
+    Each model draws ``num_samples`` completions per row (HF engine, the same per-completion random streams
+    for both, so the comparison is paired and deterministic for a seed); the k-th sample of the policy is
+    judged against the k-th of the baseline. Returns ``win_rate`` (mean P(policy ≻ baseline), ties ½),
+    ``policy_length`` / ``baseline_length`` (mean completion tokens) and ``oracle_calls`` (pairs judged)."""
+    from align.rollout import HFEngine, SamplingParams
+
+    rows = list(rows)
+    prompts = [list(r["prompt_ids"]) if "prompt_ids" in r else
+               tokenizer(t, add_special_tokens=False)["input_ids"]
+               for r, t in zip(rows, prompt_texts(tokenizer, [r["prompt"] for r in rows]), strict=True)]
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    outs = [HFEngine(m, tokenizer, batch_size).generate(prompts, [num_samples] * len(rows), sampling)
+            for m in (policy, baseline)]
+    texts = [tokenizer.batch_decode(o.completion_ids, skip_special_tokens=True) for o in outs]
+    index = outs[0].prompt_index
+    columns = {k: [rows[i][k] for i in index] for k in rows[0] if k not in ("prompt", "prompt_ids")} if rows else {}
+    before = oracle.calls
+    p = oracle([rows[i]["prompt"] for i in index], texts[0], texts[1], columns)
+
+    def mean_len(o):
+        return sum(map(len, o.completion_ids)) / max(len(o), 1)
+
+    return {"win_rate": float(p.mean()), "policy_length": mean_len(outs[0]), "baseline_length": mean_len(outs[1]),
+            "oracle_calls": oracle.calls - before}
