@@ -127,13 +127,16 @@ def answer_probability(model, tokenizer, rows, batch_size: int = 64) -> dict:
 
 
 def win_rate(policy, baseline, tokenizer, rows, oracle, num_samples: int = 4, max_new_tokens: int = 32,
-             temperature: float = 1.0, seed: int = 1234, batch_size: int = 64) -> dict:
+             temperature: float = 1.0, seed: int = 1234, batch_size: int = 64, baseline_context=None) -> dict:
     """Win rate of ``policy`` against ``baseline`` under a preference ``oracle`` (:mod:`rewards.preference`).
 
     Each model draws ``num_samples`` completions per row (HF engine, the same per-completion random streams
     for both, so the comparison is paired and deterministic for a seed); the k-th sample of the policy is
     judged against the k-th of the baseline. Returns ``win_rate`` (mean P(policy ≻ baseline), ties ½),
-    ``policy_length`` / ``baseline_length`` (mean completion tokens) and ``oracle_calls`` (pairs judged)."""
+    ``policy_length`` / ``baseline_length`` (mean completion tokens) and ``oracle_calls`` (pairs judged).
+    ``baseline_context``: a context the baseline samples under (e.g. a LoRA model's ``disable_adapter()``)."""
+    from contextlib import nullcontext
+
     from align.rollout import HFEngine, SamplingParams
 
     rows = list(rows)
@@ -141,8 +144,10 @@ def win_rate(policy, baseline, tokenizer, rows, oracle, num_samples: int = 4, ma
                tokenizer(t, add_special_tokens=False)["input_ids"]
                for r, t in zip(rows, prompt_texts(tokenizer, [r["prompt"] for r in rows]), strict=True)]
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    outs = [HFEngine(m, tokenizer, batch_size).generate(prompts, [num_samples] * len(rows), sampling)
-            for m in (policy, baseline)]
+    outs = []
+    for model, ctx in ((policy, nullcontext()), (baseline, baseline_context or nullcontext())):
+        with ctx:
+            outs.append(HFEngine(model, tokenizer, batch_size).generate(prompts, [num_samples] * len(rows), sampling))
     texts = [tokenizer.batch_decode(o.completion_ids, skip_special_tokens=True) for o in outs]
     index = outs[0].prompt_index
     columns = {k: [rows[i][k] for i in index] for k in rows[0] if k not in ("prompt", "prompt_ids")} if rows else {}

@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import importlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from align.errors import ConfigError, TrainingError
+from align.errors import ConfigError, DataError, TrainingError
 from rewards.math import extract_answer
 
 Texts = Sequence[Any]
 
 
-class PreferenceOracle:
+class PreferenceOracle(ABC):
     """Base class: subclasses implement ``_prob(prompts, a, b, columns) -> [N] float tensor``."""
 
     name = "oracle"
@@ -42,8 +43,9 @@ class PreferenceOracle:
     def __init__(self):
         self.calls = 0
 
+    @abstractmethod
     def _prob(self, prompts: Texts, a: Texts, b: Texts, columns: dict[str, Sequence]) -> torch.Tensor:
-        raise NotImplementedError  # abstract: every oracle below implements it
+        """P(a[i] ≻ b[i]) for every pair, unchecked."""
 
     def __call__(self, prompts: Texts, a: Texts, b: Texts, columns: dict[str, Sequence] | None = None) -> torch.Tensor:
         """P(a[i] ≻ b[i] | prompts[i]) for every i; ``columns`` are dataset columns aligned with the pairs."""
@@ -238,10 +240,12 @@ def build_oracle(spec: str | PreferenceOracle, scale: float = 1.0, options: dict
     raise ConfigError(f"oracle: unknown oracle {spec!r} (one of {', '.join(ORACLE_KINDS)})")
 
 
-def oracle_columns(oracle: PreferenceOracle) -> tuple[str, ...]:
-    """The dataset columns the oracle reads (checked before any generation)."""
+def check_columns(oracle: PreferenceOracle, column_names: Sequence[str], where: str = "train dataset") -> None:
+    """A one-line DataError when the dataset lacks a column the oracle reads (checked before any generation)."""
     fn = getattr(oracle, "required_columns", None)
-    return tuple(fn()) if fn else ()
+    for column in fn() if fn else ():
+        if column not in column_names:
+            raise DataError(f"{where}: column {column!r} needed by oracle {oracle.name!r} is missing")
 
 
 def _text(x: Any) -> str:

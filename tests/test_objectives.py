@@ -134,3 +134,16 @@ def test_pairnorm_keeps_dpo_value_and_normalises_the_gradient():
     assert b["policy_rejected_logps"].grad.item() == pytest.approx(0.5 / (1 + math.e) / 4, abs=1e-7)
     assert out.metrics["pairnorm/grad_norm_ratio"].item() == pytest.approx(2.0)
     assert registry()["pairnorm"].needs == ("grad_norms",)
+
+
+@pytest.mark.parametrize("gap, expected", [
+    (0.5, 0.3025),  # a hard label: target 0.5/0.5 = 1, as IPO with τ = β → (0.45 − 1)²
+    (0.2, 0.0025),  # target 0.4 → (0.45 − 0.4)²
+    (-0.25, 0.9025),  # the second response preferred: target −0.5 → (0.45 + 0.5)²
+    (0.0, 0.2025),  # a tie: the token-mean log-ratio gap is pulled to 0 → 0.45²
+])
+def test_online_ipo_soft_target(gap, expected):
+    out = build("online_ipo", beta=0.5)(batch(preference_gap=gap))
+    assert out.losses.item() == pytest.approx(expected, abs=1e-6)
+    assert out.metrics["online_ipo/target"].item() == pytest.approx(gap / 0.5)
+    assert registry()["online_ipo"].needs == ("preference_gap",)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from align.errors import ConfigError, TrainingError
+from align.errors import ConfigError, DataError, TrainingError
 from rewards.preference import (
     CyclicOracle,
     FunctionOracle,
@@ -13,7 +13,7 @@ from rewards.preference import (
     RewardOracle,
     VerifierOracle,
     build_oracle,
-    oracle_columns,
+    check_columns,
 )
 
 A = {"answer": [3, 3, 3]}
@@ -24,7 +24,9 @@ def test_verifier_oracle_correct_beats_incorrect_ties_half():
     p = o(["q"] * 3, ["Answer: 3", "Answer: 4", "no answer"], ["Answer: 4", "Answer: 5", "Answer: 3"], A)
     assert p.tolist() == [1.0, 0.5, 0.0]
     assert o.calls == 3
-    assert oracle_columns(o) == ("answer",)
+    check_columns(o, ["prompt", "answer"])
+    with pytest.raises(DataError, match="train dataset: column 'answer' needed by oracle 'verifier:accuracy'"):
+        check_columns(o, ["prompt"])
 
 
 def test_reward_oracle_is_bradley_terry():

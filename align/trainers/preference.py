@@ -81,6 +81,10 @@ class PreferenceArguments:
 
     def validate_preference(self) -> None:
         self.objective_params()
+        online_only = [n for n in registry()[self.objective].needs if n != "grad_norms"]
+        if online_only:
+            raise ConfigError(f"objective: {self.objective!r} needs {online_only[0]!r}, which only the online trainers "
+                              "supply (align train egpo)")
         if self.entanglement_steps is not None and self.entanglement_steps < 1:
             raise ConfigError(f"entanglement_steps: must be >= 1 (None turns the monitor off), got "
                               f"{self.entanglement_steps}")

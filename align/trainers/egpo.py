@@ -1,0 +1,105 @@
+"""EGPO: extragradient preference optimisation on the online IPO loss (METHODS §6).
+
+Zhou et al., "Extragradient Preference Optimization (EGPO): Beyond Last-Iterate Convergence for Nash Learning
+from Human Feedback" (code: zhourunlong/EGPO, ``lms/trainers/extragradient_trainer.py``). One EG iteration is two
+optimizer steps on the same prompt batch, both starting from θ_t:
+
+    half step:  θ_{t+½} = θ_t − η·∇L(θ; π_{θ_t})|θ_t          (samples and preferences from θ_t)
+    full step:  θ_{t+1} = θ_t − η·∇L(θ; π_{θ_{t+½}})|θ_t      (samples from θ_{t+½}, gradient at θ_t)
+
+Before the half step the trainable parameters and the whole optimizer state (Adam moments and step counts)
+are copied to the CPU; before the full step's backward both are restored exactly, so the full step is one
+optimizer step from θ_t and the moments only ever see full-step gradients. The learning-rate scheduler
+advances on both steps (as the reference code's Trainer does): ``max_steps`` counts half and full steps.
+
+L is :func:`align.objectives.online_ipo.online_ipo` on token-mean log-probs. The pair (y, y′) comes from
+μ = the policy, or the geometric mixture with the reference (``mixture_coef``); its target is
+``oipo1``: P(y ≻ y″) − P(y′ ≻ y″) with one opponent sample y″ ~ π_θ (at ``opponent_temperature``), or
+``oipo2``: P(y ≻ y′) − ½. ``egpo_extragradient: false`` gives the online IPO baseline (one step per batch).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from align.errors import TrainingError
+from align.rollout.mixture import MixtureEngine
+from align.trainers.online import OnlinePreferenceTrainer, Pairs
+
+
+class EGPOTrainer(OnlinePreferenceTrainer):
+    method = "egpo"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.repeats = 2 if self.args.egpo_extragradient else 1
+        self._backup = None
+        self.mixture = None
+        if self.args.mixture_coef > 0:
+            ref, _ = self._reference()
+            if ref is self._policy:
+                raise ValueError("mixture_coef: needs a separate reference model (LoRA's adapter-off base cannot be "
+                                 "run beside the policy in one generate call)")
+            self.mixture = MixtureEngine(self._policy, ref, self.processing_class, self.args.mixture_coef,
+                                         self.args.generation_batch_size)
+
+    def make_pairs(self, rows) -> Pairs:
+        a = self.args
+        y = self.sample(rows, "y", engine=self.mixture)
+        y2 = self.sample(rows, "y2", engine=self.mixture)
+        if a.egpo_variant == "oipo2":
+            gap = self.judge(rows, y, y2) - 0.5
+        else:
+            opponent = self.sample(rows, "opponent", temperature=a.opponent_temperature)
+            gap = self.judge(rows, y, opponent) - self.judge(rows, y2, opponent)
+        return Pairs([r["prompt_ids"] for r in rows], y, y2, torch.ones(len(rows)),
+                     {"preference_gap": gap.to(self.args.device)})
+
+    # --- the extragradient step -------------------------------------------------------------------
+
+    @property
+    def is_half_step(self) -> bool:
+        return self.args.egpo_extragradient and self.state.global_step % 2 == 0
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self._policy.parameters() if p.requires_grad]
+
+    def backup(self) -> None:
+        """θ_t and the optimizer state, copied to the CPU."""
+        params = [p.detach().to("cpu", copy=True) for p in self._trainable()]
+        state = _to_cpu(copy.deepcopy(self.optimizer.optimizer.state_dict()))
+        self._backup = (params, state)
+
+    def restore(self) -> None:
+        """Parameters and optimizer state back to θ_t, exactly."""
+        params, state = self._backup
+        with torch.no_grad():
+            for p, saved in zip(self._trainable(), params, strict=True):
+                p.copy_(saved.to(p.device))
+        self.optimizer.optimizer.load_state_dict(state)
+        self._backup = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.is_half_step:
+            self.backup()
+        elif self.args.egpo_extragradient and self._backup is None:
+            raise TrainingError(f"EGPO: step {self.state.global_step + 1} is a full step without its half step (a "
+                                "resume from an odd step); save_steps must be even")
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def prepare_update(self) -> None:
+        """On a full step the samples came from θ_{t+½}; the gradient is taken at θ_t."""
+        if self.args.egpo_extragradient and not self.is_half_step:
+            self.restore()
+
+
+def _to_cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj

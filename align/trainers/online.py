@@ -1,0 +1,273 @@
+"""Online preference trainers on one base: online DPO, XPO and EGPO (online IPO with extragradient steps).
+
+One optimizer step, top to bottom (:meth:`OnlinePreferenceTrainer.training_step`):
+
+    prompts (this process's share of the step's batch)
+      -> rollout engine: the responses the method needs (``make_pairs``)
+      -> preference oracle (rewards/preference.py): P(y ≻ y′ | x), labels or soft targets
+      -> one policy forward over every response, reference log-probs without gradient
+      -> the objective from the registry (align/objectives) -> backward; the Trainer steps the optimizer
+
+Each response is drawn from its own random stream, keyed by the prompt's row id, the step and its role, so
+N processes reproduce one process with the same global batch. The methods differ only in ``make_pairs`` and
+the extra loss term:
+
+* :class:`OnlineDPOTrainer`: two policy samples, the oracle's winner is chosen (exact ties carry no label
+  and weigh 0), a DPO-family loss (``objective``).
+* :class:`XPOTrainer` (Xie et al. 2024, arXiv:2405.21046; METHODS §5): one policy sample y and one reference
+  sample ỹ, labelled; loss = pair loss + α·S_θ(ỹ) (exploration: likelihood pushed away from reference samples).
+* :class:`align.trainers.egpo.EGPOTrainer`: the extragradient steps of METHODS §6.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from align.args import CPUSaneDefaults
+from align.errors import TrainingError
+from align.objectives import build
+from align.rollout import HFEngine, SamplingParams
+from align.trainers.logps import pack, token_logps
+from align.trainers.metric_log import MetricsMixin
+from align.trainers.online_args import OnlineArguments
+from align.trainers.rl import RepeatRoundSampler, _rows
+
+
+@dataclass
+class OnlineConfig(OnlineArguments, CPUSaneDefaults, TrainingArguments):
+    """Standalone config for the online trainers (recipes add model and data keys on top)."""
+
+    method = "online_dpo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_online(self.method)
+
+
+@dataclass
+class Pairs:
+    """One step's responses on this process: ``first[i]`` and ``second[i]`` answer ``prompts[i]``. ``first`` is the
+    chosen slot and ``second`` the rejected one (for EGPO just the two positions). ``weights`` scale each pair's
+    loss; ``extra`` holds objective inputs such as ``preference_gap``; ``explore`` marks, for XPO, which slot
+    holds the reference sample (0 first, 1 second)."""
+
+    prompts: list[list[int]]
+    first: list[list[int]]
+    second: list[list[int]]
+    weights: torch.Tensor
+    extra: dict
+    explore: torch.Tensor | None = None
+
+
+class OnlinePreferenceTrainer(MetricsMixin, Trainer):
+    method = "online_dpo"
+    repeats = 1  # optimizer steps per prompt batch
+
+    def __init__(self, model, args: OnlineArguments, train_dataset, eval_dataset=None, processing_class=None,
+                 oracle=None, ref_model=None, peft_config=None, callbacks=None):
+        from align.data.prompts import tokenize_prompts
+        from rewards.preference import build_oracle, check_columns
+
+        if peft_config is not None:
+            from peft import get_peft_model
+            from transformers import set_seed
+
+            set_seed(args.seed)
+            model = get_peft_model(model, peft_config)
+        tok = processing_class
+        self.oracle = oracle or build_oracle(args.oracle, args.oracle_scale)
+        for split, ds in (("train", train_dataset), ("eval", eval_dataset)):
+            if ds is not None:
+                check_columns(self.oracle, ds.column_names, f"{split} dataset")
+        if "prompt_ids" not in train_dataset.column_names:
+            train_dataset = tokenize_prompts(train_dataset, tok, args.max_prompt_length, "train")
+        if eval_dataset is not None and "prompt_ids" not in eval_dataset.column_names:
+            eval_dataset = tokenize_prompts(eval_dataset, tok, args.max_prompt_length, "eval")
+        super().__init__(model=model, args=args, data_collator=_rows, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=tok, callbacks=callbacks)
+        world = self.accelerator.num_processes
+        need = args.per_device_train_batch_size * world
+        if len(train_dataset) < need:
+            raise TrainingError(f"train dataset: {len(train_dataset)} prompts, fewer than one step needs "
+                                f"(per_device_train_batch_size x processes = {need})")
+        self.loss_fn = build(args.objective, beta=args.beta)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.is_peft = hasattr(model, "disable_adapter")
+        if ref_model is None and not self.is_peft:
+            ref_model = copy.deepcopy(model)  # the reference is a frozen copy of the initial policy
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval().to(self.args.device)
+        self.ref_model = ref_model
+        self.engine = HFEngine(model, tok, args.generation_batch_size)
+        self._init_metrics()
+
+    # --- data order: every prompt batch serves ``repeats`` optimizer steps ---------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        batch = self.args.per_device_train_batch_size * self.accelerator.num_processes
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return RepeatRoundSampler(len(ds), batch, self.repeats, seed)
+
+    def floating_point_ops(self, inputs) -> int:
+        return 0
+
+    # --- sampling and judging ---------------------------------------------------------------------
+
+    @property
+    def _policy(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _reference(self):
+        """(model, context) that computes or samples the reference policy."""
+        if self.ref_model is not None:
+            return self.ref_model, nullcontext()
+        return self._policy, self._policy.disable_adapter()
+
+    def sample(self, rows: list[dict], role: str, engine=None, temperature: float | None = None,
+               reference: bool = False) -> list[list[int]]:
+        """One completion per row (token ids), from the policy (or the reference), on its own random stream."""
+        a = self.args
+        sampling = SamplingParams(max_new_tokens=a.max_completion_length, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+                                  temperature=a.temperature if temperature is None else temperature)
+        keys = [f"{r['uid']}|{self.state.global_step}|{role}" for r in rows]
+        model, ctx = self._reference() if reference else (self._policy, nullcontext())
+        engine = engine or self.engine
+        engine.model = model
+        with ctx:
+            out = engine.generate([r["prompt_ids"] for r in rows], [1] * len(rows), sampling, keys)
+        return out.completion_ids
+
+    def judge(self, rows: list[dict], a: list[list[int]], b: list[list[int]]) -> torch.Tensor:
+        """P(a[i] ≻ b[i] | prompt i) from the oracle, over decoded texts; the dataset's columns go along."""
+        dec = self.processing_class.batch_decode
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids", "uid")}
+        return self.oracle([r["prompt"] for r in rows], dec(a, skip_special_tokens=True),
+                           dec(b, skip_special_tokens=True), columns)
+
+    def labelled(self, rows, y, z, p: torch.Tensor) -> Pairs:
+        """The pair (y, z) with the oracle's winner in the chosen slot; exact ties weigh 0."""
+        swap = (p < 0.5).tolist()
+        first = [b if s else a for a, b, s in zip(y, z, swap, strict=True)]
+        second = [a if s else b for a, b, s in zip(y, z, swap, strict=True)]
+        weights = (p != 0.5).float()
+        return Pairs([r["prompt_ids"] for r in rows], first, second, weights, {},
+                     explore=torch.tensor([0 if s else 1 for s in swap]))
+
+    def make_pairs(self, rows: list[dict]) -> Pairs:
+        """Online DPO's pairs (methods override this): two policy samples, labelled by the oracle."""
+        y, z = self.sample(rows, "a"), self.sample(rows, "b")
+        return self.labelled(rows, y, z, self.judge(rows, y, z))
+
+    def prepare_update(self) -> None:
+        """Called between sampling and the forward/backward of a step (EGPO restores θ_t here)."""
+
+    # --- loss ------------------------------------------------------------------------------------
+
+    def _sequence_logps(self, model, prompts, completions) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, attn, cmask, width = pack(prompts, completions, self.pad_id, self.args.device)
+        logps = token_logps(model, ids, attn, width)
+        return (logps * cmask).sum(-1), cmask.sum(-1).float()
+
+    def pair_loss(self, model, pairs: Pairs) -> tuple[torch.Tensor, dict]:
+        """Mean over this process's pairs of weight·objective, plus the method's extra term."""
+        n = len(pairs.first)
+        prompts, completions = pairs.prompts * 2, pairs.first + pairs.second
+        logps, lengths = self._sequence_logps(model, prompts, completions)
+        ref_model, ctx = self._reference()
+        with torch.no_grad(), ctx:
+            ref, _ = self._sequence_logps(ref_model, prompts, completions)
+        batch = {"policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:],
+                 "ref_chosen_logps": ref[:n], "ref_rejected_logps": ref[n:],
+                 "chosen_lengths": lengths[:n], "rejected_lengths": lengths[n:], **pairs.extra}
+        out = self.loss_fn(batch)
+        w = pairs.weights.to(out.losses.device, out.losses.dtype)
+        loss = (out.losses * w).mean()
+        metrics = {**out.metrics, "completions/mean_length": lengths.mean(), "pairs/labelled": (w > 0).float().mean()}
+        extra, extra_metrics = self.extra_loss(batch, pairs)
+        metrics.update(extra_metrics)
+        return loss + extra, metrics
+
+    def extra_loss(self, batch: dict, pairs: Pairs) -> tuple[torch.Tensor, dict]:
+        return torch.zeros((), device=self.args.device), {}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        rows = inputs["rows"]
+        calls = self.oracle.calls
+        pairs = self.make_pairs(rows)
+        self.prepare_update()
+        model.train()
+        loss, metrics = self.pair_loss(model, pairs)
+        total = self.accelerator.reduce(loss.detach(), reduction="mean")
+        if not torch.isfinite(total):
+            uids = [r["uid"] for r in rows]
+            raise TrainingError(f"non-finite loss ({total.item()}) at step {self.state.global_step + 1}, prompt ids "
+                                f"{uids}; stopped before the update, checkpoints in {self.args.output_dir!r} are kept")
+        self.accelerator.backward(loss)
+        calls = self.accelerator.reduce(torch.tensor(float(self.oracle.calls - calls), device=self.args.device),
+                                        reduction="sum")
+        self.oracle_calls = getattr(self, "oracle_calls", 0) + int(calls.item())
+        self._record("train", metrics)
+        return total
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if not any(k.startswith("eval_") for k in logs):
+            logs["oracle/calls"] = float(getattr(self, "oracle_calls", 0))
+        super().log(logs, start_time)
+
+    # --- evaluation: win rate against the reference policy ----------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """``eval_win_rate``: P(policy ≻ reference) under the oracle, ``eval_num_samples`` paired samples per eval
+        prompt (the same on every process), with the mean completion lengths of both."""
+        from align.evaluation import win_rate
+
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            return {}
+        a = self.args
+        ref_model, ctx = self._reference()
+        calls = self.oracle.calls
+        result = win_rate(self._policy, ref_model, self.processing_class, [ds[i] for i in range(len(ds))],
+                          self.oracle, a.eval_num_samples, a.eval_max_new_tokens or a.max_completion_length,
+                          a.temperature, a.seed, a.generation_batch_size, baseline_context=ctx)
+        self.oracle.calls = calls  # evaluation judgements are not training labels
+        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in result.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class OnlineDPOTrainer(OnlinePreferenceTrainer):
+    """Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback", arXiv:2402.04792):
+    two samples per prompt from the current policy, labelled by the oracle, a DPO-family loss."""
+
+    method = "online_dpo"  # the base's sampling and loss, as they are
+
+
+class XPOTrainer(OnlinePreferenceTrainer):
+    """XPO (Xie et al. 2024, arXiv:2405.21046; METHODS §5): y ~ π_θ, ỹ ~ π_ref, labelled by the oracle; loss =
+    pair loss + α·S_θ(ỹ), α from ``xpo_alpha`` (per epoch, the last value repeats). Minimising α·S_θ(ỹ) pushes
+    likelihood away from the reference's samples."""
+
+    method = "xpo"
+
+    def make_pairs(self, rows):
+        y, z = self.sample(rows, "policy"), self.sample(rows, "reference", reference=True)
+        return self.labelled(rows, y, z, self.judge(rows, y, z))
+
+    def xpo_alpha(self) -> float:
+        schedule = self.args.xpo_alpha
+        return float(schedule[min(int(self.state.epoch or 0), len(schedule) - 1)])
+
+    def extra_loss(self, batch, pairs):
+        explore = pairs.explore.to(batch["policy_chosen_logps"].device)
+        s_ref_sample = torch.where(explore == 0, batch["policy_chosen_logps"], batch["policy_rejected_logps"])
+        alpha = self.xpo_alpha()
+        return alpha * s_ref_sample.mean(), {"xpo/alpha": torch.tensor(alpha),
+                                             "xpo/ref_sample_logps": s_ref_sample.detach().mean()}

@@ -1,0 +1,70 @@
+"""Online DPO: two samples per prompt from the current policy, labelled by a preference oracle, DPO-family loss.
+
+    align train online_dpo --config configs/online_dpo/testbed.yaml
+    accelerate launch --config_file configs/accelerate/ddp.yaml recipes/online_dpo.py \
+        --config configs/online_dpo/qwen2.5-1.5b-ultrafeedback.yaml
+
+This module also holds what the three online recipes (online_dpo, xpo, egpo) share: the config base and the
+trainer builder. Data: prompt rows (``prompt``, standard or conversational) with whatever columns the oracle
+reads (``answer`` for ``verifier:accuracy``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from align.args import RecipeArguments
+from align.recipe import Recipe, main, start, train_and_save
+from align.trainers.online import OnlineConfig
+
+
+@dataclass
+class OnlineRecipeConfig(RecipeArguments, OnlineConfig):
+    recipe_name = "online_dpo"
+    method = "online_dpo"
+    learning_rate: float = field(default=5e-7, metadata={"help": "Peak AdamW learning rate (TRL's online DPO default)."})
+
+
+def build_trainer(config, trainer_class=None):
+    from align.data.loading import load_train_eval
+    from align.data.prompts import format_prompts, tokenize_prompts
+    from align.modeling import load_model, load_tokenizer, lora_config
+    from align.trainers.egpo import EGPOTrainer
+    from align.trainers.online import OnlineDPOTrainer, XPOTrainer
+    from rewards.preference import build_oracle, check_columns
+
+    cls = trainer_class or {"online_dpo": OnlineDPOTrainer, "xpo": XPOTrainer, "egpo": EGPOTrainer}[config.method]
+    # 1. Oracle and data, checked before a model is loaded.
+    oracle = build_oracle(config.oracle, config.oracle_scale)
+    train, evaluation = load_train_eval(config)
+    fmt = (config.prompt_column, config.system_prompt, config.prompt_suffix)
+    train = format_prompts(train, *fmt)
+    evaluation = format_prompts(evaluation, *fmt) if evaluation is not None else None
+    check_columns(oracle, train.column_names, "train dataset")
+    if evaluation is not None:
+        check_columns(oracle, evaluation.column_names, "eval dataset")
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    train = tokenize_prompts(train, tokenizer, config.max_prompt_length, "train")
+    if evaluation is not None:
+        evaluation = tokenize_prompts(evaluation, tokenizer, config.max_prompt_length, "eval")
+
+    # 2. Policy, and a separate reference only when one is named (default: a frozen copy of the policy).
+    load = dict(torch_dtype=config.torch_dtype, attn_implementation=config.attn_implementation,
+                trust_remote_code=config.trust_remote_code)
+    model = load_model(config.model_name_or_path, **load)
+    ref_model = load_model(config.ref_model_name_or_path, **load) if config.ref_model_name_or_path else None
+    return cls(model, config, train, evaluation, tokenizer, oracle=oracle, ref_model=ref_model,
+               peft_config=lora_config(config), callbacks=start(config))
+
+
+def run(config) -> dict:
+    trainer = build_trainer(config)
+    return train_and_save(trainer, config, **{"oracle/calls": lambda: getattr(trainer, "oracle_calls", 0)})
+
+
+RECIPE = Recipe("online_dpo", "Online DPO: policy samples labelled by a preference oracle (dpo, ipo, ... loss).",
+                OnlineRecipeConfig, run)
+
+if __name__ == "__main__":
+    sys.exit(main(RECIPE))
