@@ -23,7 +23,7 @@ from align.trainers.online import OnlineConfig
 class OnlineRecipeConfig(RecipeArguments, OnlineConfig):
     recipe_name = "online_dpo"
     method = "online_dpo"
-    learning_rate: float = field(default=5e-7, metadata={"help": "Peak AdamW learning rate (TRL's online DPO default)."})
+    learning_rate: float = field(default=5e-7, metadata={"help": "Peak AdamW learning rate (TRL online DPO default)."})
 
 
 def build_trainer(config, trainer_class=None):
