@@ -60,7 +60,7 @@ def build_trainer(config, trainer_class=None):
 
 def run(config) -> dict:
     trainer = build_trainer(config)
-    return train_and_save(trainer, config, **{"oracle/calls": lambda: getattr(trainer, "oracle_calls", 0)})
+    return train_and_save(trainer, config, **{"oracle/calls": lambda: trainer.oracle_calls})
 
 
 RECIPE = Recipe("online_dpo", "Online DPO: policy samples labelled by a preference oracle (dpo, ipo, ... loss).",

@@ -184,3 +184,20 @@ def test_logged_metrics(repo, tmp_path, testbed):
     assert [r["oracle/calls"] for r in steps] == [4, 8]  # 4 prompts a step, one judged pair each
     for key in ("rewards/margins", "logps/chosen", "pairs/labelled", "completions/mean_length"):
         assert key in steps[0]
+
+
+def test_egpo_resume_continues_the_same_run(repo, tmp_path, testbed):
+    """Stop after one EG iteration (a checkpoint at step 2), resume: steps 3-4 repeat the uninterrupted run."""
+    from recipes.online_dpo import run
+
+    kw = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "learning_rate": 5e-4}
+    run(cfg(repo, tmp_path / "a", **kw))
+    full = [json.loads(x) for x in open(tmp_path / "a" / "egpo" / "metrics.jsonl") if '"loss"' in x]
+    run(cfg(repo, tmp_path / "b", **{**kw, "max_steps": 2}))
+    state = json.loads((tmp_path / "b" / "egpo" / "checkpoint-2" / "online_state.json").read_text())
+    assert state["oracle_calls"] == full[1]["oracle/calls"] == 16
+    run(cfg(repo, tmp_path / "b", **{**kw, "resume_from_checkpoint": "true", "overwrite_output_dir": False}))
+    resumed = [json.loads(x) for x in open(tmp_path / "b" / "egpo" / "metrics.jsonl") if '"loss"' in x]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for key in ("loss", "online_ipo/target", "logps/chosen", "oracle/calls"):
+        assert [r[key] for r in resumed[2:]] == pytest.approx([r[key] for r in full[2:]], abs=1e-6), key

@@ -22,6 +22,8 @@ the extra loss term:
 from __future__ import annotations
 
 import copy
+import json
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -35,7 +37,7 @@ from align.rollout import HFEngine, SamplingParams
 from align.trainers.logps import pack, token_logps
 from align.trainers.metric_log import MetricsMixin
 from align.trainers.online_args import OnlineArguments
-from align.trainers.rl import RepeatRoundSampler, _rows
+from align.trainers.rl import RepeatRoundSampler, _rows, _SaveState
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Pairs:
 class OnlinePreferenceTrainer(MetricsMixin, Trainer):
     method = "online_dpo"
     repeats = 1  # optimizer steps per prompt batch
+    state_file = "online_state.json"  # the oracle-call counter, saved in every checkpoint
 
     def __init__(self, model, args: OnlineArguments, train_dataset, eval_dataset=None, processing_class=None,
                  oracle=None, ref_model=None, peft_config=None, callbacks=None):
@@ -104,7 +107,23 @@ class OnlinePreferenceTrainer(MetricsMixin, Trainer):
             ref_model.requires_grad_(False).eval().to(self.args.device)
         self.ref_model = ref_model
         self.engine = HFEngine(model, tok, args.generation_batch_size)
+        self.oracle_calls = 0
         self._init_metrics()
+        self.add_callback(_SaveState(self))
+
+    def save_rl_state(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({"oracle_calls": self.oracle_calls}, fh)
+        os.replace(tmp, path)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if isinstance(resume_from_checkpoint, str):
+            path = os.path.join(resume_from_checkpoint, self.state_file)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as fh:
+                    self.oracle_calls = json.load(fh)["oracle_calls"]
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # --- data order: every prompt batch serves ``repeats`` optimizer steps ---------------------------
 
@@ -211,13 +230,13 @@ class OnlinePreferenceTrainer(MetricsMixin, Trainer):
         self.accelerator.backward(loss)
         calls = self.accelerator.reduce(torch.tensor(float(self.oracle.calls - calls), device=self.args.device),
                                         reduction="sum")
-        self.oracle_calls = getattr(self, "oracle_calls", 0) + int(calls.item())
+        self.oracle_calls += int(calls.item())
         self._record("train", metrics)
         return total
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if not any(k.startswith("eval_") for k in logs):
-            logs["oracle/calls"] = float(getattr(self, "oracle_calls", 0))
+            logs["oracle/calls"] = float(self.oracle_calls)
         super().log(logs, start_time)
 
     # --- evaluation: win rate against the reference policy ----------------------------------------

@@ -112,16 +112,20 @@ def _rows(batch: list[dict]) -> dict:
 
 
 class _SaveState(TrainerCallback):
-    def __init__(self, trainer: RLTrainer):
+    """Writes the trainer's own resume state (``trainer.save_rl_state``) into every checkpoint, as
+    ``trainer.state_file``."""
+
+    def __init__(self, trainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.trainer.state_file)
             self.trainer.save_rl_state(path)
 
 
 class RLTrainer(MetricsMixin, Trainer):
+    state_file = STATE_FILE
     def __init__(self, model, args: RLArguments, train_dataset, eval_dataset=None, processing_class=None,
                  reward_set=None, ref_model=None, peft_config=None, callbacks=None, engine=None):
         from align.data.prompts import tokenize_prompts
