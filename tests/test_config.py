@@ -152,3 +152,27 @@ def test_bad_sft_rows_stop_before_the_model(tmp_path, no_model_loads, rows, mess
         run(cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not os.path.exists(tmp_path / "o" / "model.safetensors")
+
+
+def test_every_shipped_config_names_only_known_keys(repo):
+    """Real-model configs cannot be loaded here (no Hub), so check their keys against the recipe's config class:
+    a typo in a shipped config would otherwise only surface on a user's GPU machine."""
+    import dataclasses
+
+    import yaml
+
+    from align.recipe import discover
+
+    recipes = discover()
+    aliases = {"iterative": "iterative_dpo"}
+    checked = 0
+    for folder in sorted((repo / "configs").iterdir()):
+        if folder.name == "accelerate":
+            continue
+        recipe = recipes[aliases.get(folder.name, folder.name)]
+        fields = {f.name for f in dataclasses.fields(recipe.config_class)}
+        for path in sorted(folder.glob("*.yaml")):
+            unknown = set(yaml.safe_load(path.read_text())) - fields
+            assert not unknown, f"{path}: unknown keys {sorted(unknown)}"
+            checked += 1
+    assert checked >= 18
