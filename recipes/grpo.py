@@ -26,9 +26,8 @@ class GRPORecipeConfig(RecipeArguments, RLConfig):
 
 
 def build_trainer(config):
-    from align.data.loading import load_train_eval
-    from align.data.prompts import format_prompts, tokenize_prompts
-    from align.modeling import load_model, load_tokenizer, lora_config
+    from align.data.prompts import load_prompt_data
+    from align.modeling import load_model, lora_config
     from align.trainers.rl import RLTrainer
     from rewards.registry import RewardSet
 
@@ -36,17 +35,7 @@ def build_trainer(config):
     options = {"max_completion_length": config.max_completion_length,
                "overlong_cache_length": config.overlong_cache_length}
     reward_set = RewardSet(config.reward_funcs, config.reward_weights, options, config.on_reward_error)
-    train, evaluation = load_train_eval(config)
-    fmt = (config.prompt_column, config.system_prompt, config.prompt_suffix)
-    train = format_prompts(train, *fmt)
-    evaluation = format_prompts(evaluation, *fmt) if evaluation is not None else None
-    reward_set.check_columns(train.column_names, "train dataset")
-    if evaluation is not None:
-        reward_set.check_columns(evaluation.column_names, "eval dataset")
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    train = tokenize_prompts(train, tokenizer, config.max_prompt_length, "train")
-    if evaluation is not None:
-        evaluation = tokenize_prompts(evaluation, tokenizer, config.max_prompt_length, "eval")
+    tokenizer, train, evaluation = load_prompt_data(config, reward_set.check_columns)
 
     # 2. Policy, and a separate reference only when one is named and the KL term is on.
     load = dict(torch_dtype=config.torch_dtype, attn_implementation=config.attn_implementation,

@@ -27,9 +27,8 @@ class OnlineRecipeConfig(RecipeArguments, OnlineConfig):
 
 
 def build_trainer(config, trainer_class=None):
-    from align.data.loading import load_train_eval
-    from align.data.prompts import format_prompts, tokenize_prompts
-    from align.modeling import load_model, load_tokenizer, lora_config
+    from align.data.prompts import load_prompt_data
+    from align.modeling import load_model, lora_config
     from align.trainers.egpo import EGPOTrainer
     from align.trainers.online import OnlineDPOTrainer, XPOTrainer
     from rewards.preference import build_oracle, check_columns
@@ -37,17 +36,7 @@ def build_trainer(config, trainer_class=None):
     cls = trainer_class or {"online_dpo": OnlineDPOTrainer, "xpo": XPOTrainer, "egpo": EGPOTrainer}[config.method]
     # 1. Oracle and data, checked before a model is loaded.
     oracle = build_oracle(config.oracle, config.oracle_scale)
-    train, evaluation = load_train_eval(config)
-    fmt = (config.prompt_column, config.system_prompt, config.prompt_suffix)
-    train = format_prompts(train, *fmt)
-    evaluation = format_prompts(evaluation, *fmt) if evaluation is not None else None
-    check_columns(oracle, train.column_names, "train dataset")
-    if evaluation is not None:
-        check_columns(oracle, evaluation.column_names, "eval dataset")
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    train = tokenize_prompts(train, tokenizer, config.max_prompt_length, "train")
-    if evaluation is not None:
-        evaluation = tokenize_prompts(evaluation, tokenizer, config.max_prompt_length, "eval")
+    tokenizer, train, evaluation = load_prompt_data(config, lambda names, where: check_columns(oracle, names, where))
 
     # 2. Policy, and a separate reference only when one is named (default: a frozen copy of the policy).
     load = dict(torch_dtype=config.torch_dtype, attn_implementation=config.attn_implementation,

@@ -47,3 +47,25 @@ def tokenize_prompts(ds, tokenizer, max_prompt_length: int, split: str = "train"
         ids.append(tokens)
     ds = ds.add_column("prompt_ids", ids)
     return ds.add_column("uid", list(range(len(ds))))
+
+
+def load_prompt_data(config, check_columns=None):
+    """What the generating recipes (grpo, raft, online_dpo, xpo, egpo) load before any model: the train and eval
+    prompt datasets, formatted (``prompt_column``, ``system_prompt``, ``prompt_suffix``), checked by
+    ``check_columns(column_names, where)`` (the reward functions' or the oracle's columns) and tokenised, plus
+    the tokenizer. Returns ``(tokenizer, train, evaluation)``; ``evaluation`` is None without an eval split."""
+    from align.data.loading import load_train_eval
+    from align.modeling import load_tokenizer
+
+    train, evaluation = load_train_eval(config)
+    fmt = (config.prompt_column, config.system_prompt, config.prompt_suffix)
+    splits = {"train": format_prompts(train, *fmt),
+              "eval": format_prompts(evaluation, *fmt) if evaluation is not None else None}
+    for split, ds in splits.items():
+        if ds is not None and check_columns is not None:
+            check_columns(ds.column_names, f"{split} dataset")
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    for split, ds in splits.items():
+        if ds is not None:
+            splits[split] = tokenize_prompts(ds, tokenizer, config.max_prompt_length, split)
+    return tokenizer, splits["train"], splits["eval"]
