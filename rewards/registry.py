@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from align.errors import ConfigError, DataError, TrainingError
-from rewards.length import overlong_reward
+from rewards.length import accuracy_and_length, length_reward, overlong_reward
 from rewards.math import accuracy_reward, format_reward
 from rewards.math_verify import math_verify_reward
 
@@ -29,6 +29,8 @@ REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "format": format_reward,
     "math_verify": math_verify_reward,  # needs column `solution`
     "overlong": overlong_reward,  # factory: options max_completion_length, overlong_cache_length
+    "length": length_reward,  # characters
+    "accuracy_and_length": accuracy_and_length,  # needs column `answer`; a length-biased judge
 }
 # Registered factories: factory argument -> the option that supplies it.
 FACTORY_OPTIONS: dict[str, dict[str, str]] = {
