@@ -66,8 +66,9 @@ def build_driver(config: IterativeRecipeConfig, callbacks=None):
     options = {"max_completion_length": config.max_new_tokens}
     oracle = build_oracle(config.oracle, config.oracle_scale, options)
     train, evaluation = load_train_eval(config)
-    train = format_prompts(train, config.prompt_column)
-    evaluation = format_prompts(evaluation, config.prompt_column) if evaluation is not None else None
+    train, evaluation = (None if ds is None else format_prompts(ds, config.prompt_column) for ds in (train, evaluation))
+    if config.chat_prompt:
+        train, evaluation = (None if ds is None else ds.map(_as_message) for ds in (train, evaluation))
     for name, ds in (("train", train), ("eval", evaluation)):
         missing = [col for col in oracle_columns(oracle) if ds is not None and col not in ds.column_names]
         if missing:
@@ -80,6 +81,11 @@ def build_driver(config: IterativeRecipeConfig, callbacks=None):
 
     # 2. The driver loads every policy it needs itself (initial, each iteration's start, the previous one).
     return IterativeDPO(config, train, evaluation, tokenizer, oracle, [*start(config), *(callbacks or [])])
+
+
+def _as_message(row):
+    p = row["prompt"]
+    return {"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p}
 
 
 def run(config: IterativeRecipeConfig, callbacks=None) -> dict:

@@ -63,6 +63,7 @@ class IterativeArguments:
     prompts_per_iteration: int | None = _f(None, "Prompts per iteration, consecutive chunks of the train set "
                                                  "(wrapping around); null: every prompt every iteration.")
     prompt_column: str = _f("prompt", "Column holding the prompt (a string or a message list).")
+    chat_prompt: bool = _f(False, "Wrap a string prompt as one user message, so the chat template applies.")
     max_prompt_length: int = _f(256, "Longest prompt in tokens; a longer one is a data error.")
     sample_temperature: float = _f(1.0, "Sampling temperature of the K responses (and of the win-rate samples).")
     max_new_tokens: int = _f(32, "Longest sampled response in tokens.")

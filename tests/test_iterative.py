@@ -1,0 +1,155 @@
+"""Iterative preference training (align/trainers/iterative.py, recipes/iterative_dpo.py): APO's extrapolated
+reference by hand, α = 0 equals plain iterative DPO, resume mid-iteration equals an uninterrupted run, the
+iLR-DPO length evidence, and bad input stopping before any generation."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from align.config import load_config
+from align.errors import ConfigError, TrainingError
+from align.trainers.iterative import extrapolated_reference
+from recipes.iterative_dpo import IterativeRecipeConfig, run
+
+# Small runs: 24 prompts, K = 4, 8 steps of 8 pairs per iteration, win rate on 24 held-out prompts x 2 samples.
+SMALL = dict(max_train_samples=24, max_eval_samples=24, eval_num_samples=2, max_steps=8,
+             per_device_train_batch_size=8, logging_steps=1, iterations=2)
+
+
+def config(repo, out, name="testbed-ilr-dpo.yaml", **over):
+    values = {**SMALL, "output_dir": str(out), **over}
+    return load_config(IterativeRecipeConfig, repo / "configs/iterative" / name, values)
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def records(out):
+    with open(os.path.join(out, "iterations.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
+        return [r["loss"] for r in map(json.loads, fh) if "loss" in r]
+
+
+def same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_apo_reference_is_the_exact_extrapolation_by_hand():
+    cur = torch.tensor([-2.0, -5.0, -1.5])
+    prev = torch.tensor([-3.0, -4.0, -1.5])
+    # (1 + 0.5)·cur − 0.5·prev: −3 + 1.5, −7.5 + 2, −2.25 + 0.75
+    assert extrapolated_reference(cur, prev, 0.5).tolist() == [-1.5, -5.5, -1.5]
+    assert extrapolated_reference(cur, prev, 0.0).tolist() == cur.tolist()
+    assert extrapolated_reference(cur, None, 0.5) is cur  # iteration 0: no previous policy
+    assert extrapolated_reference(cur, prev, None) is cur  # plain iterative DPO
+    # log Z(x) cancels: shifting both policies' log-probs of a prompt by constants leaves every pair's
+    # reference margin ref(y_w) − ref(y_l) unchanged
+    shifted = extrapolated_reference(cur[:2] + 0.7, prev[:2] - 1.3, 0.5)
+    base = extrapolated_reference(cur[:2], prev[:2], 0.5)
+    assert float(shifted[0] - shifted[1]) == pytest.approx(float(base[0] - base[1]))
+
+
+@pytest.fixture(scope="module")
+def plain_run(repo, testbed, tmp_path_factory):
+    """Plain iterative DPO, 2 iterations, checkpoints every 4 steps (the reference of the next tests)."""
+    out = tmp_path_factory.mktemp("iter") / "plain"
+    run(config(repo, out, objective="dpo", length_alpha=None, save_strategy="steps", save_steps=4))
+    return out
+
+
+def test_plain_run_writes_each_iteration(plain_run):
+    recs = records(plain_run)
+    assert [r["iteration"] for r in recs] == [0, 1]
+    for t, r in enumerate(recs):
+        folder = plain_run / f"iter-{t}"
+        assert (folder / "done").is_file() and (folder / "model.safetensors").is_file()
+        pairs = [json.loads(line) for line in open(folder / "pairs.jsonl", encoding="utf-8")]
+        assert len(pairs) == r["pairs"] > 0 and r["pairs"] + r["ties_skipped"] == r["prompts"] == 24
+        assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+        assert r["oracle_calls"] == 24 * 6  # K = 4: one call per unordered pair of samples
+        assert r["train/steps"] == 8 and 0 <= r["eval/win_rate"] <= 1 and r["eval/oracle_calls"] == 24 * 2
+    # the second iteration samples from π_1, not π_0: different pairs
+    assert open(plain_run / "iter-0/pairs.jsonl").read() != open(plain_run / "iter-1/pairs.jsonl").read()
+
+
+def test_apo_alpha_zero_is_plain_iterative_dpo(repo, plain_run, tmp_path):
+    out = tmp_path / "apo0"
+    run(config(repo, out, objective="dpo", length_alpha=None, apo_alpha=0.0, save_strategy="steps", save_steps=4))
+    assert (out / "iter-1/previous").is_dir()  # the extrapolation ran, scoring π_0 on iteration 1's pairs
+    for t in (0, 1):
+        assert open(out / f"iter-{t}/pairs.jsonl").read() == open(plain_run / f"iter-{t}/pairs.jsonl").read()
+    assert losses(out) == losses(plain_run)
+    assert same_weights(out / "iter-1", plain_run / "iter-1")
+
+
+def test_apo_alpha_changes_the_second_round_only(repo, plain_run, tmp_path):
+    out = tmp_path / "apo"
+    run(config(repo, out, objective="dpo", length_alpha=None, apo_alpha=0.5))
+    assert same_weights(out / "iter-0", plain_run / "iter-0")  # iteration 0 has no previous policy
+    assert not same_weights(out / "iter-1", plain_run / "iter-1")
+    assert losses(out)[:8] == losses(plain_run)[:8] and losses(out)[8:] != losses(plain_run)[8:]
+
+
+class Interrupt(TrainerCallback):
+    """Stops iteration 1's round after its 6th step (its last checkpoint is checkpoint-4)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.output_dir.endswith(os.path.join("iter-1", "train")) and state.global_step == 6:
+            raise KeyboardInterrupt
+
+
+def test_resume_mid_iteration_equals_uninterrupted(repo, plain_run, tmp_path):
+    out = tmp_path / "resumed"
+    over = dict(objective="dpo", length_alpha=None, save_strategy="steps", save_steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(repo, out, **over), callbacks=[Interrupt()])
+    assert (out / "iter-0/done").is_file() and not (out / "iter-1/done").exists()
+    assert (out / "iter-1/train/checkpoint-4").is_dir()
+    pairs = open(out / "iter-1/pairs.jsonl").read()
+    with pytest.raises(ConfigError, match="already holds iterations"):
+        config(repo, out, **over)
+    run(config(repo, out, resume_from_checkpoint="true", **over))
+    assert open(out / "iter-1/pairs.jsonl").read() == pairs  # reused, not sampled again
+    assert same_weights(out / "iter-1", plain_run / "iter-1")
+    assert records(out) == records(plain_run)
+
+
+def test_length_evidence_plain_dpo_grows_lrdpo_stays_flat(repo, testbed, tmp_path):
+    """Under a length-biased oracle (accuracy + 0.1 per character), plain iterative DPO inflates the sampled
+    length over 3 iterations; lrdpo (length_alpha 0.2) keeps it flat; both beat the initial policy."""
+    over = dict(iterations=3, max_train_samples=48, max_steps=12)
+    run(config(repo, tmp_path / "dpo", objective="dpo", length_alpha=None, **over))
+    run(config(repo, tmp_path / "lrdpo", **over))
+    dpo, lr = records(tmp_path / "dpo"), records(tmp_path / "lrdpo")
+    initial = dpo[0]["eval/baseline_length"]
+    assert lr[0]["eval/baseline_length"] == initial
+    dpo_len = [r["eval/policy_length"] for r in dpo]
+    lr_len = [r["eval/policy_length"] for r in lr]
+    assert dpo_len[0] < dpo_len[1] < dpo_len[2] and dpo_len[2] > initial + 3  # grows every iteration
+    assert max(abs(x - initial) for x in lr_len) < 1.0  # flat
+    assert dpo[-1]["eval/win_rate"] > 0.5 and lr[-1]["eval/win_rate"] > 0.5
+
+
+def test_bad_input_stops_before_generation(repo, testbed, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="^samples_per_prompt: must be >= 2") as err:
+        config(repo, tmp_path / "k", samples_per_prompt=1)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="^oracle: unknown oracle 'nonsense'") as err:
+        run(config(repo, tmp_path / "spec", oracle="nonsense"))
+    assert "\n" not in str(err.value) and not (tmp_path / "spec").exists()
+    # an oracle that answers NaN stops at the first scoring, one line, before any pair is written
+    (tmp_path / "nan_oracle.py").write_text("def judge(prompts, a, b, **_):\n    return [float('nan')] * len(a)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TrainingError, match="^oracle 'nan_oracle:judge' returned nan for pair 0") as err:
+        run(config(repo, tmp_path / "nan", oracle="nan_oracle:judge"))
+    assert "\n" not in str(err.value) and not (tmp_path / "nan/iter-0/pairs.jsonl").exists()
