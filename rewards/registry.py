@@ -19,7 +19,7 @@ import torch
 
 from align.errors import ConfigError, DataError, TrainingError
 from rewards.length import accuracy_and_length, length_reward, overlong_reward
-from rewards.math import accuracy_reward, format_reward
+from rewards.math import accuracy_reward, closeness_reward, format_reward
 from rewards.math_verify import math_verify_reward
 
 RewardFn = Callable[..., list[float]]
@@ -27,6 +27,7 @@ RewardFn = Callable[..., list[float]]
 REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "accuracy": accuracy_reward,  # needs column `answer`
     "format": format_reward,
+    "closeness": closeness_reward,  # needs column `answer`; −log(1 + |error|)
     "math_verify": math_verify_reward,  # needs column `solution`
     "overlong": overlong_reward,  # factory: options max_completion_length, overlong_cache_length
     "length": length_reward,  # characters

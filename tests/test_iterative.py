@@ -153,3 +153,22 @@ def test_bad_input_stops_before_generation(repo, testbed, tmp_path, monkeypatch)
     with pytest.raises(TrainingError, match="^oracle 'nan_oracle:judge' returned nan for pair 0") as err:
         run(config(repo, tmp_path / "nan", oracle="nan_oracle:judge"))
     assert "\n" not in str(err.value) and not (tmp_path / "nan/iter-0/pairs.jsonl").exists()
+
+
+def test_every_iterative_config_names_known_keys(repo):
+    """The real-model configs cannot load offline (their models are Hub ids); their keys must still exist."""
+    from align.config import field_types, read_yaml
+
+    known = field_types(IterativeRecipeConfig)
+    for path in sorted((repo / "configs/iterative").glob("*.yaml")):
+        unknown = set(read_yaml(path)) - set(known)
+        assert not unknown, f"{path.name}: {unknown}"
+
+
+def test_length_and_closeness_rewards_by_hand():
+    from rewards.registry import resolve_reward
+
+    texts = ["Answer: 12", "Answer: 3", [{"role": "assistant", "content": "none"}]]
+    assert resolve_reward("length")(texts) == [10.0, 9.0, 4.0]
+    assert resolve_reward("accuracy_and_length")(texts, answer=[12, 4, 4]) == pytest.approx([2.0, 0.9, 0.4])
+    assert resolve_reward("closeness")(texts, answer=[12, 4, 4]) == pytest.approx([0.0, -0.6931472, -5.0])
