@@ -15,9 +15,18 @@ from align.errors import ConfigError, TrainingError
 from align.trainers.iterative import extrapolated_reference
 from recipes.iterative_dpo import IterativeRecipeConfig, run
 
-# Small runs: 24 prompts, K = 4, 8 steps of 8 pairs per iteration, win rate on 24 held-out prompts x 2 samples.
-SMALL = dict(max_train_samples=24, max_eval_samples=24, eval_num_samples=2, max_steps=8,
+# Small runs: 16 prompts, K = 4, 8 steps of 8 pairs per iteration, win rate on 8 held-out prompts x 2 samples.
+SMALL = dict(max_train_samples=16, max_eval_samples=8, eval_num_samples=2, max_steps=8, max_new_tokens=12,
              per_device_train_batch_size=8, logging_steps=1, iterations=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these tiny forwards only lose to thread hand-offs on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def config(repo, out, name="testbed-ilr-dpo.yaml", **over):
@@ -74,10 +83,10 @@ def test_plain_run_writes_each_iteration(plain_run):
         folder = plain_run / f"iter-{t}"
         assert (folder / "done").is_file() and (folder / "model.safetensors").is_file()
         pairs = [json.loads(line) for line in open(folder / "pairs.jsonl", encoding="utf-8")]
-        assert len(pairs) == r["pairs"] > 0 and r["pairs"] + r["ties_skipped"] == r["prompts"] == 24
+        assert len(pairs) == r["pairs"] > 0 and r["pairs"] + r["ties_skipped"] == r["prompts"] == 16
         assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
-        assert r["oracle_calls"] == 24 * 6  # K = 4: one call per unordered pair of samples
-        assert r["train/steps"] == 8 and 0 <= r["eval/win_rate"] <= 1 and r["eval/oracle_calls"] == 24 * 2
+        assert r["oracle_calls"] == 16 * 6  # K = 4: one call per unordered pair of samples
+        assert r["train/steps"] == 8 and 0 <= r["eval/win_rate"] <= 1 and r["eval/oracle_calls"] == 8 * 2
     # the second iteration samples from π_1, not π_0: different pairs
     assert open(plain_run / "iter-0/pairs.jsonl").read() != open(plain_run / "iter-1/pairs.jsonl").read()
 
@@ -94,7 +103,7 @@ def test_apo_alpha_zero_is_plain_iterative_dpo(repo, plain_run, tmp_path):
 
 def test_apo_alpha_changes_the_second_round_only(repo, plain_run, tmp_path):
     out = tmp_path / "apo"
-    run(config(repo, out, objective="dpo", length_alpha=None, apo_alpha=0.5))
+    run(config(repo, out, objective="dpo", length_alpha=None, apo_alpha=0.5, eval_num_samples=0))
     assert same_weights(out / "iter-0", plain_run / "iter-0")  # iteration 0 has no previous policy
     assert not same_weights(out / "iter-1", plain_run / "iter-1")
     assert losses(out)[:8] == losses(plain_run)[:8] and losses(out)[8:] != losses(plain_run)[8:]
@@ -125,19 +134,22 @@ def test_resume_mid_iteration_equals_uninterrupted(repo, plain_run, tmp_path):
 
 
 def test_length_evidence_plain_dpo_grows_lrdpo_stays_flat(repo, testbed, tmp_path):
-    """Under a length-biased oracle (accuracy + 0.1 per character), plain iterative DPO inflates the sampled
-    length over 3 iterations; lrdpo (length_alpha 0.2) keeps it flat; both beat the initial policy."""
-    over = dict(iterations=3, max_train_samples=48, max_steps=12)
-    run(config(repo, tmp_path / "dpo", objective="dpo", length_alpha=None, **over))
-    run(config(repo, tmp_path / "lrdpo", **over))
+    """configs/iterative/testbed-ilr-dpo.yaml as it is (96 prompts, K = 4, 20 steps a round, win rate on 64 held-out
+    prompts x 4): under the length-biased oracle (accuracy + 0.1 per character) plain iterative DPO inflates the
+    length every iteration; lrdpo (length_alpha 2.0) keeps it within a token of the initial policy's; both beat
+    the initial policy. The README quotes these numbers."""
+    run(load_config(IterativeRecipeConfig, repo / "configs/iterative/testbed-ilr-dpo.yaml",
+                    dict(output_dir=str(tmp_path / "dpo"), objective="dpo", length_alpha=None)))
+    run(load_config(IterativeRecipeConfig, repo / "configs/iterative/testbed-ilr-dpo.yaml",
+                    dict(output_dir=str(tmp_path / "lrdpo"))))
     dpo, lr = records(tmp_path / "dpo"), records(tmp_path / "lrdpo")
     initial = dpo[0]["eval/baseline_length"]
-    assert lr[0]["eval/baseline_length"] == initial
+    assert lr[0]["eval/baseline_length"] == initial == pytest.approx(5.33, abs=0.01)
     dpo_len = [r["eval/policy_length"] for r in dpo]
     lr_len = [r["eval/policy_length"] for r in lr]
-    assert dpo_len[0] < dpo_len[1] < dpo_len[2] and dpo_len[2] > initial + 3  # grows every iteration
-    assert max(abs(x - initial) for x in lr_len) < 1.0  # flat
-    assert dpo[-1]["eval/win_rate"] > 0.5 and lr[-1]["eval/win_rate"] > 0.5
+    assert dpo_len[0] < dpo_len[1] < dpo_len[2] and dpo_len[2] > initial + 5  # measured 6.05, 7.82, 13.22
+    assert max(abs(x - initial) for x in lr_len) < 1.0  # measured 5.47, 5.55, 6.00
+    assert dpo[-1]["eval/win_rate"] > 0.9 and lr[-1]["eval/win_rate"] > 0.55  # measured 0.973, 0.629
 
 
 def test_bad_input_stops_before_generation(repo, testbed, tmp_path, monkeypatch):
