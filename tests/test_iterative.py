@@ -184,3 +184,33 @@ def test_length_and_closeness_rewards_by_hand():
     assert resolve_reward("length")(texts) == [10.0, 9.0, 4.0]
     assert resolve_reward("accuracy_and_length")(texts, answer=[12, 4, 4]) == pytest.approx([2.0, 0.9, 0.4])
     assert resolve_reward("closeness")(texts, answer=[12, 4, 4]) == pytest.approx([0.0, -0.6931472, -5.0])
+
+
+def test_two_processes_make_the_same_pairs_as_one(repo, testbed, tmp_path):
+    """APO under `accelerate launch` with 2 CPU processes (gloo) against 1 process, same global batch: sampling and
+    judging sharded by prompt gather to the same pairs in both iterations, the sharded reference passes (π_t and
+    π_{t−1}) and the rounds give the same losses, and the win rate (whole on every process) is the same."""
+    import subprocess
+    import sys
+
+    common = ["--config", "configs/iterative/testbed-apo.yaml", "iterations=2", "max_train_samples=16",
+              "max_eval_samples=8", "eval_num_samples=2", "max_steps=4", "max_new_tokens=12", "logging_steps=1",
+              "disable_tqdm=true"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu2.yaml",
+              "--num_processes", "2", "--main_process_port", "29541"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, cmd in (("one", [sys.executable]), ("two", launch)):
+        batch = 8 if name == "one" else 4
+        proc = subprocess.run([*cmd, "recipes/iterative_dpo.py", *common, f"output_dir={tmp_path / name}",
+                               f"per_device_train_batch_size={batch}"], cwd=repo, capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    for t in (0, 1):
+        pairs = [(tmp_path / name / f"iter-{t}/pairs.jsonl").read_text() for name in ("one", "two")]
+        assert pairs[0] == pairs[1]
+        for key in ("pairs", "ties_skipped", "oracle_calls", "samples/mean_length", "eval/baseline_length"):
+            assert one[t][key] == two[t][key]
+    assert one[0]["pairs"] % 8 == 0  # a whole number of global batches: the first rounds see the same data
+    assert two[0]["train/loss"] == pytest.approx(one[0]["train/loss"], abs=1e-5)
+    assert two[0]["eval/win_rate"] == pytest.approx(one[0]["eval/win_rate"], abs=1e-6)

@@ -32,7 +32,8 @@ iteration reuses its saved pairs and resumes its round from the last ``iter-t/tr
 Processes: every model the driver uses outside a round's Trainer (sampling, reference scoring, win rate)
 is loaded from disk, unwrapped, on every process. Sampling and oracle scoring are sharded by prompt
 (prompt i on process i mod N) and gathered in prompt order; the per-completion seeds make the pairs
-those of one process. Reference scoring is sharded by the PreferenceTrainer. Only process 0 writes files.
+those of one process. Reference scoring is sharded by the PreferenceTrainer; the win rate is computed whole on
+every process (``win_rate`` seeds by row position, so shards would sample differently). Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -329,24 +330,14 @@ class IterativeDPO:
 
     def evaluate(self, t: int) -> dict:
         """Win rate of π_{t+1} (just saved in ``iter-t/``) against the initial policy on the held-out prompts,
-        under the oracle; the rows are sharded over the processes and the means weighted back together."""
-        from accelerate.utils import gather_object
-
+        under the oracle. Every process judges every row: ``win_rate`` seeds a completion by the row's position,
+        so sharded rows would draw other samples than one process does."""
         from align.evaluation import win_rate
 
         c = self.config
         if self.evaluation is None or not c.eval_num_samples:
             return {}
-        rank, world = self.state.process_index, self.state.num_processes
-        rows = [self.evaluation[i] for i in range(rank, len(self.evaluation), world)]
-        local = {}
-        if rows:
-            policy, baseline = self._load(self.iter_dir(t)), self._load(c.model_name_or_path)
-            local = win_rate(policy, baseline, self.tokenizer, rows, self.oracle, c.eval_num_samples,
-                             c.max_new_tokens, c.sample_temperature, c.seed, c.generation_batch_size)
-        parts = [(n, m) for n, m in gather_object([(len(rows), local)]) if n]
-        total = sum(n for n, _ in parts)
-        out = {f"eval/{k}": sum(n * m[k] for n, m in parts) / total for k in ("win_rate", "policy_length",
-                                                                             "baseline_length")}
-        out["eval/oracle_calls"] = sum(m["oracle_calls"] for _, m in parts)
-        return out
+        policy, baseline = self._load(self.iter_dir(t)), self._load(c.model_name_or_path)
+        out = win_rate(policy, baseline, self.tokenizer, list(self.evaluation), self.oracle, c.eval_num_samples,
+                       c.max_new_tokens, c.sample_temperature, c.seed, c.generation_batch_size)
+        return {f"eval/{k}": v for k, v in out.items()}
