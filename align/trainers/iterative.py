@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -153,13 +152,16 @@ class IterativeDPO:
     # --- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> list[dict]:
+        if not self.resume and self.state.is_main_process:  # overwrite_output_dir: no stale pairs, caches, markers
+            import shutil
+
+            for name in os.listdir(self.config.output_dir) if os.path.isdir(self.config.output_dir) else ():
+                if name.startswith("iter-"):
+                    shutil.rmtree(os.path.join(self.config.output_dir, name))
+        self.state.wait_for_everyone()
         records = []
         for t in range(self.config.iterations):
-            if self.is_done(t):
-                if not self.resume:
-                    raise ConfigError(f"output_dir: iteration {t} is already done in {self.config.output_dir!r}; "
-                                      "resume with resume_from_checkpoint=true or choose another output_dir")
-            else:
+            if not self.is_done(t):
                 self.iteration(t)
             with open(os.path.join(self.iter_dir(t), "metrics.json"), encoding="utf-8") as fh:
                 records.append(json.load(fh))
@@ -176,10 +178,10 @@ class IterativeDPO:
         if not pairs:
             raise ConfigError(f"iteration {t}: every prompt's {c.samples_per_prompt} samples tie under the oracle, "
                               "no pair to train on (raise samples_per_prompt or sample_temperature)")
-        trainer = self.train_round(t, pairs)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        metrics = {"iteration": t, **stats, "train/loss": sum(losses) / len(losses) if losses else math.nan,
-                   "train/steps": trainer.state.global_step}
+        trainer, output = self.train_round(t, pairs)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # a resumed round's too
+        loss = sum(losses) / len(losses) if losses else output.training_loss  # no log within the round
+        metrics = {"iteration": t, **stats, "train/loss": loss, "train/steps": trainer.state.global_step}
         if trainer.is_peft:  # the next iteration starts from a plain model: merge the adapter
             if self.state.is_main_process:
                 trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(folder)
@@ -323,8 +325,7 @@ class IterativeDPO:
         trainer = self._trainer(self._load(self.start_path(t)), args, self.callbacks)
         trainer.train_dataset = self.reference_logps(t, trainer, self.train_dataset(pairs))
         last = get_last_checkpoint(args.output_dir) if self.resume and os.path.isdir(args.output_dir) else None
-        trainer.train(resume_from_checkpoint=last)
-        return trainer
+        return trainer, trainer.train(resume_from_checkpoint=last)
 
     # --- 5. evaluation ----------------------------------------------------------------------------
 
