@@ -101,12 +101,18 @@ def test_apo_alpha_zero_is_plain_iterative_dpo(repo, plain_run, tmp_path):
     assert same_weights(out / "iter-1", plain_run / "iter-1")
 
 
-def test_apo_alpha_changes_the_second_round_only(repo, plain_run, tmp_path):
-    out = tmp_path / "apo"
-    run(config(repo, out, objective="dpo", length_alpha=None, apo_alpha=0.5, eval_num_samples=0))
-    assert same_weights(out / "iter-0", plain_run / "iter-0")  # iteration 0 has no previous policy
-    assert not same_weights(out / "iter-1", plain_run / "iter-1")
-    assert losses(out)[:8] == losses(plain_run)[:8] and losses(out)[8:] != losses(plain_run)[8:]
+@pytest.fixture(scope="module")
+def apo_run(repo, testbed, tmp_path_factory):
+    """APO with α = 0.5, otherwise the plain run."""
+    out = tmp_path_factory.mktemp("iter") / "apo"
+    run(config(repo, out, objective="dpo", length_alpha=None, apo_alpha=0.5, save_strategy="steps", save_steps=4))
+    return out
+
+
+def test_apo_alpha_changes_the_second_round_only(plain_run, apo_run):
+    assert same_weights(apo_run / "iter-0", plain_run / "iter-0")  # iteration 0 has no previous policy
+    assert not same_weights(apo_run / "iter-1", plain_run / "iter-1")
+    assert losses(apo_run)[:8] == losses(plain_run)[:8] and losses(apo_run)[8:] != losses(plain_run)[8:]
 
 
 class Interrupt(TrainerCallback):
@@ -117,9 +123,11 @@ class Interrupt(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_resume_mid_iteration_equals_uninterrupted(repo, plain_run, tmp_path):
+@pytest.mark.parametrize("apo_alpha", [None, 0.5], ids=["plain", "apo"])
+def test_resume_mid_iteration_equals_uninterrupted(repo, request, tmp_path, apo_alpha):
+    reference = request.getfixturevalue("plain_run" if apo_alpha is None else "apo_run")
     out = tmp_path / "resumed"
-    over = dict(objective="dpo", length_alpha=None, save_strategy="steps", save_steps=4)
+    over = dict(objective="dpo", length_alpha=None, apo_alpha=apo_alpha, save_strategy="steps", save_steps=4)
     with pytest.raises(KeyboardInterrupt):
         run(config(repo, out, **over), callbacks=[Interrupt()])
     assert (out / "iter-0/done").is_file() and not (out / "iter-1/done").exists()
@@ -129,8 +137,8 @@ def test_resume_mid_iteration_equals_uninterrupted(repo, plain_run, tmp_path):
         config(repo, out, **over)
     run(config(repo, out, resume_from_checkpoint="true", **over))
     assert open(out / "iter-1/pairs.jsonl").read() == pairs  # reused, not sampled again
-    assert same_weights(out / "iter-1", plain_run / "iter-1")
-    assert records(out) == records(plain_run)
+    assert same_weights(out / "iter-1", reference / "iter-1")
+    assert records(out) == records(reference)
 
 
 def test_length_evidence_plain_dpo_grows_lrdpo_stays_flat(repo, testbed, tmp_path):
