@@ -1,4 +1,9 @@
-"""Length penalties: DAPO's soft overlong punishment.
+"""Length rewards: DAPO's soft overlong punishment, and rewards that favour longer answers.
+
+``length`` scores a completion by its length in characters (``length_reward``); ``accuracy_and_length``
+adds it, scaled by ``LENGTH_WEIGHT``, to the verifier's 0/1 accuracy: a judge that prefers right answers and,
+among equally right ones, longer ones, a stand-in for a length-biased reward model (iLR-DPO's testbed
+evidence, METHODS §7: with it, plain iterative DPO inflates length).
 
 Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (arXiv:2503.14476),
 Eq. 13: for a completion of ``L`` tokens, a maximum length ``L_max`` and a punishment interval
@@ -16,6 +21,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
+
+LENGTH_WEIGHT = 0.1  # accuracy_and_length: reward per character (10 characters are worth one right answer)
+
+
+def _chars(completion: Any) -> int:
+    from rewards.math import _text
+
+    return len(_text(completion))
+
+
+def length_reward(completions: Sequence[Any], **_: Any) -> list[float]:
+    """The length of each completion in characters (a conversational completion: its last message)."""
+    return [float(_chars(c)) for c in completions]
+
+
+def accuracy_and_length(completions: Sequence[Any], answer: Sequence[int | str], **_: Any) -> list[float]:
+    """Verifier accuracy (0/1) plus ``LENGTH_WEIGHT`` per character: right beats wrong unless the wrong one is
+    10 characters longer; between equally right answers the longer wins."""
+    from rewards.math import accuracy_reward
+
+    return [a + LENGTH_WEIGHT * _chars(c) for a, c in zip(accuracy_reward(completions, answer), completions,
+                                                         strict=True)]
 
 
 def _check(max_completion_length: int, cache_length: int) -> None:

@@ -45,3 +45,18 @@ def accuracy_reward(completions: Sequence[Any], answer: Sequence[int | str], **_
 def format_reward(completions: Sequence[Any], **_: Any) -> list[float]:
     """1.0 for each completion that states an answer in the ``Answer: <integer>`` format, else 0.0."""
     return [0.0 if extract_answer(c) is None else 1.0 for c in completions]
+
+
+def closeness_reward(completions: Sequence[Any], answer: Sequence[int | str], **_: Any) -> list[float]:
+    """How near the stated answer is to the truth: −log(1 + |stated − answer|) (0 when right), −5 with no
+    answer. A dense judge: unlike the 0/1 verifier, two wrong answers are still ordered."""
+    import math
+
+    if len(completions) != len(answer):
+        raise ValueError(f"closeness_reward: {len(completions)} completions but {len(answer)} answers")
+    out = []
+    for c, a in zip(completions, answer, strict=True):
+        got = extract_answer(c)
+        out.append(-5.0 if got is None else -math.log1p(abs(got - int(a))))
+    return out
+

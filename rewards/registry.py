@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from align.errors import ConfigError, DataError, TrainingError
-from rewards.length import overlong_reward
-from rewards.math import accuracy_reward, format_reward
+from rewards.length import accuracy_and_length, length_reward, overlong_reward
+from rewards.math import accuracy_reward, closeness_reward, format_reward
 from rewards.math_verify import math_verify_reward
 
 RewardFn = Callable[..., list[float]]
@@ -27,8 +27,11 @@ RewardFn = Callable[..., list[float]]
 REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "accuracy": accuracy_reward,  # needs column `answer`
     "format": format_reward,
+    "closeness": closeness_reward,  # needs column `answer`; −log(1 + |error|)
     "math_verify": math_verify_reward,  # needs column `solution`
     "overlong": overlong_reward,  # factory: options max_completion_length, overlong_cache_length
+    "length": length_reward,  # characters
+    "accuracy_and_length": accuracy_and_length,  # needs column `answer`; a length-biased judge
 }
 # Registered factories: factory argument -> the option that supplies it.
 FACTORY_OPTIONS: dict[str, dict[str, str]] = {

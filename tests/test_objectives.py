@@ -47,8 +47,8 @@ SOFTPLUS_M1 = math.log1p(math.exp(-1.0))  # −log σ(1) = 0.3132617
         # H-DPO: α·β·(−10 + 12) − β·0 = 0.5 → log(1 + e^−0.5)
         ("hdpo", dict(beta=0.5, alpha=0.5), 0.4740770),
         ("hdpo", dict(beta=0.5, alpha=1.0), 0.3132617),  # α = 1 is DPO
-        # LR-DPO: 1 − 0.1·(5 − 4) = 0.9 → log(1 + e^−0.9)
-        ("lrdpo", dict(beta=0.5, length_alpha=0.1), 0.3411539),
+        # LR-DPO: 1 + 0.1·(5 − 4) = 1.1 → log(1 + e^−1.1) (a longer chosen needs a smaller margin)
+        ("lrdpo", dict(beta=0.5, length_alpha=0.1), 0.2873353),
         ("lrdpo", dict(beta=0.5, length_alpha=0.0), 0.3132617),
     ],
 )
