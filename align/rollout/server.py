@@ -1,0 +1,111 @@
+"""The rollout server: a vLLM engine in its own process (own GPUs or node), behind a small HTTP API.
+
+    align serve --model <folder or Hub id> [--host 0.0.0.0] [--port 8000] [--tensor-parallel-size N]
+
+Endpoints (JSON unless said otherwise):
+
+* ``GET /health`` -> ``{"model", "max_model_len", "tensor_parallel_size", "weights_version"}``; answered
+  without waiting for a generation in progress, so a trainer can tell a busy server from a dead one.
+* ``POST /generate`` ``{"prompts", "rows", "seeds", "sampling", "eos_ids"}`` -> ``{"results": [[token
+  ids, finish reason, log-probs], ...]}``: one completion per row, each with its own seed
+  (:func:`align.rollout.vllm_engine.run_requests`, the same code the colocated engine runs).
+* ``POST /weights`` (body: a safetensors file in memory, the policy's full weights under the plain
+  model's names) -> ``{"weights_version"}``: loaded in place with vLLM's ``reload_weights``, prefix
+  cache reset. HTTP carries the weights, so the same channel works between CPU processes, across
+  nodes and on GPUs (where it is slower than NCCL; see the README's Status).
+
+Why our own server instead of TRL's ``vllm_serve``: every wait on the trainer side is a plain socket
+with a timeout (no collective that can block forever), it runs on the CPU build of vLLM, and it keeps
+the per-completion seeds of our protocol. One lock serialises the engine; ``/health`` does not take it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from align.rollout.base import SamplingParams
+from align.rollout.vllm_engine import run_requests, start_llm
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutServer:
+    def __init__(self, model: str, *, max_model_len: int = 2048, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, dtype: str = "auto", seed: int = 0):
+        self.llm = start_llm(model, max_model_len=max_model_len, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                             gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        self.lock = threading.Lock()
+        self.info = {"model": model, "max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel_size,
+                     "weights_version": 0}
+
+    def generate(self, request: dict) -> dict:
+        sampling = SamplingParams(**request["sampling"])
+        rows = [tuple(r) for r in request["rows"]]
+        with self.lock:
+            results = run_requests(self.llm, request["prompts"], rows, request["seeds"], sampling, request["eos_ids"])
+        return {"results": results}
+
+    def load_weights(self, payload: bytes) -> dict:
+        from safetensors.torch import load
+
+        weights = load(payload)
+        with self.lock:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()),
+                                                              "is_checkpoint_format": True})
+            self.llm.reset_prefix_cache()
+            self.info["weights_version"] += 1
+        return {"weights_version": self.info["weights_version"]}
+
+
+def _handler(server: RolloutServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # requests are logged at debug level, not to stderr
+            logger.debug(fmt, *args)
+
+        def _reply(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self._reply(200, server.info)
+            else:
+                self._reply(404, {"error": f"no endpoint {self.path}"})
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            try:
+                if self.path == "/generate":
+                    self._reply(200, server.generate(json.loads(body)))
+                elif self.path == "/weights":
+                    self._reply(200, server.load_weights(body))
+                else:
+                    self._reply(404, {"error": f"no endpoint {self.path}"})
+            except Exception as err:  # the trainer gets the reason instead of a dropped connection
+                logger.exception("request %s failed", self.path)
+                self._reply(500, {"error": f"{type(err).__name__}: {err}"})
+
+    return Handler
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, **engine_kwargs) -> None:
+    """Load the model, then answer requests until interrupted."""
+    server = RolloutServer(model, **engine_kwargs)
+    httpd = ThreadingHTTPServer((host, port), _handler(server))
+    print(f"align serve: {model} ready on http://{host}:{httpd.server_address[1]} "
+          f"(max_model_len {server.info['max_model_len']})", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
