@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     srv.add_argument("--max-model-len", type=int, default=2048, help="longest prompt + completion, in tokens")
     srv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    srv.add_argument("--dtype", default="auto", help="weights dtype: auto, float32, bfloat16, float16")
+    srv.add_argument("--dtype", default="auto", help="weights dtype: auto (the CPU build picks bfloat16), float32, "
+                     "bfloat16, float16; the trainer warns when it differs from the policy's")
     srv.add_argument("--seed", type=int, default=0)
     srv.set_defaults(func=_serve)
     return parser

@@ -205,7 +205,8 @@ def free_port() -> int:
 def start_server(repo, testbed, port: int) -> subprocess.Popen:
     env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(repo)}
     proc = subprocess.Popen([sys.executable, "-m", "align.cli", "serve", "--model", str(testbed.policy), "--port",
-                             str(port), "--max-model-len", "128", "--gpu-memory-utilization", "0.1"],
+                             str(port), "--max-model-len", "128", "--gpu-memory-utilization", "0.1", "--dtype",
+                             "float32"],
                             cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:

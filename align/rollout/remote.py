@@ -14,6 +14,7 @@ puts a barrier between the push and the next generation (see ``RLTrainer._sync_e
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import urllib.error
 import urllib.request
@@ -21,6 +22,8 @@ import urllib.request
 from align.errors import ConfigError, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, eos_token_ids
 from align.rollout.vllm_engine import merged, policy_weights, request_rows, to_rollouts
+
+logger = logging.getLogger(__name__)
 
 
 class ServerUnavailable(TrainingError):
@@ -31,8 +34,9 @@ class ServerEngine:
     """:class:`align.rollout.base.RolloutEngine` talking to ``align serve`` at ``host:port``."""
 
     def __init__(self, host: str, port: int, *, eos_ids: list[int], timeout_s: float = 300.0,
-                 push_weights: bool = True):
+                 push_weights: bool = True, dtype: str | None = None):
         self.url = f"http://{host}:{port}"
+        self.dtype = dtype
         self.eos_ids = list(eos_ids)
         self.timeout_s = timeout_s
         self.push_weights = push_weights
@@ -40,7 +44,9 @@ class ServerEngine:
 
     @classmethod
     def for_policy(cls, model, tokenizer, host: str, port: int, timeout_s: float, push_weights: bool) -> ServerEngine:
-        return cls(host, port, eos_ids=eos_token_ids(model, tokenizer), timeout_s=timeout_s, push_weights=push_weights)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return cls(host, port, eos_ids=eos_token_ids(model, tokenizer), timeout_s=timeout_s, push_weights=push_weights,
+                   dtype=dtype)
 
     def _call(self, path: str, what: str, body: bytes | None = None, content_type: str = "application/json") -> dict:
         req = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET",
@@ -72,6 +78,10 @@ class ServerEngine:
         if self.info.get("max_model_len", 0) < max_model_len:
             raise ConfigError(f"max_completion_length: max_prompt_length + max_completion_length = {max_model_len} is "
                               f"more than the server's max_model_len {self.info.get('max_model_len')} ({self.url})")
+        if self.dtype and self.info.get("dtype") not in (None, self.dtype):
+            logger.warning("vllm-server %s holds the weights in %s, the policy trains in %s: expect a larger "
+                           "rollout/logp_gap (truncated importance sampling, vllm_is_cap, corrects for it)", self.url,
+                           self.info["dtype"], self.dtype)
         return self.info
 
     def generate(self, prompts, n_per_prompt, sampling: SamplingParams, keys=None) -> Rollouts:

@@ -4,7 +4,7 @@
 
 Endpoints (JSON unless said otherwise):
 
-* ``GET /health`` -> ``{"model", "max_model_len", "tensor_parallel_size", "weights_version"}``; answered
+* ``GET /health`` -> ``{"model", "max_model_len", "tensor_parallel_size", "dtype", "weights_version"}``; answered
   without waiting for a generation in progress, so a trainer can tell a busy server from a dead one.
 * ``POST /generate`` ``{"prompts", "rows", "seeds", "sampling", "eos_ids"}`` -> ``{"results": [[token
   ids, finish reason, log-probs], ...]}``: one completion per row, each with its own seed
@@ -26,6 +26,7 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from align.errors import ConfigError
 from align.rollout.base import SamplingParams
 from align.rollout.vllm_engine import run_requests, start_llm
 
@@ -39,7 +40,7 @@ class RolloutServer:
                              gpu_memory_utilization=gpu_memory_utilization, seed=seed)
         self.lock = threading.Lock()
         self.info = {"model": model, "max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel_size,
-                     "weights_version": 0}
+                     "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."), "weights_version": 0}
 
     def generate(self, request: dict) -> dict:
         sampling = SamplingParams(**request["sampling"])
@@ -98,9 +99,14 @@ def _handler(server: RolloutServer):
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, **engine_kwargs) -> None:
-    """Load the model, then answer requests until interrupted."""
+    """Take the port (a port in use fails at once, not after the load), load the model, then answer requests
+    until interrupted (requests that arrive during the load wait in the socket's backlog)."""
+    try:
+        httpd = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler, bind_and_activate=True)
+    except OSError as err:
+        raise ConfigError(f"--port: cannot listen on {host}:{port} ({err.strerror or err})") from None
     server = RolloutServer(model, **engine_kwargs)
-    httpd = ThreadingHTTPServer((host, port), _handler(server))
+    httpd.RequestHandlerClass = _handler(server)
     print(f"align serve: {model} ready on http://{host}:{httpd.server_address[1]} "
           f"(max_model_len {server.info['max_model_len']})", flush=True)
     try:
