@@ -62,8 +62,11 @@ def _quickstart(args) -> int:
 def _serve(args) -> int:
     from align.modeling import check_model_path, resolve_model_path
     from align.rollout.server import serve
+    from align.rollout.vllm_engine import check_max_length, check_tensor_parallel
 
     check_model_path(args.model, "--model")
+    check_tensor_parallel(args.tensor_parallel_size, "--tensor-parallel-size")
+    check_max_length(resolve_model_path(args.model), args.max_model_len, "--max-model-len", "max model length")
     serve(resolve_model_path(args.model), args.host, args.port, max_model_len=args.max_model_len,
           tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
           dtype=args.dtype, seed=args.seed)

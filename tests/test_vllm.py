@@ -152,18 +152,24 @@ def test_trainer_with_colocated_engine(repo, tmp_path, testbed, policy):
     from recipes.grpo import build_trainer
 
     _, tok, ids = policy
-    trainer = build_trainer(grpo_cfg(repo, tmp_path, rollout="vllm"))
+    # one step a round, a push every 2 steps: rounds at steps 0 and 2 sample the trainer's weights, the round
+    # at step 1 samples weights one step old, which truncated importance sampling corrects
+    trainer = build_trainer(grpo_cfg(repo, tmp_path, rollout="vllm", vllm_sync_steps=2, max_steps=3))
     try:
         trainer.train()
         logs = [json.loads(x) for x in open(tmp_path / "out/metrics.jsonl")]
         steps = [r for r in logs if "loss" in r]
-        assert len(steps) == 2
-        for r in steps:  # the engine samples what the trainer would: the gap is numerical noise
+        assert len(steps) == 3 and trainer._synced_step == 2
+        for r in (steps[0], steps[2]):  # the engine samples what the trainer would: the gap is numerical noise
             assert 0 <= r["rollout/logp_gap"] < 1e-3 and r["rollout/is_weight"] == pytest.approx(1.0, abs=1e-3)
             assert r["rollout/is_clipped"] == 0.0
+        stale = steps[1]
+        assert stale["rollout/logp_gap"] > 1e-2 and abs(stale["rollout/is_weight"] - 1.0) > 1e-3
+        for r in steps:
             assert 0 < r["timing/generate"] < 1 and 0 < r["timing/sync"] < 1
-        assert trainer._synced_step == 1  # pushed before round 0 and after step 1
-        trainer._sync_engine()  # the weights after the last step
+        trainer._sync_engine()  # 3 - 2 < vllm_sync_steps: no push, the engine keeps step 2's weights
+        assert trainer._synced_step == 2
+        trainer.engine.sync_weights(trainer.model)  # the weights after the last step
         assert_follows(trainer.engine, trainer.model, tok, ids)
     finally:
         trainer.close()
@@ -179,6 +185,19 @@ def test_trainer_with_colocated_engine(repo, tmp_path, testbed, policy):
 def test_bad_vllm_options_fail_at_config(repo, tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         grpo_cfg(repo, tmp_path, rollout=overrides.pop("rollout", "vllm"), **overrides)
+
+
+def test_serve_refuses_bad_input_in_one_line(repo, testbed):
+    env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(repo)}
+    for extra, message in [
+        (["--tensor-parallel-size", "2"], "error: --tensor-parallel-size: 2 is larger than the 1 visible device(s)"),
+        (["--max-model-len", "100000"], "error: --max-model-len: max model length = 100000 is more than the model's "
+                                        "max_position_embeddings"),
+        (["--model", "/no/such/model"], "error: --model: folder '/no/such/model' does not exist"),
+    ]:
+        cmd = [sys.executable, "-m", "align.cli", "serve", "--model", "testbed:policy", "--port", str(free_port())]
+        proc = subprocess.run(cmd + extra, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
 
 
 def test_model_vllm_cannot_load_and_too_long(tmp_path, testbed):

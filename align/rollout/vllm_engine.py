@@ -46,13 +46,15 @@ def check_tensor_parallel(size: int, key: str = "vllm_tensor_parallel_size") -> 
         raise ConfigError(f"{key}: {size} is larger than the {visible_devices()} visible device(s)")
 
 
-def model_max_length(path: str) -> int | None:
-    """The model's ``max_position_embeddings`` from its config (None when it does not say)."""
+def check_max_length(path: str, max_model_len: int, key: str = "max_completion_length",
+                     what: str = "max_prompt_length + max_completion_length") -> None:
+    """``max_model_len`` must fit the model's ``max_position_embeddings`` (when its config says)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
-    config = getattr(config, "text_config", None) or config
-    return getattr(config, "max_position_embeddings", None)
+    limit = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+    if limit is not None and max_model_len > limit:
+        raise ConfigError(f"{key}: {what} = {max_model_len} is more than the model's max_position_embeddings {limit}")
 
 
 def start_llm(model_path: str, *, max_model_len: int, dtype: str = "float32", tensor_parallel_size: int = 1,
@@ -61,10 +63,7 @@ def start_llm(model_path: str, *, max_model_len: int, dtype: str = "float32", te
     """A ``vllm.LLM`` on ``model_path``; bad input raises :class:`ConfigError` in one line, before the load."""
     require_vllm()
     check_tensor_parallel(tensor_parallel_size)
-    limit = model_max_length(model_path)
-    if limit is not None and max_model_len > limit:
-        raise ConfigError(f"max_completion_length: max_prompt_length + max_completion_length = {max_model_len} is "
-                          f"more than the model's max_position_embeddings {limit}")
+    check_max_length(model_path, max_model_len)
     if in_process and tensor_parallel_size == 1:
         # the engine core runs in this process, so weights reach it without a copy through a socket
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
