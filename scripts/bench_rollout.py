@@ -105,11 +105,15 @@ def child_grpo(engine_name: str, steps: int, port: int | None) -> dict:
                   logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
                   num_generations=GENERATIONS, max_completion_length=GRPO_NEW, temperature=1.0, beta=0.0,
                   loss_type="dapo", num_iterations=1, dataloader_pin_memory=False)
-    timer = step_timer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    class KeepLogs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs_seen.append(dict(logs or {}))
+
+    timer, logs_seen = step_timer(), []
 
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
-    logs: list[dict] = []
     if engine_name == "trl-vllm":
         from trl import GRPOConfig, GRPOTrainer
 
@@ -121,7 +125,7 @@ def child_grpo(engine_name: str, steps: int, port: int | None) -> dict:
                             vllm_mode="colocate", vllm_gpu_memory_utilization=0.2, vllm_max_model_length=128,
                             per_device_train_batch_size=PROMPTS * GENERATIONS // 2, steps_per_generation=2)
         trainer = GRPOTrainer(model=model, reward_funcs=accuracy_reward, args=config, train_dataset=rows,
-                              processing_class=tok, callbacks=[timer])
+                              processing_class=tok, callbacks=[timer, KeepLogs()])
     else:
         from align.trainers.rl import RLConfig, RLTrainer
 
@@ -129,12 +133,12 @@ def child_grpo(engine_name: str, steps: int, port: int | None) -> dict:
         config = RLConfig(**common, per_device_train_batch_size=PROMPTS, num_minibatches=2, micro_batch_size=64,
                           reward_funcs=["accuracy"], max_prompt_length=64, rollout=engine_name,
                           vllm_gpu_memory_utilization=0.2, **extra)
-        trainer = RLTrainer(model, config, rows, processing_class=tok, callbacks=[timer])
+        trainer = RLTrainer(model, config, rows, processing_class=tok, callbacks=[timer, KeepLogs()])
     trainer.train()
     if engine_name != "trl-vllm":
-        logs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
         trainer.close()
     steady = timer.times[1:]  # from the end of the first round
+    logs = [r for r in logs_seen if "loss" in r]
     last = [r for r in logs if "timing/generate" in r]
     result = {"engine": engine_name, "s_per_step": (steady[-1] - steady[0]) / (len(steady) - 1),
               "mean_reward": sum(timer.rewards) / max(len(timer.rewards), 1)}
@@ -171,6 +175,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="GRPO optimizer steps (2 a round)")
+    parser.add_argument("--parts", nargs="+", default=["generate", "grpo"], choices=["generate", "grpo"])
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -185,6 +190,13 @@ def main() -> None:
     from align.testbed.build import ensure_testbed
 
     medium_model(str(ensure_testbed().policy))  # build outside the timed children
+    if "generate" in args.parts:
+        generation_table(args)
+    if "grpo" in args.parts:
+        grpo_table(args)
+
+
+def generation_table(args) -> None:
     sizes = ",".join(map(str, args.batch_sizes))
     print(f"generation: completion tokens/s, one completion per prompt, {args.new_tokens} new tokens max, "
           f"{os.cpu_count()} CPUs")
@@ -204,6 +216,8 @@ def main() -> None:
             print(f"{model:<10} vLLM/HF: " + ", ".join(
                 f"batch {b} {vl['tokens_per_s'][str(b)] / hf['tokens_per_s'][str(b)]:.2f}x" for b in args.batch_sizes))
 
+
+def grpo_table(args) -> None:
     print(f"\nGRPO on the testbed: {PROMPTS} prompts x {GENERATIONS} completions a round, 2 steps a round, {GRPO_NEW} "
           f"new tokens, {args.steps} steps")
     grpo = {}
@@ -225,7 +239,7 @@ def main() -> None:
                 server.wait(60)
                 server = None
         if "error" in r:
-            print(f"{engine:<12} failed: {r['error']}")
+            print(f"{engine:<12} failed: {r['error']}", flush=True)
             continue
         shares = (f"generate {r['generate_share']:.0%}, sync {r['sync_share']:.1%}, max logp gap {r['logp_gap']:.1e}"
                   if "generate_share" in r else "(shares not logged by TRL)")
