@@ -280,7 +280,11 @@ def test_server_matches_colocated_and_follows_pushed_weights(policy, engine, ser
 def test_server_that_stops_answering_or_is_absent(policy, server):
     model, tok, ids = policy
     proc, port = server
-    remote = ServerEngine.for_policy(model, tok, "127.0.0.1", port, timeout_s=2, push_weights=True)
+    remote = ServerEngine.for_policy(model, tok, "127.0.0.1", port, timeout_s=1, push_weights=True)
+    # 384 completions take longer than the 1 s timeout here; the server's heartbeats keep the wait alive
+    long = remote.generate(ids, [64] * len(ids), SamplingParams(max_new_tokens=48, seed=1))
+    assert len(long) == 384 and long.counts(len(ids)) == [64] * len(ids)
+    remote.timeout_s = 2
     proc.send_signal(signal.SIGSTOP)  # alive, listening, silent
     try:
         with pytest.raises(TrainingError, match=rf"vllm-server http://127.0.0.1:{port}: no answer within "

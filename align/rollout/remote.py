@@ -1,7 +1,8 @@
 """``rollout: vllm-server``: the trainer's side of :mod:`align.rollout.server`.
 
-Every wait is bounded: each request runs with ``timeout_s`` on its socket (connect, send, each read),
-so a server that is down, dies mid-run or stops answering ends the run with a :class:`TrainingError`
+Every wait is bounded: each request runs with ``timeout_s`` on its socket (connect, send, each read; the
+server sends a heartbeat every second while it works, so this bounds its silence, not the length of a
+generation), so a server that is down, dies mid-run or stops answering ends the run with a :class:`TrainingError`
 naming the server and what was being waited for, instead of hanging. Before training, :meth:`check`
 (the health check) turns the same failures, and a server whose ``max_model_len`` is too short, into a
 one-line :class:`ConfigError`.
@@ -53,7 +54,7 @@ class ServerEngine:
                                      headers={"Content-Type": content_type})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return json.loads(resp.read())
+                reply = json.loads(resp.read())  # a blank heartbeat every second while the server works
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:300]
             raise TrainingError(f"vllm-server {self.url}: {what} failed with HTTP {err.code}: {detail}") from None
@@ -67,6 +68,12 @@ class ServerEngine:
                                         f"{self.timeout_s:g}s while waiting for {what}") from None
             raise ServerUnavailable(f"vllm-server {self.url}: not reachable ({reason}) while waiting for "
                                     f"{what}") from None
+        except json.JSONDecodeError as err:  # the connection closed before the answer was complete
+            raise ServerUnavailable(f"vllm-server {self.url}: the answer broke off ({err}) while waiting for "
+                                    f"{what}") from None
+        if "error" in reply:
+            raise TrainingError(f"vllm-server {self.url}: {what} failed on the server: {reply['error'][:300]}")
+        return reply
 
     def check(self, max_model_len: int) -> dict:
         """The health check before training: the server answers and can hold prompt + completion."""

@@ -14,6 +14,10 @@ Endpoints (JSON unless said otherwise):
   cache reset. HTTP carries the weights, so the same channel works between CPU processes, across
   nodes and on GPUs (where it is slower than NCCL; see the README's Status).
 
+While a generation or a weight load runs, the server writes a blank (JSON ignores leading whitespace) every
+``HEARTBEAT_S`` seconds before the JSON answer, so the trainer's timeout measures the server's silence, not
+the length of the work: a slow generation is fine, a server that stops answering is not.
+
 Why our own server instead of TRL's ``vllm_serve``: every wait on the trainer side is a plain socket
 with a timeout (no collective that can block forever), it runs on the CPU build of vLLM, and it keeps
 the per-completion seeds of our protocol. One lock serialises the engine; ``/health`` does not take it.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from align.errors import ConfigError
@@ -31,6 +36,7 @@ from align.rollout.base import SamplingParams
 from align.rollout.vllm_engine import run_requests, start_llm
 
 logger = logging.getLogger(__name__)
+HEARTBEAT_S = 1.0
 
 
 class RolloutServer:
@@ -84,16 +90,32 @@ def _handler(server: RolloutServer):
 
         def do_POST(self):
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            try:
-                if self.path == "/generate":
-                    self._reply(200, server.generate(json.loads(body)))
-                elif self.path == "/weights":
-                    self._reply(200, server.load_weights(body))
-                else:
-                    self._reply(404, {"error": f"no endpoint {self.path}"})
-            except Exception as err:  # the trainer gets the reason instead of a dropped connection
-                logger.exception("request %s failed", self.path)
-                self._reply(500, {"error": f"{type(err).__name__}: {err}"})
+            work = {"/generate": lambda: server.generate(json.loads(body)),
+                    "/weights": lambda: server.load_weights(body)}.get(self.path)
+            if work is None:
+                self._reply(404, {"error": f"no endpoint {self.path}"})
+                return
+            # headers now, then a blank every HEARTBEAT_S while the work runs, then the JSON (read to the close)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            with ThreadPoolExecutor(1) as pool:
+                future = pool.submit(work)
+                while not future.done():
+                    try:
+                        future.exception(timeout=HEARTBEAT_S)
+                    except TimeoutError:
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+            error = future.exception()
+            if error is not None:  # the trainer gets the reason instead of a dropped connection
+                logger.error("request %s failed: %r", self.path, error)
+                result = {"error": f"{type(error).__name__}: {error}"}
+            else:
+                result = future.result()
+            self.wfile.write(json.dumps(result).encode())
 
     return Handler
 

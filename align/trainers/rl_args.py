@@ -71,9 +71,9 @@ class RLArguments:
                                            "the visible devices); vllm-server: set by `align serve` instead.")
     vllm_server_host: str = _f("127.0.0.1", "rollout: vllm-server: host of `align serve`.")
     vllm_server_port: int = _f(8000, "rollout: vllm-server: port of `align serve`.")
-    vllm_timeout_s: float = _f(300.0, "rollout: vllm-server: the longest wait for any answer of the server "
-                                      "(health check, one generation, one weight push); then the run stops "
-                                      "naming the server.")
+    vllm_timeout_s: float = _f(60.0, "rollout: vllm-server: the longest silence of the server (it sends a "
+                                     "heartbeat every second while it generates or loads weights); then the run "
+                                     "stops naming the server and what it waited for.")
     # --- rewards ---
     reward_funcs: list[str] = _f(["accuracy"], "Reward functions: names (accuracy, format, math_verify, "
                                                "overlong), `module:function`, or `model:<path>` (a reward model).")
