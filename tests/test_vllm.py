@@ -187,6 +187,14 @@ def test_bad_vllm_options_fail_at_config(repo, tmp_path, overrides, match):
         grpo_cfg(repo, tmp_path, rollout=overrides.pop("rollout", "vllm"), **overrides)
 
 
+def test_colocated_engine_refuses_several_processes(repo, tmp_path):
+    config = grpo_cfg(repo, tmp_path, rollout="vllm")
+    with pytest.raises(ConfigError, match=r"^rollout: vllm \(colocated\) runs in one trainer process for now, this "
+                                          "run has 2; use rollout: vllm-server"):
+        config.validate_rl(world=2)
+    grpo_cfg(repo, tmp_path, rollout="vllm-server").validate_rl(world=2)  # the server engine takes any number
+
+
 def test_serve_refuses_bad_input_in_one_line(repo, testbed):
     env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(repo)}
     for extra, message in [
