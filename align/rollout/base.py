@@ -16,8 +16,10 @@ Determinism: completion ``k`` of a prompt with key ``key`` is drawn from its own
 size, or on which process generates it. ``keys`` default to the prompts' positions.
 
 Engines that hold their own copy of the weights (vLLM) implement ``sync_weights(model)``; the trainer
-calls it after every optimizer step that the next generation must see. ``generate`` is synchronous;
-an asynchronous engine can return as soon as results are ready behind the same call.
+calls it before a generation once ``vllm_sync_steps`` optimizer steps have passed since the last call
+(``RLTrainer._sync_engine``); the HF engine generates with the live model and copies nothing.
+``generate`` is synchronous; an asynchronous engine can return as soon as results are ready behind the same
+call.
 """
 
 from __future__ import annotations

@@ -163,8 +163,9 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         path = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None)
-        if not path or not os.path.isdir(path) and "/" not in path:
-            raise ConfigError(f"model_name_or_path: vLLM needs the model's folder or Hub id, the policy has {path!r}")
+        if not path:
+            raise ConfigError("model_name_or_path: vLLM loads the policy from its folder or Hub id, and this policy "
+                              "names none (build it with from_pretrained)")
         dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
         self.eos_ids = eos_token_ids(base, tokenizer)
         self.sleep_mode = enable_sleep_mode
