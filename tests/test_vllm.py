@@ -148,31 +148,22 @@ def grpo_cfg(repo, tmp_path, **kw):
     return load_config(GRPORecipeConfig, repo / "configs/grpo/testbed.yaml", over)
 
 
-def test_trainer_with_colocated_engine(repo, tmp_path, testbed, policy):
-    from recipes.grpo import build_trainer
-
-    _, tok, ids = policy
-    # one step a round, a push every 2 steps: rounds at steps 0 and 2 sample the trainer's weights, the round
-    # at step 1 samples weights one step old, which truncated importance sampling corrects
-    trainer = build_trainer(grpo_cfg(repo, tmp_path, rollout="vllm", vllm_sync_steps=2, max_steps=3))
-    try:
-        trainer.train()
-        logs = [json.loads(x) for x in open(tmp_path / "out/metrics.jsonl")]
-        steps = [r for r in logs if "loss" in r]
-        assert len(steps) == 3 and trainer._synced_step == 2
-        for r in (steps[0], steps[2]):  # the engine samples what the trainer would: the gap is numerical noise
-            assert 0 <= r["rollout/logp_gap"] < 1e-3 and r["rollout/is_weight"] == pytest.approx(1.0, abs=1e-3)
-            assert r["rollout/is_clipped"] == 0.0
-        stale = steps[1]
-        assert stale["rollout/logp_gap"] > 1e-2 and abs(stale["rollout/is_weight"] - 1.0) > 1e-3
-        for r in steps:
-            assert 0 < r["timing/generate"] < 1 and 0 < r["timing/sync"] < 1
-        trainer._sync_engine()  # 3 - 2 < vllm_sync_steps: no push, the engine keeps step 2's weights
-        assert trainer._synced_step == 2
-        trainer.engine.sync_weights(trainer.model)  # the weights after the last step
-        assert_follows(trainer.engine, trainer.model, tok, ids)
-    finally:
-        trainer.close()
+def test_trainer_with_colocated_engine(repo, tmp_path, testbed):
+    # its own process: one colocated vLLM per process (closing an in-process engine tears down vLLM's global
+    # state, which the module's shared engine needs). One step a round, a push every 2 steps: the rounds at
+    # steps 0 and 2 sample the trainer's weights, the round at step 1 weights one step old, which truncated
+    # importance sampling corrects.
+    steps, stdout = run_grpo(repo, tmp_path / "out", 1, 4, "rollout=vllm", "vllm_sync_steps=2", "max_steps=3",
+                             "num_minibatches=1", "vllm_gpu_memory_utilization=0.1")
+    assert len(steps) == 3 and "x processes 1 = 4 prompts" in stdout
+    for r in (steps[0], steps[2]):  # the engine samples what the trainer would: the gap is numerical noise
+        assert 0 <= r["rollout/logp_gap"] < 1e-3 and r["rollout/is_weight"] == pytest.approx(1.0, abs=1e-3)
+        assert r["rollout/is_clipped"] == 0.0
+    stale = steps[1]
+    assert stale["rollout/logp_gap"] > 1e-2 and abs(stale["rollout/is_weight"] - 1.0) > 1e-3
+    for r in steps:
+        assert 0 < r["timing/generate"] < 1 and 0 < r["timing/sync"] < 1 and r["timing/sync_s"] > 0
+    assert steps[1]["timing/sync_s"] == steps[0]["timing/sync_s"] < steps[2]["timing/sync_s"]  # no push at step 1
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -289,9 +280,12 @@ def test_server_that_stops_answering_or_is_absent(policy, server):
     model, tok, ids = policy
     proc, port = server
     remote = ServerEngine.for_policy(model, tok, "127.0.0.1", port, timeout_s=1, push_weights=True)
-    # 384 completions take longer than the 1 s timeout here; the server's heartbeats keep the wait alive
-    long = remote.generate(ids, [64] * len(ids), SamplingParams(max_new_tokens=48, seed=1))
-    assert len(long) == 384 and long.counts(len(ids)) == [64] * len(ids)
+    # 1536 completions take several times the 1 s timeout here (printed); the server's heartbeats keep the
+    # wait alive
+    start = time.monotonic()
+    long = remote.generate(ids, [256] * len(ids), SamplingParams(max_new_tokens=48, seed=1))
+    print(f"1536 completions in {time.monotonic() - start:.1f} s with vllm_timeout_s=1")
+    assert len(long) == 1536 and long.counts(len(ids)) == [256] * len(ids)
     remote.timeout_s = 2
     proc.send_signal(signal.SIGSTOP)  # alive, listening, silent
     try:
@@ -356,7 +350,9 @@ def test_server_killed_mid_run_stops_with_timeout_error(repo, tmp_path, testbed)
     assert json.loads((ckpt / "rl_state.json").read_text())["rollouts_total"] == 2 * 16
 
 
-def run_grpo(repo, out, processes: int, per_device: int, port: int):
+def run_grpo(repo, out, processes: int, per_device: int, *overrides: str):
+    """``recipes/grpo.py`` (``accelerate launch`` with 2 CPU processes when asked) on the testbed; the logged steps
+    and stdout."""
     launcher = [sys.executable, "recipes/grpo.py"]
     if processes > 1:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu2.yaml",
@@ -364,18 +360,19 @@ def run_grpo(repo, out, processes: int, per_device: int, port: int):
     cmd = [*launcher, "--config", "configs/grpo/testbed.yaml", "max_steps=2", "logging_steps=1", "save_strategy=no",
            "num_generations=4", "num_minibatches=2", "max_train_samples=64", "dataset_test_split=null",
            "disable_tqdm=true", "overwrite_output_dir=true", "learning_rate=1e-3", "max_completion_length=12",
-           "rollout=vllm-server", f"vllm_server_port={port}", "vllm_timeout_s=120", f"output_dir={out}",
-           f"per_device_train_batch_size={per_device}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+           f"output_dir={out}", f"per_device_train_batch_size={per_device}", *overrides]
+    env = {**os.environ, **VLLM_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x], proc.stdout
 
 
 def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
     _, port = server
-    one = run_grpo(repo, tmp_path / "one", 1, 8, port)
-    two = run_grpo(repo, tmp_path / "two", 2, 4, port)
+    server_args = ("rollout=vllm-server", f"vllm_server_port={port}", "vllm_timeout_s=120")
+    one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *server_args)
+    two, stdout = run_grpo(repo, tmp_path / "two", 2, 4, *server_args)
+    assert "x processes 2 = 8 prompts" in stdout
     assert len(one) == len(two) == 2
     assert "reward" in one[0] and "rollout/logp_gap" in one[1]  # round metrics at a round's first step
     for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):

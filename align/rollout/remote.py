@@ -1,7 +1,7 @@
 """``rollout: vllm-server``: the trainer's side of :mod:`align.rollout.server`.
 
 Every wait is bounded: each request runs with ``timeout_s`` on its socket (connect, send, each read; the
-server sends a heartbeat every second while it works, so this bounds its silence, not the length of a
+server sends a heartbeat every 0.25 s while it works, so this bounds its silence, not the length of a
 generation), so a server that is down, dies mid-run or stops answering ends the run with a :class:`TrainingError`
 naming the server and what was being waited for, instead of hanging. Before training, :meth:`check`
 (the health check) turns the same failures, and a server whose ``max_model_len`` is too short, into a
@@ -54,7 +54,7 @@ class ServerEngine:
                                      headers={"Content-Type": content_type})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                reply = json.loads(resp.read())  # a blank heartbeat every second while the server works
+                reply = json.loads(resp.read())  # blanks (heartbeats) while the server works, then the JSON
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:300]
             raise TrainingError(f"vllm-server {self.url}: {what} failed with HTTP {err.code}: {detail}") from None

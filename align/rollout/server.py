@@ -36,7 +36,7 @@ from align.rollout.base import SamplingParams
 from align.rollout.vllm_engine import run_requests, start_llm
 
 logger = logging.getLogger(__name__)
-HEARTBEAT_S = 1.0
+HEARTBEAT_S = 0.25
 
 
 class RolloutServer:

@@ -72,7 +72,7 @@ class RLArguments:
     vllm_server_host: str = _f("127.0.0.1", "rollout: vllm-server: host of `align serve`.")
     vllm_server_port: int = _f(8000, "rollout: vllm-server: port of `align serve`.")
     vllm_timeout_s: float = _f(60.0, "rollout: vllm-server: the longest silence of the server (it sends a "
-                                     "heartbeat every second while it generates or loads weights); then the run "
+                                     "heartbeat every 0.25 s while it generates or loads weights); then the run "
                                      "stops naming the server and what it waited for.")
     # --- rewards ---
     reward_funcs: list[str] = _f(["accuracy"], "Reward functions: names (accuracy, format, math_verify, "
@@ -177,8 +177,9 @@ class RLArguments:
             raise ConfigError(f"vllm_is_cap: must be >= 1 (None turns the correction off), got {self.vllm_is_cap}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        if self.vllm_timeout_s <= 0:
-            raise ConfigError(f"vllm_timeout_s: must be > 0, got {self.vllm_timeout_s}")
+        if self.vllm_timeout_s < 1:
+            raise ConfigError(f"vllm_timeout_s: must be >= 1 (the server's heartbeats come every 0.25 s), got "
+                              f"{self.vllm_timeout_s}")
         if not 0 < self.vllm_server_port < 65536:
             raise ConfigError(f"vllm_server_port: must be in 1..65535, got {self.vllm_server_port}")
         if self.rollout == "vllm":
