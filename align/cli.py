@@ -1,4 +1,5 @@
-"""The ``align`` command: train a recipe, list recipes and objectives, build the testbed, quickstart."""
+"""The ``align`` command: train a recipe, list recipes and objectives, build the testbed, quickstart, serve
+rollouts from vLLM."""
 
 from __future__ import annotations
 
@@ -58,6 +59,20 @@ def _quickstart(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from align.modeling import check_model_path, resolve_model_path
+    from align.rollout.server import serve
+    from align.rollout.vllm_engine import check_max_length, check_tensor_parallel
+
+    check_model_path(args.model, "--model")
+    check_tensor_parallel(args.tensor_parallel_size, "--tensor-parallel-size")
+    check_max_length(resolve_model_path(args.model), args.max_model_len, "--max-model-len", "max model length")
+    serve(resolve_model_path(args.model), args.host, args.port, max_model_len=args.max_model_len,
+          tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
+          dtype=args.dtype, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="LLM post-training alignment trainer.")
     parser.add_argument("--version", action="version", version=f"align {__version__}")
@@ -83,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--align-steps", type=int, default=None,
                        help="optimizer steps of the alignment run (default: the config's max_steps)")
     quick.set_defaults(func=_quickstart)
+
+    srv = sub.add_parser("serve", help="a vLLM rollout server for rollout: vllm-server (align/rollout/server.py)")
+    srv.add_argument("--model", required=True, help="model folder, Hub id or testbed:policy (the policy's start)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
+    srv.add_argument("--max-model-len", type=int, default=2048, help="longest prompt + completion, in tokens")
+    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    srv.add_argument("--dtype", default="auto", help="weights dtype: auto (the CPU build picks bfloat16), float32, "
+                     "bfloat16, float16; the trainer warns when it differs from the policy's")
+    srv.add_argument("--seed", type=int, default=0)
+    srv.set_defaults(func=_serve)
     return parser
 
 

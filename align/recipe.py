@@ -131,9 +131,13 @@ def start(config) -> list:
 def train_and_save(trainer, config, **extra) -> dict:
     """Train (resuming when the config says so), save the final model to ``output_dir``, evaluate when there
     is an eval dataset; returns the output folder and every metric (plus ``extra``)."""
-    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    metrics = {**result.metrics}
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+    try:
+        result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        trainer.save_model(config.output_dir)
+        metrics = {**result.metrics}
+        if trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+    finally:
+        if hasattr(trainer, "close"):  # a rollout engine with its own memory (vLLM)
+            trainer.close()
     return {"output_dir": os.path.abspath(config.output_dir), **metrics, **{k: v() for k, v in extra.items()}}

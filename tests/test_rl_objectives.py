@@ -118,3 +118,25 @@ def test_nll_policy_is_sft_on_accepted():
         policy_loss(logps, torch.ones(2), torch.ones(2, 2), policy="ppo")
     with pytest.raises(ValueError, match="ref_logps"):
         policy_loss(logps, torch.ones(2), torch.ones(2, 2), beta=0.1)
+
+
+def test_truncated_importance_weights_hand_values():
+    from align.objectives.policy import truncated_is_weights
+
+    old = torch.tensor([[0.0, -1.0, -0.5]])
+    sampler = torch.tensor([[-1.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False]])  # the third token is padding
+    w, m = truncated_is_weights(old, sampler, mask, cap=2.0)
+    # ratios e^1 = 2.718 (capped at 2) and e^-1 = 0.368 on the two real tokens
+    assert w[0, :2].tolist() == pytest.approx([2.0, math.exp(-1)])
+    assert m["rollout/logp_gap"].item() == pytest.approx(1.0)
+    assert m["rollout/is_weight"].item() == pytest.approx((2.0 + math.exp(-1)) / 2)
+    assert m["rollout/is_clipped"].item() == pytest.approx(0.5)
+    none, m_off = truncated_is_weights(old, sampler, mask, cap=None)
+    assert none is None and m_off["rollout/is_clipped"].item() == 0.0
+    # the weights multiply the token loss: nll with advantage 1 is -(2·lp_0 + 0.368·lp_1) / 2 tokens (dapo)
+    logps = torch.tensor([[-0.2, -0.4, -9.0]], requires_grad=True)
+    loss, _ = policy_loss(logps, torch.tensor([1.0]), mask, policy="nll", loss_type="dapo", is_weights=w)
+    assert loss.item() == pytest.approx((2.0 * 0.2 + math.exp(-1) * 0.4) / 2)
+    loss.backward()
+    assert logps.grad[0].tolist() == pytest.approx([-1.0, -math.exp(-1) / 2, 0.0])

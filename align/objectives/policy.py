@@ -8,6 +8,9 @@ per sequence ``[B]`` (see :mod:`align.objectives.advantages`).
   DAPO's clip-higher (Yu et al. 2025, arXiv:2503.14476). RAFT++ is this loss with 0/1 advantages.
 * ``nll`` — −Â·log π_θ: plain RAFT (Dong et al. 2023, arXiv:2304.06767), SFT on accepted samples.
 * optional k3 KL to a reference, + β·(exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1) per token.
+* optional per-token importance weights (``is_weights``) multiplying the token loss: truncated importance
+  sampling (TIS, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training")
+  when another engine (vLLM) sampled the tokens, see :func:`truncated_is_weights`.
 
 Aggregation (METHODS §11, TRL's ``loss_type`` names) divides the masked token-loss sum by:
 ``grpo`` Σ_i(Σ_t ℓ_it / |o_i|) / B; ``bnpo`` the tokens of this batch; ``dapo`` the tokens of the whole
@@ -55,12 +58,14 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
                 old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
                 policy: str = "clip", epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
                 loss_type: str = "dapo", num_sequences: float | None = None, num_tokens: float | None = None,
-                max_completion_length: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                max_completion_length: int | None = None, is_weights: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(scalar loss, metrics) for one batch of completions.
 
     ``logps``/``old_logps``/``ref_logps``: per-token log-probs [B, T] of the completion tokens under the
     policy being trained, the policy that sampled them (default: ``logps`` detached, ratio 1) and the
-    reference (needed when ``beta`` > 0). ``mask`` [B, T] marks completion tokens that count (truncated
+    reference (needed when ``beta`` > 0). ``is_weights`` [B, T] (detached) multiply the policy term per token.
+    ``mask`` [B, T] marks completion tokens that count (truncated
     completions already removed when ``mask_truncated_completions`` is on). Metrics are token means over
     this batch: ``clip_ratio/low`` (ρ < 1−ε with Â < 0), ``clip_ratio/high`` (ρ > 1+ε_high with Â > 0),
     ``clip_ratio/region`` (either) and ``kl``.
@@ -85,6 +90,8 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
             metrics["clip_ratio/low"] = (low * fmask).sum() / n_local
             metrics["clip_ratio/high"] = (high * fmask).sum() / n_local
             metrics["clip_ratio/region"] = ((low + high) * fmask).sum() / n_local
+    if is_weights is not None:
+        token_loss = token_loss * is_weights.detach()
     if beta:
         if ref_logps is None:
             raise ValueError("beta > 0 needs ref_logps")
@@ -94,3 +101,21 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
     loss = aggregate(token_loss, mask, loss_type, num_sequences=num_sequences, num_tokens=num_tokens,
                      max_completion_length=max_completion_length)
     return loss, metrics
+
+
+def truncated_is_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor,
+                         cap: float | None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Per-token min(π_old / π_sampler, cap) (None when ``cap`` is None: no correction) and the sampler gap:
+    ``rollout/logp_gap`` mean |log π_old − log π_sampler|, ``rollout/is_weight`` mean weight and
+    ``rollout/is_clipped`` share of tokens whose ratio exceeds the cap, over ``mask``'s tokens."""
+    fmask = mask.to(old_logps.dtype)
+    n = fmask.sum().clamp(min=1)
+    with torch.no_grad():
+        diff = old_logps - sampler_logps
+        ratio = torch.exp(diff)
+        weights = ratio if cap is None else ratio.clamp(max=cap)
+        clipped = (ratio > cap) if cap is not None else torch.zeros_like(fmask)
+        metrics = {"rollout/logp_gap": (diff.abs() * fmask).sum() / n,
+                   "rollout/is_weight": (weights * fmask).sum() / n,
+                   "rollout/is_clipped": (clipped * fmask).sum() / n}
+    return (None if cap is None else weights), metrics

@@ -1,6 +1,32 @@
-"""Rollout engines behind one protocol: ``generate(prompts, n_per_prompt, sampling) -> Rollouts``."""
+"""Rollout engines behind one protocol: ``generate(prompts, n_per_prompt, sampling) -> Rollouts``.
+
+``rollout: hf`` (:class:`HFEngine`, the training model's own ``generate``), ``vllm`` (a colocated
+``vllm.LLM``, :mod:`align.rollout.vllm_engine`) or ``vllm-server`` (``align serve`` in another process,
+:mod:`align.rollout.server` / :mod:`align.rollout.remote`); :func:`build_engine` is the one place that
+picks and builds one.
+"""
 
 from align.rollout.base import RolloutEngine, Rollouts, SamplingParams, sample_seed
 from align.rollout.hf import HFEngine
 
-__all__ = ["HFEngine", "RolloutEngine", "Rollouts", "SamplingParams", "sample_seed"]
+
+def build_engine(args, model, tokenizer, *, is_main: bool = True):
+    """The engine ``args.rollout`` names, checked before training (health check, lengths, devices)."""
+    if args.rollout == "hf":
+        return HFEngine(model, tokenizer, args.generation_batch_size)
+    max_len = args.max_prompt_length + max(args.max_completion_length, getattr(args, "eval_max_new_tokens", 0) or 0)
+    if args.rollout == "vllm":
+        from align.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, max_model_len=max_len, tensor_parallel_size=args.vllm_tensor_parallel_size,
+                          gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                          enable_sleep_mode=args.vllm_enable_sleep_mode, seed=args.seed)
+    from align.rollout.remote import ServerEngine
+
+    engine = ServerEngine.for_policy(model, tokenizer, args.vllm_server_host, args.vllm_server_port,
+                                     args.vllm_timeout_s, push_weights=is_main)
+    engine.check(max_len)
+    return engine
+
+
+__all__ = ["HFEngine", "RolloutEngine", "Rollouts", "SamplingParams", "build_engine", "sample_seed"]

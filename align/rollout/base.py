@@ -7,15 +7,19 @@ drawn for prompt ``i`` (0 is allowed: the prompt is skipped), so groups can be r
 back prompt-major (every completion of prompt 0, then of prompt 1, ...), each with its token ids, its
 finish reason (``"stop"`` at end-of-sequence, ``"length"`` when cut at ``max_new_tokens``) and the
 per-token log-probs of the sampling distribution (for importance-sampling corrections when the sampler
-and the trainer disagree, as vLLM and the trainer do).
+and the trainer disagree, as vLLM and the trainer do). The HF engine returns the log-probs of the tempered, cut
+distribution it sampled from; the vLLM engines return the engine model's raw log-probs (temperature 1, no
+cut), which is what the trainer's own log-probs are comparable with.
 
 Determinism: completion ``k`` of a prompt with key ``key`` is drawn from its own random stream seeded by
 ``(sampling.seed, key, k)``, so it does not depend on which other prompts share the batch, on the batch
 size, or on which process generates it. ``keys`` default to the prompts' positions.
 
 Engines that hold their own copy of the weights (vLLM) implement ``sync_weights(model)``; the trainer
-calls it after every optimizer step that the next generation must see. ``generate`` is synchronous;
-an asynchronous engine can return as soon as results are ready behind the same call.
+calls it before a generation once ``vllm_sync_steps`` optimizer steps have passed since the last call
+(``RLTrainer._sync_engine``); the HF engine generates with the live model and copies nothing.
+``generate`` is synchronous; an asynchronous engine can return as soon as results are ready behind the same
+call.
 """
 
 from __future__ import annotations
@@ -97,3 +101,14 @@ def check_request(prompts: Sequence[Sequence[int]], n_per_prompt: Sequence[int],
     if len(keys) != len(prompts):
         raise ValueError(f"keys: {len(keys)} keys for {len(prompts)} prompts")
     return list(keys)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a completion: the model's generation-config eos ids plus the tokenizer's eos."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    if not eos:
+        raise ValueError("the tokenizer and the model's generation config name no eos token")
+    return eos

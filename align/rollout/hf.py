@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from align.rollout.base import Rollouts, SamplingParams, check_request, sample_seed
+from align.rollout.base import Rollouts, SamplingParams, check_request, eos_token_ids, sample_seed
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -53,14 +53,8 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        if not eos:
-            raise ValueError("the tokenizer and the model's generation config name no eos token")
-        self.eos_ids = eos
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     def _extra_processors(self, input_ids, attention_mask) -> list:
         """Logits processors that change the distribution sampled from, run before the noise (none here)."""

@@ -4,7 +4,8 @@ One round, top to bottom (:meth:`RLTrainer._make_round`):
 
     prompts (the global batch: every process's prompts, gathered)
       -> allocator: n_i per prompt (uniform | gvm: estimate p_i, G_i, then METHODS §13.2 | dynamic)
-      -> rollout engine: n_i completions per prompt, each group on one process, work balanced
+      -> rollout engine (rollout: hf | vllm | vllm-server; weights pushed first when the engine holds a copy):
+         n_i completions per prompt, each group on one process, work balanced
       -> rewards (on the process that generated them), gathered so every process sees all of them
       -> advantages by group id over the whole batch (ragged groups, never reshaped)
       -> old / reference log-probs -> mini-batches
@@ -24,6 +25,7 @@ import logging
 import math
 import os
 import statistics
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -33,8 +35,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from align.args import CPUSaneDefaults
 from align.errors import TrainingError
 from align.objectives.advantages import group_advantages, raft_advantages
-from align.objectives.policy import policy_loss
-from align.rollout import HFEngine, SamplingParams
+from align.objectives.policy import policy_loss, truncated_is_weights
+from align.rollout import SamplingParams, build_engine
 from align.sampling import PromptStats, gvm_allocate, nonzero_variance_groups
 from align.sampling.shard import assign_groups
 from align.trainers.logps import pack, token_logps
@@ -157,7 +159,10 @@ class RLTrainer(MetricsMixin, Trainer):
                                 f"(per_device_train_batch_size x processes = {need})")
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.is_peft = hasattr(model, "disable_adapter")
-        self.engine = engine or HFEngine(model, tok, args.generation_batch_size)
+        self.engine = engine or build_engine(args, model, tok, is_main=self.accelerator.is_main_process)
+        self._synced_step: int | None = None  # global step whose weights the engine holds (None: not pushed yet)
+        self.timing = {"generate": 0.0, "sync": 0.0}
+        self._train_start: float | None = None
         self.grad_params = None
         if args.allocator == "gvm" or args.grad_norm_monitor_steps:
             from align.monitors.grad_norm import select_parameters
@@ -201,7 +206,12 @@ class RLTrainer(MetricsMixin, Trainer):
                     state = json.load(fh)
                 self.rollouts_total = state["rollouts_total"]
                 self.stats.load_state_dict(state["prompt_stats"])
+        self._train_start = time.perf_counter()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def close(self) -> None:
+        """Release the rollout engine (a colocated vLLM's memory); the trainer cannot generate after this."""
+        self.engine.close()
 
     # --- one round --------------------------------------------------------------------------------
 
@@ -225,9 +235,12 @@ class RLTrainer(MetricsMixin, Trainer):
         costs = [n * (len(r["prompt_ids"]) + self.args.max_completion_length) for r, n in zip(rows, counts)]
         owners = assign_groups(costs, world)
         mine = [i for i, n in enumerate(counts) if n > 0 and owners[i] == rank]
-        self.engine.sync_weights(self._policy)
+        self._sync_engine()
+        start = time.perf_counter()
         out = self.engine.generate([rows[i]["prompt_ids"] for i in mine], [counts[i] for i in mine],
                                    sampling or self._sampling(), keys=[f"{tag}:{rows[i]['uid']}" for i in mine])
+        if not tag.startswith("eval"):
+            self.timing["generate"] += time.perf_counter() - start
         local = [Sample(mine[pi], k + k_offset, rank, 0.0, {}, len(c), fin == "length", rows[mine[pi]]["prompt_ids"],
                         c, lp)
                  for pi, k, c, fin, lp in zip(out.prompt_index, out.sample_index, out.completion_ids,
@@ -241,6 +254,24 @@ class RLTrainer(MetricsMixin, Trainer):
         by_key = {(s.g, s.k): s for s in local}
         merged = [by_key.get((m.g, m.k), m) for _, metas in everything for m in metas]
         return sorted(merged, key=lambda s: (s.g, s.k))
+
+    def _sync_engine(self) -> None:
+        """Bring an engine that holds its own weights (vLLM) up to the policy: before the first generation, then
+        once ``vllm_sync_steps`` optimizer steps have passed since the last push. With the server engine only
+        the main process pushes, and every process waits for it (a barrier) before generating."""
+        a = self.args
+        if a.rollout == "hf":
+            self.engine.sync_weights(self._policy)  # the live model: nothing to copy
+            return
+        step = self.state.global_step
+        if self._synced_step is not None and step - self._synced_step < a.vllm_sync_steps:
+            return
+        start = time.perf_counter()
+        self.engine.sync_weights(self._policy)
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+        self._synced_step = step
+        self.timing["sync"] += time.perf_counter() - start
 
     def _score(self, rows: list[dict], local: list[Sample]) -> str | None:
         """Fill in the rewards of this process's samples; the error message instead of raising, so every
@@ -514,6 +545,8 @@ class RLTrainer(MetricsMixin, Trainer):
             keys += ["clip_ratio/low", "clip_ratio/high", "clip_ratio/region"]
         if self.args.beta:
             keys.append("kl")
+        if self.args.rollout != "hf":
+            keys += ["rollout/logp_gap", "rollout/is_weight", "rollout/is_clipped"]
         return tuple(keys)
 
     def _dummy(self, rnd: Round) -> Sample:
@@ -521,6 +554,7 @@ class RLTrainer(MetricsMixin, Trainer):
         s = Sample(0, 0, self.accelerator.process_index, 0.0, {}, 1, False, rnd.rows[0]["prompt_ids"], [self.pad_id])
         s.old_logps = torch.zeros(1)
         s.ref_logps = torch.zeros(1)
+        s.sampling_logps = [0.0]
         return s
 
     def _micro_loss(self, model, chunk: list[Sample], mask_of: dict, norm: dict):
@@ -536,13 +570,19 @@ class RLTrainer(MetricsMixin, Trainer):
                 return None
             out = torch.zeros_like(logps)
             for b, r in enumerate(rows):
-                out[b, : len(r)] = r.to(out.device)
+                out[b, : len(r)] = torch.as_tensor(r, dtype=out.dtype).to(out.device)
             return out
 
         adv = torch.tensor([s.advantage for s in chunk], device=a.device)
-        loss, metrics = policy_loss(logps, adv, mask, old_logps=stacked("old_logps"), ref_logps=stacked("ref_logps"),
+        old = stacked("old_logps")
+        is_weights, is_metrics = None, {}
+        if a.rollout != "hf":  # another engine sampled: correct by min(π_old / π_sampler, cap) per token
+            is_weights, is_metrics = truncated_is_weights(logps.detach() if old is None else old,
+                                                          stacked("sampling_logps"), cmask, a.vllm_is_cap)
+        loss, metrics = policy_loss(logps, adv, mask, old_logps=old, ref_logps=stacked("ref_logps"),
                                     policy=a.policy_loss, epsilon=a.epsilon, epsilon_high=a.epsilon_high, beta=a.beta,
-                                    loss_type=a.loss_type, **norm)
+                                    loss_type=a.loss_type, is_weights=is_weights, **norm)
+        metrics.update(is_metrics)
         n_tok = float(cmask.sum())
         metrics["entropy"] = (entropy * cmask).sum() / max(n_tok, 1.0)
         return loss, metrics, n_tok
@@ -552,6 +592,11 @@ class RLTrainer(MetricsMixin, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if not any(k.startswith("eval_") for k in logs):
             logs["rollouts/total"] = float(self.rollouts_total)
+            if self._train_start is not None:  # shares of the training wall time so far
+                wall = max(time.perf_counter() - self._train_start, 1e-9)
+                for k, v in self.timing.items():
+                    logs[f"timing/{k}"] = v / wall
+                    logs[f"timing/{k}_s"] = v
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

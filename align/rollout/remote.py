@@ -1,0 +1,116 @@
+"""``rollout: vllm-server``: the trainer's side of :mod:`align.rollout.server`.
+
+Every wait is bounded: each request runs with ``timeout_s`` on its socket (connect, send, each read; the
+server sends a heartbeat every 0.25 s while it works, so this bounds its silence, not the length of a
+generation), so a server that is down, dies mid-run or stops answering ends the run with a :class:`TrainingError`
+naming the server and what was being waited for, instead of hanging. Before training, :meth:`check`
+(the health check) turns the same failures, and a server whose ``max_model_len`` is too short, into a
+one-line :class:`ConfigError`.
+
+With several trainer processes, every process sends its own groups to the server (the server serialises
+them; completions depend only on their seeds) and only the main process pushes weights; the trainer
+puts a barrier between the push and the next generation (see ``RLTrainer._sync_engine``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import urllib.error
+import urllib.request
+
+from align.errors import ConfigError, TrainingError
+from align.rollout.base import Rollouts, SamplingParams, eos_token_ids
+from align.rollout.vllm_engine import merged, policy_weights, request_rows, to_rollouts
+
+logger = logging.getLogger(__name__)
+
+
+class ServerUnavailable(TrainingError):
+    """The rollout server did not answer (down, dead, or silent past the timeout)."""
+
+
+class ServerEngine:
+    """:class:`align.rollout.base.RolloutEngine` talking to ``align serve`` at ``host:port``."""
+
+    def __init__(self, host: str, port: int, *, eos_ids: list[int], timeout_s: float = 300.0,
+                 push_weights: bool = True, dtype: str | None = None):
+        self.url = f"http://{host}:{port}"
+        self.dtype = dtype
+        self.eos_ids = list(eos_ids)
+        self.timeout_s = timeout_s
+        self.push_weights = push_weights
+        self.info: dict = {}
+
+    @classmethod
+    def for_policy(cls, model, tokenizer, host: str, port: int, timeout_s: float, push_weights: bool) -> ServerEngine:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return cls(host, port, eos_ids=eos_token_ids(model, tokenizer), timeout_s=timeout_s, push_weights=push_weights,
+                   dtype=dtype)
+
+    def _call(self, path: str, what: str, body: bytes | None = None, content_type: str = "application/json") -> dict:
+        req = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET",
+                                     headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                reply = json.loads(resp.read())  # blanks (heartbeats) while the server works, then the JSON
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:300]
+            raise TrainingError(f"vllm-server {self.url}: {what} failed with HTTP {err.code}: {detail}") from None
+        except TimeoutError:
+            raise ServerUnavailable(f"vllm-server {self.url}: no answer within vllm_timeout_s={self.timeout_s:g}s "
+                                    f"while waiting for {what}") from None
+        except (urllib.error.URLError, ConnectionError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            if isinstance(reason, TimeoutError | socket.timeout):
+                raise ServerUnavailable(f"vllm-server {self.url}: no answer within vllm_timeout_s="
+                                        f"{self.timeout_s:g}s while waiting for {what}") from None
+            raise ServerUnavailable(f"vllm-server {self.url}: not reachable ({reason}) while waiting for "
+                                    f"{what}") from None
+        except json.JSONDecodeError as err:  # the connection closed before the answer was complete
+            raise ServerUnavailable(f"vllm-server {self.url}: the answer broke off ({err}) while waiting for "
+                                    f"{what}") from None
+        if "error" in reply:
+            raise TrainingError(f"vllm-server {self.url}: {what} failed on the server: {reply['error'][:300]}")
+        return reply
+
+    def check(self, max_model_len: int) -> dict:
+        """The health check before training: the server answers and can hold prompt + completion."""
+        try:
+            self.info = self._call("/health", "the health check")
+        except TrainingError as err:
+            raise ConfigError(f"vllm_server_host/vllm_server_port: {err} (start one with: align serve --model "
+                              "<model> --port <port>)") from None
+        if self.info.get("max_model_len", 0) < max_model_len:
+            raise ConfigError(f"max_completion_length: max_prompt_length + max_completion_length = {max_model_len} is "
+                              f"more than the server's max_model_len {self.info.get('max_model_len')} ({self.url})")
+        if self.dtype and self.info.get("dtype") not in (None, self.dtype):
+            logger.warning("vllm-server %s holds the weights in %s, the policy trains in %s: expect a larger "
+                           "rollout/logp_gap (truncated importance sampling, vllm_is_cap, corrects for it)", self.url,
+                           self.info["dtype"], self.dtype)
+        return self.info
+
+    def generate(self, prompts, n_per_prompt, sampling: SamplingParams, keys=None) -> Rollouts:
+        rows, seeds = request_rows(prompts, n_per_prompt, sampling, keys)
+        if not rows:
+            return Rollouts()
+        request = {"prompts": [list(p) for p in prompts], "rows": rows, "seeds": seeds, "eos_ids": self.eos_ids,
+                   "sampling": {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+                                "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed}}
+        reply = self._call("/generate", f"{len(rows)} completions", json.dumps(request).encode())
+        return to_rollouts(prompts, rows, [tuple(r) for r in reply["results"]])
+
+    def sync_weights(self, model) -> None:
+        """Send the policy's weights (a LoRA adapter merged in) to the server; only where ``push_weights``."""
+        if not self.push_weights:
+            return
+        from safetensors.torch import save
+
+        with merged(model):
+            payload = save({name: t.cpu().clone() for name, t in policy_weights(model)})  # clone: untie shared
+        self.info["weights_version"] = self._call("/weights", "the weight update", payload,
+                                                  "application/octet-stream")["weights_version"]
+
+    def close(self) -> None:
+        pass

