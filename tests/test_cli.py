@@ -23,7 +23,8 @@ def test_help_lists_commands():
 def test_recipes_lists_recipes_and_objectives():
     out = align("recipes")
     assert out.returncode == 0
-    for name in ("sft", "dpo", "ipo", "hinge", "robust", "rpo", "hdpo", "lrdpo"):
+    for name in ("sft", "dpo", "online_dpo", "xpo", "egpo", "iterative_dpo", "ipo", "hinge", "robust", "rpo", "hdpo",
+                 "lrdpo", "online_ipo"):
         assert f"  {name} " in out.stdout, name
     assert "params: beta, alpha" in out.stdout
 
@@ -39,7 +40,7 @@ def test_train_help_lists_config_keys():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "nope"], "error: unknown recipe 'nope' (available: dpo, grpo, iterative_dpo, raft, sft)"),
+        (["train", "nope"], "error: unknown recipe 'nope' (available: dpo, egpo, grpo, iterative_dpo, online_dpo, raft, sft, xpo)"),
         (["train", "sft", "--config", "configs/sft/testbed.yaml", "max_stepz=3"],
          "error: unknown config key 'max_stepz' in command line (did you mean 'max_steps'?)"),
         (["train", "sft", "--config", "configs/sft/testbed.yaml", "model_name_or_path=./no/such/model"],
