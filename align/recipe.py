@@ -87,7 +87,19 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
     except AlignError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to interpreter shutdown, gloo's threads
+    can be destroyed while still joinable and abort a finished rank (``terminate called without an active
+    exception``)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:

@@ -60,7 +60,7 @@ def build_driver(config: IterativeRecipeConfig, callbacks=None):
     from align.data.prompts import format_prompts, tokenize_prompts
     from align.modeling import load_tokenizer
     from align.trainers.iterative import IterativeDPO
-    from rewards.preference import build_oracle, oracle_columns
+    from rewards.preference import build_oracle, check_columns
 
     # 1. Oracle and prompts, all checked before a model is loaded or anything generated.
     options = {"max_completion_length": config.max_new_tokens}
@@ -70,10 +70,8 @@ def build_driver(config: IterativeRecipeConfig, callbacks=None):
     if config.chat_prompt:
         train, evaluation = (None if ds is None else ds.map(_as_message) for ds in (train, evaluation))
     for name, ds in (("train", train), ("eval", evaluation)):
-        missing = [col for col in oracle_columns(oracle) if ds is not None and col not in ds.column_names]
-        if missing:
-            raise ConfigError(f"oracle: {oracle.name!r} reads column {missing[0]!r}, which the {name} dataset "
-                              f"lacks (has: {', '.join(ds.column_names)})")
+        if ds is not None:
+            check_columns(oracle, ds.column_names, f"{name} dataset")
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train = tokenize_prompts(train, tokenizer, config.max_prompt_length, "train")
     if evaluation is not None:
