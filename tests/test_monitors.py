@@ -132,10 +132,11 @@ def test_predicted_signs_match_one_small_sgd_step(policy, pairs):
 
 
 def test_shared_suffixes_entangle(policy):
-    """METHODS §12.1: long shared suffixes make the cosine positive and put pairs in 'both down'. Measured
-    over every parameter: long suffixes cos median 0.69 (min 0.37), both down 3/8; the same pairs cut to the
-    single differing token: cos median 0.73 (on this tiny model one token's gradients already share most
-    directions), both down 0/8."""
+    """METHODS §12.1: long shared suffixes drive cos(g_w, g_l) towards 1 and take pairs out of the ideal case
+    (chosen up, rejected down) into a case where both move together; which one (both up, as Mistral on TL;DR,
+    or both down, as Llama) depends on the model. Measured over every parameter on the testbed policy: single
+    differing token cos median 0.62, ideal 7/8, both up 0/8, both down 1/8; with 3 repeats of a shared
+    suffix cos median 0.99, ideal 1/8, both up 6/8, both down 1/8."""
     model, tok = policy
     params = [p for _, p in select_subset(model, "all")]
     stats = {}
@@ -149,9 +150,11 @@ def test_shared_suffixes_entangle(policy):
         rows = entanglement(model, prompts, chosen, rejected, tok.pad_token_id, params)
         stats[name] = summarize(rows) | {"cos_min": min(r["cos"] for r in rows)}
     long, short = stats["long"], stats["short"]
+    together = {k: v["entanglement/both_up"] + v["entanglement/both_down"] for k, v in stats.items()}
+    assert long["entanglement/cos_median"] > 0.95 > short["entanglement/cos_median"] + 0.2, stats
     assert long["cos_min"] > 0.2, stats
-    assert long["entanglement/both_down"] >= 0.25, stats
-    assert short["entanglement/both_down"] == 0.0, stats
+    assert short["entanglement/ideal"] >= 0.75 and long["entanglement/ideal"] <= 0.25, stats
+    assert together["long"] >= 0.75 and together["short"] <= 0.25, stats
 
 
 def test_sequence_grads_match_backward(policy, pairs):
