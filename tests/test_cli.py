@@ -40,7 +40,8 @@ def test_train_help_lists_config_keys():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "nope"], "error: unknown recipe 'nope' (available: dpo, egpo, grpo, iterative_dpo, online_dpo, raft, sft, xpo)"),
+        (["train", "nope"],
+         "error: unknown recipe 'nope' (available: dpo, egpo, grpo, iterative_dpo, online_dpo, raft, sft, xpo)"),
         (["train", "sft", "--config", "configs/sft/testbed.yaml", "max_stepz=3"],
          "error: unknown config key 'max_stepz' in command line (did you mean 'max_steps'?)"),
         (["train", "sft", "--config", "configs/sft/testbed.yaml", "model_name_or_path=./no/such/model"],

@@ -16,10 +16,11 @@ from recipes.xpo import XPORecipeConfig
 SMALL = {"max_steps": 2, "per_device_train_batch_size": 4, "max_train_samples": 32, "dataset_test_split": None,
          "logging_steps": 1, "disable_tqdm": True, "overwrite_output_dir": True}
 CLASSES = {"online_dpo": OnlineRecipeConfig, "xpo": XPORecipeConfig, "egpo": EGPORecipeConfig}
-# the testbed configs' own training (80 prompt batches of 32, lr 1e-4), and each method's measured exact win
-# rate against the initial policy less a margin: online DPO 0.5072, XPO 0.5052, EGPO 0.5036
+# the testbed configs' own training (80 prompt batches of 32, lr 5e-5), and each method's measured exact win
+# rate against the initial policy less a margin: online DPO 0.5117, XPO 0.5169, EGPO 0.5056 (at lr 3e-5: XPO
+# 0.512, EGPO 0.507; at lr 2e-4 XPO and EGPO fall below 0.5: 0.471, 0.462)
 WINRATE = {"max_steps": 80, "per_device_train_batch_size": 32, "max_train_samples": 1024}
-WINRATE_FLOOR = {"online_dpo": 0.503, "xpo": 0.503, "egpo": 0.501}
+WINRATE_FLOOR = {"online_dpo": 0.506, "xpo": 0.506, "egpo": 0.503}
 
 
 def cfg(repo, tmp_path, method="egpo", **kw):
