@@ -155,6 +155,7 @@ def test_shared_suffixes_entangle(policy):
     assert long["cos_min"] > 0.2, stats
     assert short["entanglement/ideal"] >= 0.75 and long["entanglement/ideal"] <= 0.25, stats
     assert together["long"] >= 0.75 and together["short"] <= 0.25, stats
+    assert long["entanglement/both_down"] > 0, stats  # the literal check (1 of 8 pairs here)
 
 
 def test_sequence_grads_match_backward(policy, pairs):
