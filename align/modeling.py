@@ -68,6 +68,17 @@ def load_model(name: str, torch_dtype: str = "float32", attn_implementation=None
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **kwargs)
 
 
+def load_policy_and_reference(config, want_reference: bool = True):
+    """The policy from ``model_name_or_path`` and, when ``ref_model_name_or_path`` is set (and wanted), a separate
+    reference, both with the config's dtype, attention implementation and ``trust_remote_code``; else ``None``
+    (the trainer then uses a frozen copy, the adapter-off base model, or precomputed log-probs)."""
+    load = dict(torch_dtype=config.torch_dtype, attn_implementation=config.attn_implementation,
+                trust_remote_code=config.trust_remote_code)
+    model = load_model(config.model_name_or_path, **load)
+    named = want_reference and config.ref_model_name_or_path
+    return model, (load_model(config.ref_model_name_or_path, **load) if named else None)
+
+
 def lora_config(args):
     """The peft ``LoraConfig`` for ``args`` (a RecipeArguments), or None when ``use_peft`` is off."""
     if not args.use_peft:

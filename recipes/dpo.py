@@ -28,7 +28,7 @@ class DPORecipeConfig(RecipeArguments, PreferenceConfig):
 def build_trainer(config: DPORecipeConfig):
     from align.data.loading import load_train_eval
     from align.data.preference import tokenize_preferences
-    from align.modeling import load_model, load_tokenizer, lora_config
+    from align.modeling import load_policy_and_reference, load_tokenizer, lora_config
     from align.trainers.preference import PreferenceTrainer
 
     # 1. Data, checked row by row while tokenised: every data error comes before a model is loaded.
@@ -39,10 +39,7 @@ def build_trainer(config: DPORecipeConfig):
         evaluation = tokenize_preferences(evaluation, tokenizer, config.max_length, "eval")
 
     # 2. Policy, and a separate frozen reference only when one is named.
-    load = dict(torch_dtype=config.torch_dtype, attn_implementation=config.attn_implementation,
-                trust_remote_code=config.trust_remote_code)
-    model = load_model(config.model_name_or_path, **load)
-    ref_model = load_model(config.ref_model_name_or_path, **load) if config.ref_model_name_or_path else None
+    model, ref_model = load_policy_and_reference(config)
 
     return PreferenceTrainer(model, config, train, evaluation, tokenizer, ref_model=ref_model,
                              peft_config=lora_config(config), callbacks=start(config))

@@ -27,7 +27,7 @@ class GRPORecipeConfig(RecipeArguments, RLConfig):
 
 def build_trainer(config):
     from align.data.prompts import load_prompt_data
-    from align.modeling import load_model, lora_config
+    from align.modeling import load_policy_and_reference, lora_config
     from align.trainers.rl import RLTrainer
     from rewards.registry import RewardSet
 
@@ -38,12 +38,7 @@ def build_trainer(config):
     tokenizer, train, evaluation = load_prompt_data(config, reward_set.check_columns)
 
     # 2. Policy, and a separate reference only when one is named and the KL term is on.
-    load = dict(torch_dtype=config.torch_dtype, attn_implementation=config.attn_implementation,
-                trust_remote_code=config.trust_remote_code)
-    model = load_model(config.model_name_or_path, **load)
-    ref_model = None
-    if config.beta and config.ref_model_name_or_path:
-        ref_model = load_model(config.ref_model_name_or_path, **load)
+    model, ref_model = load_policy_and_reference(config, want_reference=bool(config.beta))
     return RLTrainer(model, config, train, evaluation, tokenizer, reward_set=reward_set, ref_model=ref_model,
                      peft_config=lora_config(config), callbacks=start(config))
 

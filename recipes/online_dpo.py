@@ -28,7 +28,7 @@ class OnlineRecipeConfig(RecipeArguments, OnlineConfig):
 
 def build_trainer(config, trainer_class=None):
     from align.data.prompts import load_prompt_data
-    from align.modeling import load_model, lora_config
+    from align.modeling import load_policy_and_reference, lora_config
     from align.trainers.egpo import EGPOTrainer
     from align.trainers.online import OnlineDPOTrainer, XPOTrainer
     from rewards.preference import build_oracle, check_columns
@@ -39,10 +39,7 @@ def build_trainer(config, trainer_class=None):
     tokenizer, train, evaluation = load_prompt_data(config, lambda names, where: check_columns(oracle, names, where))
 
     # 2. Policy, and a separate reference only when one is named (default: a frozen copy of the policy).
-    load = dict(torch_dtype=config.torch_dtype, attn_implementation=config.attn_implementation,
-                trust_remote_code=config.trust_remote_code)
-    model = load_model(config.model_name_or_path, **load)
-    ref_model = load_model(config.ref_model_name_or_path, **load) if config.ref_model_name_or_path else None
+    model, ref_model = load_policy_and_reference(config)
     return cls(model, config, train, evaluation, tokenizer, oracle=oracle, ref_model=ref_model,
                peft_config=lora_config(config), callbacks=start(config))
 
