@@ -81,25 +81,35 @@ def _own_fields(cls) -> set[str]:
 
 def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
     """Parse, validate and run; a bad input ends with ``error: <one line>`` and status 2."""
+    code = 0
     try:
         config = parse(recipe, sys.argv[1:] if argv is None else argv)
         recipe.run(config)
     except AlignError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        _close_process_group()
-    return 0
+        code = 2
+    _end_processes(code)
+    return code
 
 
-def _close_process_group() -> None:
-    """Tear the process group down before the interpreter exits: left to interpreter shutdown, gloo's threads
-    can be destroyed while still joinable and abort a finished rank (``terminate called without an active
-    exception``)."""
+def _end_processes(code: int) -> None:
+    """Under ``accelerate launch`` (a process group is up): wait for every rank (after a clean run), tear the group
+    down, flush, and leave with ``os._exit``. A rank left to ordinary interpreter shutdown sometimes aborted after
+    its run had finished and saved (``terminate called without an active exception``, status -6: a C++ thread
+    still joinable at exit), turning a good run red at random; everything is written and closed by here."""
+    import logging
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if code == 0:
+        dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def world_size() -> int:
