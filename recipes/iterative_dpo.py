@@ -56,26 +56,16 @@ class IterativeRecipeConfig(IterativeArguments, RecipeArguments, PreferenceConfi
 
 
 def build_driver(config: IterativeRecipeConfig, callbacks=None):
-    from align.data.loading import load_train_eval
-    from align.data.prompts import format_prompts, tokenize_prompts
-    from align.modeling import load_tokenizer
+    from align.data.prompts import load_prompt_data
     from align.trainers.iterative import IterativeDPO
     from rewards.preference import build_oracle, check_columns
 
     # 1. Oracle and prompts, all checked before a model is loaded or anything generated.
     options = {"max_completion_length": config.max_new_tokens}
     oracle = build_oracle(config.oracle, config.oracle_scale, options)
-    train, evaluation = load_train_eval(config)
-    train, evaluation = (None if ds is None else format_prompts(ds, config.prompt_column) for ds in (train, evaluation))
-    if config.chat_prompt:
-        train, evaluation = (None if ds is None else ds.map(_as_message) for ds in (train, evaluation))
-    for name, ds in (("train", train), ("eval", evaluation)):
-        if ds is not None:
-            check_columns(oracle, ds.column_names, f"{name} dataset")
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    train = tokenize_prompts(train, tokenizer, config.max_prompt_length, "train")
-    if evaluation is not None:
-        evaluation = tokenize_prompts(evaluation, tokenizer, config.max_prompt_length, "eval")
+    tokenizer, train, evaluation = load_prompt_data(
+        config, lambda names, where: check_columns(oracle, names, where),
+        (lambda ds: ds.map(_as_message)) if config.chat_prompt else None)
 
     # 2. The driver loads every policy it needs itself (initial, each iteration's start, the previous one).
     return IterativeDPO(config, train, evaluation, tokenizer, oracle, [*start(config), *(callbacks or [])])

@@ -59,4 +59,3 @@ def closeness_reward(completions: Sequence[Any], answer: Sequence[int | str], **
         got = extract_answer(c)
         out.append(-5.0 if got is None else -math.log1p(abs(got - int(a))))
     return out
-

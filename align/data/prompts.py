@@ -49,21 +49,25 @@ def tokenize_prompts(ds, tokenizer, max_prompt_length: int, split: str = "train"
     return ds.add_column("uid", list(range(len(ds))))
 
 
-def load_prompt_data(config, check_columns=None):
-    """What the generating recipes (grpo, raft, online_dpo, xpo, egpo) load before any model: the train and eval
-    prompt datasets, formatted (``prompt_column``, ``system_prompt``, ``prompt_suffix``), checked by
-    ``check_columns(column_names, where)`` (the reward functions' or the oracle's columns) and tokenised, plus
-    the tokenizer. Returns ``(tokenizer, train, evaluation)``; ``evaluation`` is None without an eval split."""
+def load_prompt_data(config, check_columns=None, transform=None):
+    """What the generating recipes (grpo, raft, online_dpo, xpo, egpo, iterative_dpo) load before any model: the
+    train and eval prompt datasets, formatted (``prompt_column``, and ``system_prompt`` / ``prompt_suffix`` where
+    the config has them), passed through ``transform`` (a ``Dataset -> Dataset``, e.g. the iterative recipe's
+    chat wrapping), checked by ``check_columns(column_names, where)`` (the reward functions' or the oracle's
+    columns) and tokenised, plus the tokenizer. Returns ``(tokenizer, train, evaluation)``; ``evaluation`` is None
+    without an eval split."""
     from align.data.loading import load_train_eval
     from align.modeling import load_tokenizer
 
     train, evaluation = load_train_eval(config)
-    fmt = (config.prompt_column, config.system_prompt, config.prompt_suffix)
-    splits = {"train": format_prompts(train, *fmt),
-              "eval": format_prompts(evaluation, *fmt) if evaluation is not None else None}
+    fmt = (config.prompt_column, getattr(config, "system_prompt", None), getattr(config, "prompt_suffix", ""))
+    splits = {"train": train, "eval": evaluation}
     for split, ds in splits.items():
-        if ds is not None and check_columns is not None:
-            check_columns(ds.column_names, f"{split} dataset")
+        if ds is not None:
+            ds = format_prompts(ds, *fmt)
+            splits[split] = transform(ds) if transform is not None else ds
+            if check_columns is not None:
+                check_columns(splits[split].column_names, f"{split} dataset")
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     for split, ds in splits.items():
         if ds is not None:
