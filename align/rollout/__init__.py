@@ -3,30 +3,38 @@
 ``rollout: hf`` (:class:`HFEngine`, the training model's own ``generate``), ``vllm`` (a colocated
 ``vllm.LLM``, :mod:`align.rollout.vllm_engine`) or ``vllm-server`` (``align serve`` in another process,
 :mod:`align.rollout.server` / :mod:`align.rollout.remote`); :func:`build_engine` is the one place that
-picks and builds one.
+picks and builds one, :class:`~align.rollout.args.RolloutArguments` the one place its options are defined and
+:class:`~align.rollout.sync.WeightSync` the one rule for when weights are pushed. Used by the RL trainer, the
+online preference trainers and the iterative driver.
 """
 
 from align.rollout.base import RolloutEngine, Rollouts, SamplingParams, sample_seed
 from align.rollout.hf import HFEngine
+from align.rollout.sync import WeightSync
 
 
-def build_engine(args, model, tokenizer, *, is_main: bool = True):
-    """The engine ``args.rollout`` names, checked before training (health check, lengths, devices)."""
+def build_engine(args, model, tokenizer, *, is_main: bool = True, max_len: int | None = None,
+                 length_key: str = "max_completion_length"):
+    """The engine ``args.rollout`` names, checked before training (health check, lengths, devices). ``max_len``:
+    the longest prompt + completion it must hold (default ``max_prompt_length`` + the longer of
+    ``max_completion_length`` and ``eval_max_new_tokens``); ``length_key`` is the option a too-long one names."""
     if args.rollout == "hf":
         return HFEngine(model, tokenizer, args.generation_batch_size)
-    max_len = args.max_prompt_length + max(args.max_completion_length, getattr(args, "eval_max_new_tokens", 0) or 0)
+    if max_len is None:
+        max_len = args.max_prompt_length + max(args.max_completion_length,
+                                               getattr(args, "eval_max_new_tokens", 0) or 0)
     if args.rollout == "vllm":
         from align.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(model, tokenizer, max_model_len=max_len, tensor_parallel_size=args.vllm_tensor_parallel_size,
                           gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                          enable_sleep_mode=args.vllm_enable_sleep_mode, seed=args.seed)
+                          enable_sleep_mode=args.vllm_enable_sleep_mode, seed=args.seed, length_key=length_key)
     from align.rollout.remote import ServerEngine
 
     engine = ServerEngine.for_policy(model, tokenizer, args.vllm_server_host, args.vllm_server_port,
                                      args.vllm_timeout_s, push_weights=is_main)
-    engine.check(max_len)
+    engine.check(max_len, length_key)
     return engine
 
 
-__all__ = ["HFEngine", "RolloutEngine", "Rollouts", "SamplingParams", "build_engine", "sample_seed"]
+__all__ = ["HFEngine", "RolloutEngine", "Rollouts", "SamplingParams", "WeightSync", "build_engine", "sample_seed"]

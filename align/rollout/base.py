@@ -17,7 +17,7 @@ size, or on which process generates it. ``keys`` default to the prompts' positio
 
 Engines that hold their own copy of the weights (vLLM) implement ``sync_weights(model)``; the trainer
 calls it before a generation once ``vllm_sync_steps`` optimizer steps have passed since the last call
-(``RLTrainer._sync_engine``); the HF engine generates with the live model and copies nothing.
+(:class:`align.rollout.sync.WeightSync`); the HF engine generates with the live model and copies nothing.
 ``generate`` is synchronous; an asynchronous engine can return as soon as results are ready behind the same
 call.
 """

@@ -16,6 +16,13 @@ L is :func:`align.objectives.online_ipo.online_ipo` on token-mean log-probs. The
 μ = the policy, or the geometric mixture with the reference (``mixture_coef``); its target is
 ``oipo1``: P(y ≻ y″) − P(y′ ≻ y″) with one opponent sample y″ ~ π_θ (at ``opponent_temperature``), or
 ``oipo2``: P(y ≻ y′) − ½. ``egpo_extragradient: false`` gives the online IPO baseline (one step per batch).
+
+Rollouts: with ``mixture_coef: 0`` every sample (y, y′, y″) is a plain policy sample and comes from the engine
+``rollout`` names (vLLM included), pushed the policy's weights before every step (the full step's samples must
+be θ_{t+½}'s, so ``vllm_sync_steps`` must be 1 with the extragradient). With ``mixture_coef > 0`` the config
+refuses ``rollout: vllm`` / ``vllm-server`` in one line: the mixture needs the policy's and the reference's
+logits at every token, which vLLM cannot combine, and the pair (y, y′) is the bulk of the sampling, so running
+only y″ on vLLM would buy little for a second copy of the weights.
 """
 
 from __future__ import annotations

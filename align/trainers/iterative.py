@@ -4,9 +4,12 @@
 :class:`~align.trainers.preference.PreferenceTrainer` round.
 
 1. The iteration's start policy π_t (the initial model for t = 0, else ``iter-{t-1}/``) samples K =
-   ``samples_per_prompt`` responses to each of the iteration's prompts (:class:`~align.rollout.HFEngine`;
-   completion k of prompt ``uid`` is seeded by (seed, ``"{t}:{uid}"``, k), so the draws change with t and do
-   not depend on batching or on the process).
+   ``samples_per_prompt`` responses to each of the iteration's prompts with the engine ``rollout`` names
+   (:func:`~align.rollout.build_engine`: HF generate on π_t, rebuilt each iteration; a colocated vLLM or
+   ``align serve`` built once, at the first iteration that samples, and pushed π_t's weights at the start of
+   every iteration, the only time the policy changes, so ``vllm_sync_steps`` stays 1). Completion k of prompt
+   ``uid`` is seeded by (seed, ``"{t}:{uid}"``, k), so the draws change with t and do not depend on batching or
+   on the process. The win rate (5.) samples with HF generate.
 2. The oracle (:mod:`rewards.preference`) ranks them (``best_worst``); best is ``chosen``, worst ``rejected``;
    a prompt whose best and worst tie gives no pair. The pairs go to ``iter-t/pairs.jsonl`` with their token
    ids, and train as sampled (no re-tokenisation).
@@ -47,12 +50,13 @@ import torch
 
 from align.args import _f
 from align.errors import ConfigError
+from align.rollout.args import RolloutArguments, world_size
 
 DONE = "done"
 
 
 @dataclass
-class IterativeArguments:
+class IterativeArguments(RolloutArguments):
     iterations: int = _f(3, "Number of iterations T (sample -> judge -> train a round).")
     samples_per_prompt: int = _f(4, "K: responses sampled per prompt each iteration; best and worst make the pair.")
     oracle: str = _f("verifier:accuracy", "Preference oracle: verifier:<fn>, reward:<reward spec> (e.g. "
@@ -94,6 +98,11 @@ class IterativeArguments:
                               "policy; leave it unset")
         if not getattr(self, "precompute_ref_logps", True):
             raise ConfigError("precompute_ref_logps: must be true for the iterative driver (it supplies them)")
+        self.validate_rollout(world_size())
+        if self.rollout != "hf" and self.vllm_sync_steps != 1:
+            raise ConfigError(f"vllm_sync_steps: the iterative driver pushes π_t's weights at the start of every "
+                              f"iteration (the policy changes only between iterations); leave it at 1, got "
+                              f"{self.vllm_sync_steps}")
 
 
 def extrapolated_reference(current: torch.Tensor, previous: torch.Tensor | None, alpha: float | None) -> torch.Tensor:
@@ -118,9 +127,10 @@ class IterativeDPO:
     """The iterative driver. ``config`` is the ``iterative_dpo`` recipe's config (IterativeArguments +
     RecipeArguments + PreferenceConfig); ``train``/``evaluation`` are prompt datasets already passed through
     :func:`align.data.prompts.tokenize_prompts`; ``oracle`` a :class:`rewards.preference.PreferenceOracle`.
-    ``callbacks`` are added to every round's Trainer."""
+    ``callbacks`` are added to every round's Trainer; ``engine``, a vLLM engine to sample with instead of building
+    one (left open at the end; one the driver builds is closed)."""
 
-    def __init__(self, config, train, evaluation, tokenizer, oracle, callbacks=None):
+    def __init__(self, config, train, evaluation, tokenizer, oracle, callbacks=None, engine=None):
         from accelerate import PartialState
 
         self.config, self.train, self.evaluation = config, train, evaluation
@@ -128,6 +138,8 @@ class IterativeDPO:
         self.callbacks = list(callbacks or [])
         self.state = PartialState()
         self.resume = str(config.resume_from_checkpoint or "").lower() in ("true", "last", "latest")
+        self.engine, self.own_engine = engine, engine is None  # a vLLM engine, built at the first sampling
+        self.weight_sync = None
 
     # --- paths ------------------------------------------------------------------------------------
 
@@ -160,13 +172,18 @@ class IterativeDPO:
                     shutil.rmtree(os.path.join(self.config.output_dir, name))
         self.state.wait_for_everyone()
         records = []
-        for t in range(self.config.iterations):
-            if not self.is_done(t):
-                self.iteration(t)
-            with open(os.path.join(self.iter_dir(t), "metrics.json"), encoding="utf-8") as fh:
-                records.append(json.load(fh))
-            if self.state.is_main_process:
-                _write_atomic(os.path.join(self.config.output_dir, "iterations.jsonl"), _jsonl(records))
+        try:
+            for t in range(self.config.iterations):
+                if not self.is_done(t):
+                    self.iteration(t)
+                with open(os.path.join(self.iter_dir(t), "metrics.json"), encoding="utf-8") as fh:
+                    records.append(json.load(fh))
+                if self.state.is_main_process:
+                    _write_atomic(os.path.join(self.config.output_dir, "iterations.jsonl"), _jsonl(records))
+        finally:
+            if self.engine is not None and self.own_engine:  # a colocated vLLM's memory
+                self.engine.close()
+                self.engine = None
         return records
 
     def iteration(self, t: int) -> dict:
@@ -205,11 +222,28 @@ class IterativeDPO:
         size = self.config.prompts_per_iteration or n
         return self.train.select([(t * size + i) % n for i in range(size)])
 
+    def rollout_engine(self, policy, t: int):
+        """The engine that samples iteration t, holding π_t (``policy``): HF generate on it, or the vLLM engine
+        (built on the first call, then kept) pushed π_t's weights, once per iteration (only the main process pushes
+        to a server; every process waits for it)."""
+        from align.rollout import HFEngine, WeightSync, build_engine
+
+        c = self.config
+        if c.rollout == "hf":
+            return HFEngine(policy, self.tokenizer, c.generation_batch_size)
+        if self.engine is None:
+            self.engine = build_engine(c, policy, self.tokenizer, is_main=self.state.is_main_process,
+                                       max_len=c.max_prompt_length + c.max_new_tokens, length_key="max_new_tokens")
+        if self.weight_sync is None:
+            self.weight_sync = WeightSync(self.engine, c.rollout, 1, self.state)
+        self.weight_sync(policy, t)
+        return self.engine
+
     def make_pairs(self, t: int) -> tuple[list[dict], dict]:
         from accelerate.utils import gather_object
 
         from align.data.sampled_pairs import _wrap
-        from align.rollout import HFEngine, SamplingParams
+        from align.rollout import SamplingParams
 
         c = self.config
         rows = self.prompts(t)
@@ -218,7 +252,7 @@ class IterativeDPO:
         policy = self._load(self.start_path(t))
         sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.sample_temperature, seed=c.seed)
         k = c.samples_per_prompt
-        out = HFEngine(policy, self.tokenizer, c.generation_batch_size).generate(
+        out = self.rollout_engine(policy, t).generate(
             [r["prompt_ids"] for r in mine], [k] * len(mine), sampling, keys=[f"{t}:{r['uid']}" for r in mine])
         del policy
         calls = self.oracle.calls

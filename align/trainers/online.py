@@ -17,6 +17,14 @@ the extra loss term:
 * :class:`XPOTrainer` (Xie et al. 2024, arXiv:2405.21046; METHODS §5): one policy sample y and one reference
   sample ỹ, labelled; loss = pair loss + α·S_θ(ỹ) (exploration: likelihood pushed away from reference samples).
 * :class:`align.trainers.egpo.EGPOTrainer`: the extragradient steps of METHODS §6.
+
+Rollouts: the policy's samples come from the engine ``rollout`` names (:func:`align.rollout.build_engine`: hf,
+a colocated vLLM or ``align serve``), which is pushed the policy's weights before a generation the way the RL
+trainer's is (:class:`align.rollout.WeightSync`: every ``vllm_sync_steps`` optimizer steps; with
+``vllm_sync_steps`` > 1 the pairs come from weights up to that many steps old, uncorrected). Only the sampled
+token ids are used: the sampling log-probs a vLLM engine returns are ignored, since the loss recomputes every
+log-prob with the trainer's policy and reference. Reference samples (XPO) and EGPO's mixture samples need the
+reference model and run HF ``generate`` on the live models whatever ``rollout`` says.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from transformers import Trainer, TrainingArguments
 from align.args import CPUSaneDefaults
 from align.errors import TrainingError
 from align.objectives import build
-from align.rollout import HFEngine, SamplingParams
+from align.rollout import HFEngine, SamplingParams, WeightSync, build_engine
+from align.rollout.args import world_size
 from align.trainers.logps import pack, token_logps
 from align.trainers.metric_log import MetricsMixin
 from align.trainers.online_args import OnlineArguments
@@ -48,7 +57,7 @@ class OnlineConfig(OnlineArguments, CPUSaneDefaults, TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        self.validate_online(self.method)
+        self.validate_online(self.method, world_size())
 
 
 @dataclass
@@ -72,7 +81,7 @@ class OnlinePreferenceTrainer(MetricsMixin, Trainer):
     state_file = "online_state.json"  # the oracle-call counter, saved in every checkpoint
 
     def __init__(self, model, args: OnlineArguments, train_dataset, eval_dataset=None, processing_class=None,
-                 oracle=None, ref_model=None, peft_config=None, callbacks=None):
+                 oracle=None, ref_model=None, peft_config=None, callbacks=None, engine=None):
         from align.data.prompts import tokenize_prompts
         from rewards.preference import build_oracle, check_columns
 
@@ -106,7 +115,10 @@ class OnlinePreferenceTrainer(MetricsMixin, Trainer):
         if ref_model is not None:
             ref_model.requires_grad_(False).eval().to(self.args.device)
         self.ref_model = ref_model
-        self.engine = HFEngine(model, tok, args.generation_batch_size)
+        self.engine = engine or build_engine(args, model, tok, is_main=self.accelerator.is_main_process)
+        self.weight_sync = WeightSync(self.engine, args.rollout, args.vllm_sync_steps, self.accelerator)
+        # reference samples (XPO) run HF generate on the live reference, whatever engine draws the policy's
+        self.hf_engine = self.engine if args.rollout == "hf" else HFEngine(model, tok, args.generation_batch_size)
         self.oracle_calls = 0
         self._init_metrics()
         self.add_callback(_SaveState(self))
@@ -116,6 +128,10 @@ class OnlinePreferenceTrainer(MetricsMixin, Trainer):
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump({"oracle_calls": self.oracle_calls}, fh)
         os.replace(tmp, path)
+
+    def close(self) -> None:
+        """Release the rollout engine (a colocated vLLM's memory); the trainer cannot generate after this."""
+        self.engine.close()
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if isinstance(resume_from_checkpoint, str):
@@ -150,14 +166,22 @@ class OnlinePreferenceTrainer(MetricsMixin, Trainer):
 
     def sample(self, rows: list[dict], role: str, engine=None, temperature: float | None = None,
                reference: bool = False) -> list[list[int]]:
-        """One completion per row (token ids), from the policy (or the reference), on its own random stream."""
+        """One completion per row (token ids), from the policy (or the reference), on its own random stream. The
+        policy's samples come from the rollout engine, brought up to the policy first; the reference's, and those of
+        an HF ``engine`` passed in (EGPO's mixture), from HF generate on the live models. Token ids only: a vLLM
+        engine's sampling log-probs are dropped (the loss computes its own)."""
         a = self.args
         sampling = SamplingParams(max_new_tokens=a.max_completion_length, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
                                   temperature=a.temperature if temperature is None else temperature)
         keys = [f"{r['uid']}|{self.state.global_step}|{role}" for r in rows]
-        model, ctx = self._reference() if reference else (self._policy, nullcontext())
-        engine = engine or self.engine
-        engine.model = model
+        ctx = nullcontext()
+        if engine is None and not reference:
+            engine = self.engine
+            self.weight_sync(self._policy, self.state.global_step)
+        else:
+            model, ctx = self._reference() if reference else (self._policy, nullcontext())
+            engine = engine or self.hf_engine
+            engine.model = model
         with ctx:
             out = engine.generate([r["prompt_ids"] for r in rows], [1] * len(rows), sampling, keys)
         return out.completion_ids

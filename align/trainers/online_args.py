@@ -5,6 +5,11 @@ prompt gives one pair (two completions, plus one opponent sample y″ for EGPO's
 the ``oracle``. ``gradient_accumulation_steps`` must stay 1 (one optimizer step is one generation round).
 With EGPO's extragradient on, every prompt batch is used for two optimizer steps (the half step and the full
 step), so an epoch has twice the steps.
+
+Rollouts (``rollout: hf | vllm | vllm-server``, :class:`~align.rollout.args.RolloutArguments`): the engine draws
+the policy's samples; reference samples (XPO's ỹ) and EGPO's mixture samples need the reference model's
+logits, which the engine does not hold, so they stay on the HF engine, and EGPO with ``mixture_coef > 0``
+refuses a vLLM rollout (every one of its pairs is a mixture sample).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 
 from align.args import _f
 from align.errors import ConfigError
+from align.rollout.args import RolloutArguments
 from rewards.preference import ORACLE_KINDS
 
 PAIR_OBJECTIVES = ("dpo", "ipo", "hinge", "robust", "hdpo", "lrdpo")
@@ -21,7 +27,7 @@ EGPO_VARIANTS = ("oipo1", "oipo2")
 
 
 @dataclass
-class OnlineArguments:
+class OnlineArguments(RolloutArguments):
     # --- objective ---
     objective: str = _f("dpo", f"Pair loss of online DPO and XPO, one of {PAIR_OBJECTIVES} (EGPO: online_ipo).")
     beta: float = _f(0.1, "KL strength β (τ for ipo; EGPO's target is P-gap / β).")
@@ -54,8 +60,9 @@ class OnlineArguments:
     eval_max_new_tokens: int | None = _f(None, "Eval: max new tokens (default max_completion_length).")
     remove_unused_columns: bool = _f(False, "Keep every dataset column: the oracle may read them.")
 
-    def validate_online(self, method: str) -> None:
-        """Every option check that needs no model and no data (``method``: online_dpo, xpo or egpo)."""
+    def validate_online(self, method: str, world: int = 1) -> None:
+        """Every option check that needs no model and no data (``method``: online_dpo, xpo or egpo; ``world``
+        processes)."""
         from align.objectives import check_params
 
         if method == "egpo":
@@ -91,6 +98,15 @@ class OnlineArguments:
         if method == "egpo" and self.egpo_extragradient and save == "steps" and int(self.save_steps) % 2:
             raise ConfigError(f"save_steps: must be even with EGPO's extragradient (a checkpoint between a half and a "
                               f"full step cannot be resumed exactly), got {self.save_steps}")
+        self.validate_rollout(world)
+        if method == "egpo" and self.rollout != "hf":
+            if self.mixture_coef > 0:
+                raise ConfigError(f"rollout: {self.rollout} cannot sample EGPO's geometric mixture (mixture_coef "
+                                  f"{self.mixture_coef} > 0 needs the policy's and the reference's logits at every "
+                                  "token); use rollout: hf, or mixture_coef: 0")
+            if self.egpo_extragradient and self.vllm_sync_steps != 1:
+                raise ConfigError(f"vllm_sync_steps: must be 1 with EGPO's extragradient (the full step samples from "
+                                  f"the half step's weights θ_t+½), got {self.vllm_sync_steps}")
         if method == "egpo" and self.egpo_extragradient:
             sharded = sharded_optimizer(self)
             if sharded:

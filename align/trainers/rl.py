@@ -36,7 +36,7 @@ from align.args import CPUSaneDefaults
 from align.errors import TrainingError
 from align.objectives.advantages import group_advantages, raft_advantages
 from align.objectives.policy import policy_loss, truncated_is_weights
-from align.rollout import SamplingParams, build_engine
+from align.rollout import SamplingParams, WeightSync, build_engine
 from align.sampling import PromptStats, gvm_allocate, nonzero_variance_groups
 from align.sampling.shard import assign_groups
 from align.trainers.logps import pack, token_logps
@@ -160,7 +160,7 @@ class RLTrainer(MetricsMixin, Trainer):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.is_peft = hasattr(model, "disable_adapter")
         self.engine = engine or build_engine(args, model, tok, is_main=self.accelerator.is_main_process)
-        self._synced_step: int | None = None  # global step whose weights the engine holds (None: not pushed yet)
+        self.weight_sync = WeightSync(self.engine, args.rollout, args.vllm_sync_steps, self.accelerator)
         self.timing = {"generate": 0.0, "sync": 0.0}
         self._train_start: float | None = None
         self.grad_params = None
@@ -235,7 +235,7 @@ class RLTrainer(MetricsMixin, Trainer):
         costs = [n * (len(r["prompt_ids"]) + self.args.max_completion_length) for r, n in zip(rows, counts)]
         owners = assign_groups(costs, world)
         mine = [i for i, n in enumerate(counts) if n > 0 and owners[i] == rank]
-        self._sync_engine()
+        self.timing["sync"] += self.weight_sync(self._policy, self.state.global_step)
         start = time.perf_counter()
         out = self.engine.generate([rows[i]["prompt_ids"] for i in mine], [counts[i] for i in mine],
                                    sampling or self._sampling(), keys=[f"{tag}:{rows[i]['uid']}" for i in mine])
@@ -254,24 +254,6 @@ class RLTrainer(MetricsMixin, Trainer):
         by_key = {(s.g, s.k): s for s in local}
         merged = [by_key.get((m.g, m.k), m) for _, metas in everything for m in metas]
         return sorted(merged, key=lambda s: (s.g, s.k))
-
-    def _sync_engine(self) -> None:
-        """Bring an engine that holds its own weights (vLLM) up to the policy: before the first generation, then
-        once ``vllm_sync_steps`` optimizer steps have passed since the last push. With the server engine only
-        the main process pushes, and every process waits for it (a barrier) before generating."""
-        a = self.args
-        if a.rollout == "hf":
-            self.engine.sync_weights(self._policy)  # the live model: nothing to copy
-            return
-        step = self.state.global_step
-        if self._synced_step is not None and step - self._synced_step < a.vllm_sync_steps:
-            return
-        start = time.perf_counter()
-        self.engine.sync_weights(self._policy)
-        if self.accelerator.num_processes > 1:
-            self.accelerator.wait_for_everyone()
-        self._synced_step = step
-        self.timing["sync"] += time.perf_counter() - start
 
     def _score(self, rows: list[dict], local: list[Sample]) -> str | None:
         """Fill in the rewards of this process's samples; the error message instead of raising, so every

@@ -20,14 +20,14 @@ from align.args import _f
 from align.errors import ConfigError
 from align.objectives.advantages import SCALES
 from align.objectives.policy import LOSS_TYPES, POLICY_LOSSES
+from align.rollout.args import RolloutArguments
 
 ALLOCATORS = ("uniform", "gvm", "dynamic")
 ADVANTAGES = ("grpo", "raft")
-ROLLOUTS = ("hf", "vllm", "vllm-server")
 
 
 @dataclass
-class RLArguments:
+class RLArguments(RolloutArguments):
     # --- objective ---
     advantage: str = _f("grpo", f"Advantage estimator, one of {ADVANTAGES}: grpo (group-centred) or raft (1 if "
                                 "accepted else 0).")
@@ -52,28 +52,15 @@ class RLArguments:
     system_prompt: str | None = _f(None, "System message put before every prompt (then prompts become conversational).")
     prompt_suffix: str = _f("", "Text appended to every user prompt (e.g. an answer-format instruction).")
     # --- generation ---
-    rollout: str = _f("hf", f"Rollout engine, one of {ROLLOUTS}.")
     max_prompt_length: int = _f(512, "Prompts longer than this (tokens) are rejected before training.")
     max_completion_length: int = _f(256, "Max new tokens per completion.")
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(1.0, "Nucleus sampling mass.")
     top_k: int = _f(0, "Top-k cut (0: none).")
     generation_batch_size: int = _f(64, "Sequences per generate call (hf engine).")
-    # --- vLLM rollouts (rollout: vllm | vllm-server) ---
-    vllm_sync_steps: int = _f(1, "Push the policy's weights to vLLM before a generation when this many optimizer "
-                                 "steps have passed since the last push (1: always the newest weights).")
+    # --- vLLM rollouts (the engine's options: align.rollout.args.RolloutArguments) ---
     vllm_is_cap: float | None = _f(2.0, "Truncated importance sampling: weigh each token's loss by min(π_old / "
                                         "π_vLLM, cap), correcting the sampler/trainer mismatch; None: off.")
-    vllm_gpu_memory_utilization: float = _f(0.3, "rollout: vllm: share of GPU memory (CPU: of RAM) vLLM may take.")
-    vllm_enable_sleep_mode: bool = _f(False, "rollout: vllm (CUDA only): offload vLLM's weights and free its KV "
-                                             "cache between generations.")
-    vllm_tensor_parallel_size: int = _f(1, "rollout: vllm: tensor-parallel size of the colocated engine (at most "
-                                           "the visible devices); vllm-server: set by `align serve` instead.")
-    vllm_server_host: str = _f("127.0.0.1", "rollout: vllm-server: host of `align serve`.")
-    vllm_server_port: int = _f(8000, "rollout: vllm-server: port of `align serve`.")
-    vllm_timeout_s: float = _f(60.0, "rollout: vllm-server: the longest silence of the server (it sends a "
-                                     "heartbeat every 0.25 s while it generates or loads weights); then the run "
-                                     "stops naming the server and what it waited for.")
     # --- rewards ---
     reward_funcs: list[str] = _f(["accuracy"], "Reward functions: names (accuracy, format, math_verify, "
                                                "overlong), `module:function`, or `model:<path>` (a reward model).")
@@ -111,7 +98,7 @@ class RLArguments:
     def validate_rl(self, world: int = 1) -> None:
         """Every option check that needs no model and no data."""
         choices = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "loss_type": LOSS_TYPES,
-                   "scale_rewards": SCALES, "allocator": ALLOCATORS, "rollout": ROLLOUTS,
+                   "scale_rewards": SCALES, "allocator": ALLOCATORS,
                    "on_reward_error": ("raise", "zero")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -161,45 +148,14 @@ class RLArguments:
             raise ConfigError(f"overlong_cache_length: must be in [0, max_completion_length], got "
                               f"{self.overlong_cache_length}")
         self.validate_rollout(world)
+        if self.rollout != "hf" and self.vllm_is_cap is not None and self.vllm_is_cap < 1:
+            raise ConfigError(f"vllm_is_cap: must be >= 1 (None turns the correction off), got {self.vllm_is_cap}")
         sharded = self.sharded_weights()
         if sharded:
             raise ConfigError(f"distributed_type: the RL loop does not run under {sharded} yet (each process "
                               "generates its own groups and estimates G_i on unsharded weights, so sharded forwards "
                               "would not line up and would hang); launch with configs/accelerate/ddp.yaml or "
                               "ZeRO-1/2, with LoRA for large models")
-
-    def validate_rollout(self, world: int) -> None:
-        if self.rollout == "hf":
-            return
-        if self.vllm_sync_steps < 1:
-            raise ConfigError(f"vllm_sync_steps: must be >= 1, got {self.vllm_sync_steps}")
-        if self.vllm_is_cap is not None and self.vllm_is_cap < 1:
-            raise ConfigError(f"vllm_is_cap: must be >= 1 (None turns the correction off), got {self.vllm_is_cap}")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        if self.vllm_timeout_s < 1:
-            raise ConfigError(f"vllm_timeout_s: must be >= 1 (the server's heartbeats come every 0.25 s), got "
-                              f"{self.vllm_timeout_s}")
-        if not 0 < self.vllm_server_port < 65536:
-            raise ConfigError(f"vllm_server_port: must be in 1..65535, got {self.vllm_server_port}")
-        if self.rollout == "vllm":
-            from align.rollout.vllm_engine import check_tensor_parallel, require_vllm
-
-            require_vllm()
-            check_tensor_parallel(self.vllm_tensor_parallel_size)
-            if world > 1:
-                raise ConfigError(f"rollout: vllm (colocated) runs in one trainer process for now, this run has "
-                                  f"{world}; use rollout: vllm-server with one `align serve` for all processes")
-            if self.vllm_enable_sleep_mode:
-                import torch
-
-                if not torch.cuda.is_available():
-                    raise ConfigError("vllm_enable_sleep_mode: vLLM's sleep mode needs a CUDA GPU")
-        elif self.vllm_enable_sleep_mode:
-            raise ConfigError("vllm_enable_sleep_mode: only for rollout: vllm (the server manages its own memory)")
-        elif self.vllm_tensor_parallel_size != 1:
-            raise ConfigError("vllm_tensor_parallel_size: for rollout: vllm-server the server's size is set by "
-                              "`align serve --tensor-parallel-size N`")
 
     def sharded_weights(self) -> str | None:
         """``"FSDP"`` or ``"ZeRO-3"`` when this run shards the weights (from ``accelerate launch``'s environment or

@@ -1,0 +1,72 @@
+"""The rollout options, defined once for every trainer that generates (RL, the online preference trainers, the
+iterative driver): ``rollout: hf | vllm | vllm-server`` and the vLLM knobs, checked before training.
+
+A trainer's arguments inherit :class:`RolloutArguments`, build their engine with
+:func:`align.rollout.build_engine` and push weights with :class:`align.rollout.sync.WeightSync`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from align.args import _f
+from align.errors import ConfigError
+
+ROLLOUTS = ("hf", "vllm", "vllm-server")
+
+
+@dataclass
+class RolloutArguments:
+    rollout: str = _f("hf", f"Rollout engine, one of {ROLLOUTS}.")
+    vllm_sync_steps: int = _f(1, "Push the policy's weights to vLLM before a generation when this many optimizer "
+                                 "steps have passed since the last push (1: always the newest weights).")
+    vllm_gpu_memory_utilization: float = _f(0.3, "rollout: vllm: share of GPU memory (CPU: of RAM) vLLM may take.")
+    vllm_enable_sleep_mode: bool = _f(False, "rollout: vllm (CUDA only): offload vLLM's weights and free its KV "
+                                             "cache between generations.")
+    vllm_tensor_parallel_size: int = _f(1, "rollout: vllm: tensor-parallel size of the colocated engine (at most "
+                                           "the visible devices); vllm-server: set by `align serve` instead.")
+    vllm_server_host: str = _f("127.0.0.1", "rollout: vllm-server: host of `align serve`.")
+    vllm_server_port: int = _f(8000, "rollout: vllm-server: port of `align serve`.")
+    vllm_timeout_s: float = _f(60.0, "rollout: vllm-server: the longest silence of the server (it sends a "
+                                     "heartbeat every 0.25 s while it generates or loads weights); then the run "
+                                     "stops naming the server and what it waited for.")
+
+    def validate_rollout(self, world: int) -> None:
+        """One-line ConfigErrors for rollout options that cannot work with ``world`` processes (before any model)."""
+        if self.rollout not in ROLLOUTS:
+            raise ConfigError(f"rollout: must be one of {ROLLOUTS}, got {self.rollout!r}")
+        if self.rollout == "hf":
+            return
+        if self.vllm_sync_steps < 1:
+            raise ConfigError(f"vllm_sync_steps: must be >= 1, got {self.vllm_sync_steps}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_timeout_s < 1:
+            raise ConfigError(f"vllm_timeout_s: must be >= 1 (the server's heartbeats come every 0.25 s), got "
+                              f"{self.vllm_timeout_s}")
+        if not 0 < self.vllm_server_port < 65536:
+            raise ConfigError(f"vllm_server_port: must be in 1..65535, got {self.vllm_server_port}")
+        if self.rollout == "vllm":
+            from align.rollout.vllm_engine import check_tensor_parallel, require_vllm
+
+            require_vllm()
+            check_tensor_parallel(self.vllm_tensor_parallel_size)
+            if world > 1:
+                raise ConfigError(f"rollout: vllm (colocated) runs in one trainer process for now, this run has "
+                                  f"{world}; use rollout: vllm-server with one `align serve` for all processes")
+            if self.vllm_enable_sleep_mode:
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise ConfigError("vllm_enable_sleep_mode: vLLM's sleep mode needs a CUDA GPU")
+        elif self.vllm_enable_sleep_mode:
+            raise ConfigError("vllm_enable_sleep_mode: only for rollout: vllm (the server manages its own memory)")
+        elif self.vllm_tensor_parallel_size != 1:
+            raise ConfigError("vllm_tensor_parallel_size: for rollout: vllm-server the server's size is set by "
+                              "`align serve --tensor-parallel-size N`")
+
+
+def world_size() -> int:
+    """Processes of this run as ``accelerate launch`` / torchrun announce them (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
