@@ -126,6 +126,22 @@ def answer_probability(model, tokenizer, rows, batch_size: int = 64) -> dict:
     return out
 
 
+def sequence_entropy(model, tokenizer, rows, num_samples: int = 8, max_new_tokens: int = 32, seed: int = 0,
+                     batch_size: int = 64) -> float:
+    """The policy's entropy over whole completions, H(π(·|x)) = −E_{y∼π(·|x)} log π(y|x), in nats, averaged over
+    ``rows`` (each with ``prompt``) and estimated from ``num_samples`` completions per prompt at temperature 1
+    (HF engine, deterministic for a ``seed``). Unbiased; its standard error shrinks as 1/√(rows·samples).
+    Completions cut at ``max_new_tokens`` count the log-prob of their tokens so far."""
+    from align.rollout import HFEngine, SamplingParams
+
+    rows = list(rows)
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in prompt_texts(tokenizer, [r["prompt"] for r in rows])]
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    out = HFEngine(model, tokenizer, batch_size).generate(prompts, [num_samples] * len(rows), sampling)
+    return -sum(sum(lp) for lp in out.sampling_logps) / max(len(out), 1)
+
+
 def win_rate(policy, baseline, tokenizer, rows, oracle, num_samples: int = 4, max_new_tokens: int = 32,
              temperature: float = 1.0, seed: int = 1234, batch_size: int = 64, baseline_context=None) -> dict:
     """Win rate of ``policy`` against ``baseline`` under a preference ``oracle`` (:mod:`rewards.preference`).

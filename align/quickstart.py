@@ -38,16 +38,30 @@ def _row(name: str, acc: dict) -> str:
     return f"  {name:<16} accuracy {acc['accuracy']:6.1%}   format {acc['format']:6.1%}   {tasks}"
 
 
+def write_verifier_pairs(policy, tokenizer, path: str | Path, progress: bool = False) -> int:
+    """The quickstart's preference pairs: the policy answers ``PAIR_PROMPTS`` training prompts 4 times (sampling,
+    seed 0), the verifier judges each answer, and a right and a wrong answer of a prompt make a pair (the
+    reference solution stands in when no sample is right). Written as JSON lines to ``path``; returns the count."""
+    from align.data.sampled_pairs import sampled_pairs
+    from align.testbed.build import WARMUP
+    from align.testbed.tasks import rl_rows
+    from rewards.math import is_correct
+
+    rows = rl_rows(tuple(WARMUP["testbed_tasks"]), n=PAIR_PROMPTS, split="train", seed=1)
+    pairs = sampled_pairs(policy, tokenizer, rows, is_correct, reference=lambda r: r["solution"], k=4,
+                          max_new_tokens=16, progress=progress)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(p) + "\n" for p in pairs)
+    return len(pairs)
+
+
 def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None = None) -> dict:
     from align.config import load_config
-    from align.data.sampled_pairs import sampled_pairs
     from align.metrics import plot_metrics, read_jsonl
     from align.modeling import load_model, load_tokenizer
-    from align.testbed.build import WARMUP, default_dir, ensure_testbed, held_out_accuracy
-    from align.testbed.tasks import rl_rows
+    from align.testbed.build import default_dir, ensure_testbed, held_out_accuracy
     from recipes.dpo import DPORecipeConfig
     from recipes.dpo import run as run_dpo
-    from rewards.math import is_correct
 
     t0 = time.perf_counter()
     out = Path(output_dir)
@@ -68,12 +82,8 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
     print("[3/3] alignment: pairs from the policy's own samples, judged by the verifier; then RPO = DPO + SFT "
           "on the chosen answer (configs/dpo/quickstart.yaml)", flush=True)
     policy, tokenizer = load_model(str(tb.policy)), load_tokenizer(str(tb.policy))
-    rows = rl_rows(tuple(WARMUP["testbed_tasks"]), n=PAIR_PROMPTS, split="train", seed=1)
-    pairs = sampled_pairs(policy, tokenizer, rows, is_correct, reference=lambda r: r["solution"], k=4,
-                          max_new_tokens=16, progress=True)
-    with open(out / "pairs.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(p) + "\n" for p in pairs)
-    print(f"      {len(pairs)} pairs from {len(rows)} prompts x 4 samples -> {out / 'pairs.jsonl'}")
+    n = write_verifier_pairs(policy, tokenizer, out / "pairs.jsonl", progress=True)
+    print(f"      {n} pairs from {PAIR_PROMPTS} prompts x 4 samples -> {out / 'pairs.jsonl'}")
     overrides = {"output_dir": str(out / "dpo"), "overwrite_output_dir": True, "dataset_name": str(out / "pairs.jsonl")}
     if align_steps:
         overrides["max_steps"] = align_steps
