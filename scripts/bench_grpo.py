@@ -73,9 +73,9 @@ def child(tool: str, setting: str, steps: int, prompts: int, generations: int) -
     else:
         from align.trainers.rl import RLConfig, RLTrainer
 
-        config = RLConfig(**common, per_device_train_batch_size=prompts, num_minibatches=UPDATES_PER_ROUND,
-                          micro_batch_size=prompts * generations // UPDATES_PER_ROUND, allocator="uniform",
-                          reward_funcs=["accuracy"], max_prompt_length=64)
+        extra = {"micro_batch_size": prompts * generations // UPDATES_PER_ROUND} if setting == "identical" else {}
+        config = RLConfig(**common, **extra, per_device_train_batch_size=prompts, num_minibatches=UPDATES_PER_ROUND,
+                          allocator="uniform", reward_funcs=["accuracy"], max_prompt_length=64)
         trainer = RLTrainer(model, config, rows, processing_class=tokenizer, callbacks=[timer])
     t0 = time.perf_counter()
     trainer.train()
