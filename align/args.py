@@ -130,6 +130,17 @@ class RecipeArguments:
             )
 
 
+@dataclass
+class PromptArguments:
+    """How prompt rows become model input, for every recipe that generates from prompts (RL, online, iterative):
+    read by :func:`align.data.prompts.load_prompt_data`."""
+
+    prompt_column: str = _f("prompt", "Column holding the prompt (a string or messages), e.g. `problem`.")
+    system_prompt: str | None = _f(None, "System message put before every prompt (then prompts become "
+                                         "conversational).")
+    prompt_suffix: str = _f("", "Text appended to every user prompt (e.g. an answer-format instruction).")
+
+
 def _has_accelerator() -> bool:
     import torch
 

@@ -63,7 +63,10 @@ def parse(recipe: Recipe, argv: Sequence[str]):
     args, rest = parser.parse_known_args(list(argv))
     if args.help:
         parser.print_help()
-        first = [f for f in recipe.config_class.__dataclass_fields__ if f in _own_fields(recipe.config_class)]
+        own = _own_fields(recipe.config_class)
+        shared = _shared_fields()  # the rollout and prompt options after the recipe's own keys
+        first = [f for f in recipe.config_class.__dataclass_fields__ if f in own and f not in shared]
+        first += [f for f in recipe.config_class.__dataclass_fields__ if f in own and f in shared]
         print("\nConfig keys:\n" + config_help(recipe.config_class, first=first))
         raise SystemExit(0)
     return load_config(recipe.config_class, args.config, rest)
@@ -77,6 +80,13 @@ def _own_fields(cls) -> set[str]:
         if klass is RecipeArguments or klass.__module__.startswith(("align", "recipes")):
             own.update(getattr(klass, "__annotations__", {}))
     return own
+
+
+def _shared_fields() -> set[str]:
+    from align.args import PromptArguments
+    from align.rollout.args import RolloutArguments
+
+    return set(PromptArguments.__annotations__) | set(RolloutArguments.__annotations__)
 
 
 def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:

@@ -134,19 +134,23 @@ def test_predicted_signs_match_one_small_sgd_step(policy, pairs):
 def test_shared_suffixes_entangle(policy):
     """METHODS §12.1: long shared suffixes drive cos(g_w, g_l) towards 1 and take pairs out of the ideal case
     (chosen up, rejected down) into a case where both move together; which one (both up, as Mistral on TL;DR,
-    or both down, as Llama) depends on the model. Measured over every parameter on the testbed policy: single
-    differing token cos median 0.62, ideal 7/8, both up 0/8, both down 1/8; with 3 repeats of a shared
-    suffix cos median 0.99, ideal 1/8, both up 6/8, both down 1/8."""
+    or both down, as Llama) depends on the model. 24 pairs (a + 1, a − 1, a × 2 for a = 1..8; rejected = the
+    answer plus one), measured over every parameter on the testbed policy: single differing token cos median
+    0.58, ideal 23/24, both down 1/24, both up 0; with 3 repeats of a shared suffix cos median 0.99, ideal 4/24,
+    both up 13/24, both down 7/24."""
     model, tok = policy
     params = [p for _, p in select_subset(model, "all")]
     stats = {}
     for name, repeats in (("short", 0), ("long", 3)):
         prompts, chosen, rejected = [], [], []
-        for a in range(1, 9):
-            prompts.append(encode(tok, f"<|im_start|>user\nWhat is {a} + 1?<|im_end|>\n<|im_start|>assistant\n"))
-            tail = f". So {a} + 1 = {a + 1}. Answer: {a + 1}" * repeats
-            chosen.append(encode(tok, f"{a + 1}{tail}"))
-            rejected.append(encode(tok, f"{a + 2}{tail}"))
+        for op, x, fn in (("+", 1, lambda a: a + 1), ("-", 1, lambda a: a - 1), ("*", 2, lambda a: a * 2)):
+            for a in range(1, 9):
+                b = fn(a)
+                prompts.append(encode(tok, f"<|im_start|>user\nWhat is {a} {op} {x}?<|im_end|>\n"
+                                           "<|im_start|>assistant\n"))
+                tail = f". So {a} {op} {x} = {b}. Answer: {b}" * repeats
+                chosen.append(encode(tok, f"{b}{tail}"))
+                rejected.append(encode(tok, f"{b + 1}{tail}"))
         rows = entanglement(model, prompts, chosen, rejected, tok.pad_token_id, params)
         stats[name] = summarize(rows) | {"cos_min": min(r["cos"] for r in rows)}
     long, short = stats["long"], stats["short"]
@@ -155,7 +159,8 @@ def test_shared_suffixes_entangle(policy):
     assert long["cos_min"] > 0.2, stats
     assert short["entanglement/ideal"] >= 0.75 and long["entanglement/ideal"] <= 0.25, stats
     assert together["long"] >= 0.75 and together["short"] <= 0.25, stats
-    assert long["entanglement/both_down"] > 0, stats  # the issue's literal check (1 of 8 pairs here)
+    # the issue's check, "both down" above zero on long shared suffixes: 7 of 24 pairs, against 1 of 24 without
+    assert long["entanglement/both_down"] >= 0.2 > short["entanglement/both_down"], stats
 
 
 def test_sequence_grads_match_backward(policy, pairs):

@@ -51,16 +51,16 @@ def tokenize_prompts(ds, tokenizer, max_prompt_length: int, split: str = "train"
 
 def load_prompt_data(config, check_columns=None, transform=None):
     """What the generating recipes (grpo, raft, online_dpo, xpo, egpo, iterative_dpo) load before any model: the
-    train and eval prompt datasets, formatted (``prompt_column``, and ``system_prompt`` / ``prompt_suffix`` where
-    the config has them), passed through ``transform`` (a ``Dataset -> Dataset``, e.g. the iterative recipe's
-    chat wrapping), checked by ``check_columns(column_names, where)`` (the reward functions' or the oracle's
-    columns) and tokenised, plus the tokenizer. Returns ``(tokenizer, train, evaluation)``; ``evaluation`` is None
-    without an eval split."""
+    train and eval prompt datasets, formatted by the config's :class:`align.args.PromptArguments`
+    (``prompt_column``, ``system_prompt``, ``prompt_suffix``), passed through ``transform`` (a
+    ``Dataset -> Dataset``, e.g. the iterative recipe's chat wrapping), checked by
+    ``check_columns(column_names, where)`` (the reward functions' or the oracle's columns) and tokenised, plus
+    the tokenizer. Returns ``(tokenizer, train, evaluation)``; ``evaluation`` is None without an eval split."""
     from align.data.loading import load_train_eval
     from align.modeling import load_tokenizer
 
     train, evaluation = load_train_eval(config)
-    fmt = (config.prompt_column, getattr(config, "system_prompt", None), getattr(config, "prompt_suffix", ""))
+    fmt = (config.prompt_column, config.system_prompt, config.prompt_suffix)
     splits = {"train": train, "eval": evaluation}
     for split, ds in splits.items():
         if ds is not None:

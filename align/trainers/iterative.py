@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.args import _f
+from align.args import PromptArguments, _f
 from align.errors import ConfigError
 from align.rollout.args import RolloutArguments, world_size
 
@@ -56,7 +56,7 @@ DONE = "done"
 
 
 @dataclass
-class IterativeArguments(RolloutArguments):
+class IterativeArguments(PromptArguments, RolloutArguments):
     iterations: int = _f(3, "Number of iterations T (sample -> judge -> train a round).")
     samples_per_prompt: int = _f(4, "K: responses sampled per prompt each iteration; best and worst make the pair.")
     oracle: str = _f("verifier:accuracy", "Preference oracle: verifier:<fn>, reward:<reward spec> (e.g. "
@@ -66,7 +66,6 @@ class IterativeArguments(RolloutArguments):
                                        "null: plain iterative DPO (reference S_{π_t}).")
     prompts_per_iteration: int | None = _f(None, "Prompts per iteration, consecutive chunks of the train set "
                                                  "(wrapping around); null: every prompt every iteration.")
-    prompt_column: str = _f("prompt", "Column holding the prompt (a string or a message list).")
     chat_prompt: bool = _f(False, "Wrap a string prompt as one user message, so the chat template applies.")
     max_prompt_length: int = _f(256, "Longest prompt in tokens; a longer one is a data error.")
     sample_temperature: float = _f(1.0, "Sampling temperature of the K responses (and of the win-rate samples).")

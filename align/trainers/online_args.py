@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from align.args import _f
+from align.args import PromptArguments, _f
 from align.errors import ConfigError
 from align.rollout.args import RolloutArguments
 from rewards.preference import ORACLE_KINDS
@@ -27,7 +27,7 @@ EGPO_VARIANTS = ("oipo1", "oipo2")
 
 
 @dataclass
-class OnlineArguments(RolloutArguments):
+class OnlineArguments(PromptArguments, RolloutArguments):
     # --- objective ---
     objective: str = _f("dpo", f"Pair loss of online DPO and XPO, one of {PAIR_OBJECTIVES} (EGPO: online_ipo).")
     beta: float = _f(0.1, "KL strength β (τ for ipo; EGPO's target is P-gap / β).")
@@ -41,10 +41,6 @@ class OnlineArguments(RolloutArguments):
     # --- preference oracle ---
     oracle: str = _f("verifier:accuracy", f"Preference oracle P(y ≻ y′|x), one of {ORACLE_KINDS}.")
     oracle_scale: float = _f(1.0, "reward: oracles: Bradley–Terry temperature, P = σ((r − r′) / scale).")
-    # --- prompts ---
-    prompt_column: str = _f("prompt", "Column holding the prompt (a string or messages).")
-    system_prompt: str | None = _f(None, "System message put before every prompt.")
-    prompt_suffix: str = _f("", "Text appended to every user prompt.")
     # --- generation ---
     max_prompt_length: int = _f(512, "Prompts longer than this (tokens) are rejected before training.")
     max_completion_length: int = _f(64, "Max new tokens per completion.")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from align.args import _f
+from align.args import PromptArguments, _f
 from align.errors import ConfigError
 from align.objectives.advantages import SCALES
 from align.objectives.policy import LOSS_TYPES, POLICY_LOSSES
@@ -27,7 +27,7 @@ ADVANTAGES = ("grpo", "raft")
 
 
 @dataclass
-class RLArguments(RolloutArguments):
+class RLArguments(PromptArguments, RolloutArguments):
     # --- objective ---
     advantage: str = _f("grpo", f"Advantage estimator, one of {ADVANTAGES}: grpo (group-centred) or raft (1 if "
                                 "accepted else 0).")
@@ -47,10 +47,6 @@ class RLArguments(RolloutArguments):
     num_minibatches: int = _f(1, "Optimizer updates per round and iteration (the rollouts are split this many ways).")
     num_iterations: int = _f(1, "μ: passes over each round's rollouts (old log-probs are kept from generation).")
     micro_batch_size: int = _f(64, "Sequences per forward/backward pass (memory knob; same gradient).")
-    # --- prompts ---
-    prompt_column: str = _f("prompt", "Column holding the prompt (a string or messages), e.g. `problem`.")
-    system_prompt: str | None = _f(None, "System message put before every prompt (then prompts become conversational).")
-    prompt_suffix: str = _f("", "Text appended to every user prompt (e.g. an answer-format instruction).")
     # --- generation ---
     max_prompt_length: int = _f(512, "Prompts longer than this (tokens) are rejected before training.")
     max_completion_length: int = _f(256, "Max new tokens per completion.")
