@@ -181,11 +181,13 @@ def test_bad_vllm_options_fail_at_config(repo, tmp_path, overrides, match):
         grpo_cfg(repo, tmp_path, rollout=overrides.pop("rollout", "vllm"), **overrides)
 
 
-def test_colocated_engine_refuses_several_processes(repo, tmp_path):
+def test_colocated_engine_under_several_processes_is_one_engine_each(repo, tmp_path):
     config = grpo_cfg(repo, tmp_path, rollout="vllm")
-    with pytest.raises(ConfigError, match=r"^rollout: vllm \(colocated\) runs in one trainer process for now, this "
-                                          "run has 2; use rollout: vllm-server"):
+    config.vllm_tensor_parallel_size = 2
+    with pytest.raises(ConfigError, match=r"^vllm_tensor_parallel_size: with several trainer processes \(2\) each "
+                                          "process runs its own colocated engine of size 1, got 2"):
         config.validate_rl(world=2)
+    grpo_cfg(repo, tmp_path, rollout="vllm").validate_rl(world=2)
     grpo_cfg(repo, tmp_path, rollout="vllm-server").validate_rl(world=2)  # the server engine takes any number
 
 
@@ -357,9 +359,12 @@ def test_online_and_iterative_rollout_options_fail_at_config(repo, tmp_path, tes
         online_cfg(repo, tmp_path, "xpo", rollout="vllm", vllm_sync_steps=0)
     with pytest.raises(ConfigError, match=r"^vllm_enable_sleep_mode: vLLM's sleep mode needs a CUDA GPU"):
         online_cfg(repo, tmp_path, rollout="vllm", vllm_enable_sleep_mode=True)
-    several = r"^rollout: vllm \(colocated\) runs in one trainer process for now, this run has 2"
+    several = r"^vllm_tensor_parallel_size: with several trainer processes \(2\) each process runs its own"
+    tensor_parallel = online_cfg(repo, tmp_path, rollout="vllm")
+    tensor_parallel.vllm_tensor_parallel_size = 2
     with pytest.raises(ConfigError, match=several):
-        online_cfg(repo, tmp_path, rollout="vllm").validate_online("online_dpo", world=2)
+        tensor_parallel.validate_online("online_dpo", world=2)
+    online_cfg(repo, tmp_path, rollout="vllm").validate_online("online_dpo", world=2)  # one engine per process
     online_cfg(repo, tmp_path, rollout="vllm-server").validate_online("online_dpo", world=2)
     with pytest.raises(ConfigError, match=r"^vllm_sync_steps: the iterative driver pushes"):
         iterative_cfg(repo, tmp_path / "it", rollout="vllm", vllm_sync_steps=4)
@@ -368,7 +373,8 @@ def test_online_and_iterative_rollout_options_fail_at_config(repo, tmp_path, tes
     with monkeypatch.context() as m:
         m.setattr("align.trainers.iterative.world_size", lambda: 2)
         with pytest.raises(ConfigError, match=several):
-            iterative_cfg(repo, tmp_path / "it", rollout="vllm")
+            iterative_cfg(repo, tmp_path / "it", rollout="vllm", vllm_tensor_parallel_size=2)
+        iterative_cfg(repo, tmp_path / "it", rollout="vllm")
     # the iterative default max_prompt_length 256 + 12 new tokens is more than the testbed model's 256 positions:
     # the engine's build stops the run, before anything is sampled, naming the iterative key
     with pytest.raises(ConfigError, match=r"^max_new_tokens: max_prompt_length \+ max_new_tokens = 268 is more than "
@@ -440,6 +446,39 @@ def test_server_matches_colocated_and_follows_pushed_weights(policy, engine, ser
     assert_follows(remote, new, tok, ids)
     remote.sync_weights(model)
     assert remote.generate(ids, [3] * len(ids), sp).completion_ids == here.completion_ids
+
+
+def test_online_dpo_on_the_server_trains_as_on_the_colocated_engine(repo, tmp_path, policy, engine, server,
+                                                                  monkeypatch):
+    """Online DPO with rollout: vllm-server end to end (2 steps at lr 1e-3, a push before each step's samples):
+    the server draws the same completions as the colocated engine (each seeded on its own), so the run's losses
+    and final weights equal the colocated run's, and after one more push the server serves the trained policy."""
+    from recipes.online_dpo import build_trainer
+
+    model, tok, ids = policy
+    _, port = server
+    remote_run = build_trainer(online_cfg(repo, tmp_path / "server", rollout="vllm-server", vllm_server_port=port,
+                                          vllm_timeout_s=120))
+    version = remote_run.engine.info["weights_version"]
+    remote_run.train()
+    pushes = remote_run.engine.info["weights_version"] - version
+    with monkeypatch.context() as m:
+        m.setattr("align.trainers.online.build_engine", lambda *a, **kw: engine)
+        try:
+            local_run = build_trainer(online_cfg(repo, tmp_path / "local", rollout="vllm"))
+            local_run.train()
+        finally:
+            engine.sync_weights(model)
+    logs = [[json.loads(x) for x in (path / "online_dpo/metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+            for path in (tmp_path / "server", tmp_path / "local")]
+    assert len(logs[0]) == len(logs[1]) == 2 and pushes == 2, (logs, pushes)
+    for key in ("loss", "logps/chosen", "logps/rejected"):
+        assert [r[key] for r in logs[0]] == pytest.approx([r[key] for r in logs[1]], abs=1e-5), key
+    weights = max((a - b).abs().max().item() for a, b in zip(remote_run._policy.parameters(),
+                                                             local_run._policy.parameters(), strict=True))
+    assert weights < 1e-5, weights
+    remote_run.weight_sync(remote_run._policy, remote_run.state.global_step)
+    assert_follows(remote_run.engine, remote_run._policy, tok, ids)
 
 
 def test_server_that_stops_answering_or_is_absent(policy, server):
@@ -547,3 +586,19 @@ def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
         a, b = [x for x in a if x is not None], [x for x in b if x is not None]
         assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
     assert all(r["rollout/logp_gap"] < 1e-3 for r in one)
+
+
+def test_two_trainer_processes_with_a_colocated_engine_each(repo, tmp_path):
+    """rollout: vllm under accelerate launch with 2 CPU processes: each process runs its own vLLM engine on the
+    process group the launcher made (vLLM's external launcher) and samples its own groups; completions are
+    seeded one by one, so the run logs what one process with one engine logs for the same global batch."""
+    one, _ = run_grpo(repo, tmp_path / "one", 1, 8, "rollout=vllm", "vllm_gpu_memory_utilization=0.1")
+    two, stdout = run_grpo(repo, tmp_path / "two", 2, 4, "rollout=vllm", "vllm_gpu_memory_utilization=0.1")
+    assert "x processes 2 = 8 prompts" in stdout
+    assert len(one) == len(two) == 2
+    for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
+        a, b = [r.get(key) for r in two], [r.get(key) for r in one]
+        assert [x is None for x in a] == [x is None for x in b], key  # pytest 9.2 refuses None in approx
+        a, b = [x for x in a if x is not None], [x for x in b if x is not None]
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
+    assert all(r["rollout/logp_gap"] < 1e-3 for r in one if "rollout/logp_gap" in r)

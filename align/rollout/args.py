@@ -25,7 +25,8 @@ class RolloutArguments:
     vllm_enable_sleep_mode: bool = _f(False, "rollout: vllm (CUDA only): offload vLLM's weights and free its KV "
                                              "cache between generations.")
     vllm_tensor_parallel_size: int = _f(1, "rollout: vllm: tensor-parallel size of the colocated engine (at most "
-                                           "the visible devices); vllm-server: set by `align serve` instead.")
+                                           "the visible devices; 1 with several trainer processes, each running its "
+                                           "own engine); vllm-server: set by `align serve` instead.")
     vllm_server_host: str = _f("127.0.0.1", "rollout: vllm-server: host of `align serve`.")
     vllm_server_port: int = _f(8000, "rollout: vllm-server: port of `align serve`.")
     vllm_timeout_s: float = _f(60.0, "rollout: vllm-server: the longest silence of the server (it sends a "
@@ -51,10 +52,11 @@ class RolloutArguments:
             from align.rollout.vllm_engine import check_tensor_parallel, require_vllm
 
             require_vllm()
+            if world > 1 and self.vllm_tensor_parallel_size != 1:
+                raise ConfigError(f"vllm_tensor_parallel_size: with several trainer processes ({world}) each process "
+                                  f"runs its own colocated engine of size 1, got {self.vllm_tensor_parallel_size}; "
+                                  "use rollout: vllm-server for a tensor-parallel engine")
             check_tensor_parallel(self.vllm_tensor_parallel_size)
-            if world > 1:
-                raise ConfigError(f"rollout: vllm (colocated) runs in one trainer process for now, this run has "
-                                  f"{world}; use rollout: vllm-server with one `align serve` for all processes")
             if self.vllm_enable_sleep_mode:
                 import torch
 

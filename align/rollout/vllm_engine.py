@@ -7,6 +7,8 @@
   on the process that asks, or on whether the engine is local or a server.
 * :func:`policy_weights` yields the policy's weights under the names vLLM loads: a LoRA policy's adapter
   is merged for the copy and unmerged after (vLLM serves the merged weights; no adapter files).
+* Under ``accelerate launch`` with several processes each process runs its own engine (tensor-parallel size
+  1) on the launcher's process group (vLLM's ``external_launcher`` backend) and samples its own prompts.
 * :class:`VLLMEngine` pushes weights in place with vLLM's ``reload_weights`` (no checkpoint written),
   resets the prefix cache (its KV entries were computed with the old weights), and, with sleep mode
   (CUDA only), offloads its weights and frees its KV cache between generations.
@@ -57,6 +59,12 @@ def check_max_length(path: str, max_model_len: int, key: str = "max_completion_l
         raise ConfigError(f"{key}: {what} = {max_model_len} is more than the model's max_position_embeddings {limit}")
 
 
+def _trainer_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def start_llm(model_path: str, *, max_model_len: int, dtype: str = "float32", tensor_parallel_size: int = 1,
               gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0,
               in_process: bool = True, length_key: str = "max_completion_length"):
@@ -65,7 +73,13 @@ def start_llm(model_path: str, *, max_model_len: int, dtype: str = "float32", te
     require_vllm()
     check_tensor_parallel(tensor_parallel_size)
     check_max_length(model_path, max_model_len, length_key, f"max_prompt_length + {length_key}")
-    if in_process and tensor_parallel_size == 1:
+    extra = {}
+    if in_process and _trainer_world() > 1:
+        # one engine in each trainer process, on the process group accelerate launch made (vLLM's external
+        # launcher: no processes or rendezvous of its own); each serves its own process's prompts
+        extra["distributed_executor_backend"] = "external_launcher"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    elif in_process and tensor_parallel_size == 1:
         # the engine core runs in this process, so weights reach it without a copy through a socket
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
@@ -73,7 +87,8 @@ def start_llm(model_path: str, *, max_model_len: int, dtype: str = "float32", te
     try:
         return LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                    tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                   enable_sleep_mode=enable_sleep_mode, enforce_eager=not _cuda(), logprobs_mode="raw_logprobs")
+                   enable_sleep_mode=enable_sleep_mode, enforce_eager=not _cuda(), logprobs_mode="raw_logprobs",
+                   **extra)
     except Exception as err:  # vLLM raises many types; the user needs the first line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"model_name_or_path: vLLM cannot load {model_path!r}: {type(err).__name__}: "
