@@ -141,6 +141,12 @@ class PromptArguments:
     prompt_suffix: str = _f("", "Text appended to every user prompt (e.g. an answer-format instruction).")
 
 
+def world_size() -> int:
+    """Processes of this run as ``accelerate launch`` / torchrun announce them (1 when run directly); readable
+    before any process group or model exists, so configs can check against it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _has_accelerator() -> bool:
     import torch
 

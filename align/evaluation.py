@@ -19,6 +19,14 @@ def prompt_texts(tokenizer, prompts: Sequence) -> list[str]:
     return out
 
 
+def prompt_token_ids(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
+    """Each row's prompt as token ids: its ``prompt_ids`` when it has them (a tokenised dataset's), else its
+    ``prompt`` through :func:`prompt_texts`, without special tokens."""
+    texts = prompt_texts(tokenizer, [r["prompt"] for r in rows])
+    return [list(r["prompt_ids"]) if "prompt_ids" in r else tokenizer(t, add_special_tokens=False)["input_ids"]
+            for r, t in zip(rows, texts, strict=True)]
+
+
 def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batch_size: int = 64,
              progress: bool = False, desc: str = "generate", with_entropy: bool = False,
              num_samples: int = 0, temperature: float = 1.0):
@@ -102,8 +110,7 @@ def answer_probability(model, tokenizer, rows, batch_size: int = 64) -> dict:
     from align.trainers.logps import pack, token_logps
 
     rows = list(rows)
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
-               for t in prompt_texts(tokenizer, [r["prompt"] for r in rows])]
+    prompts = prompt_token_ids(tokenizer, rows)
     answers = [tokenizer(f"Answer: {r['answer']}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for r in rows]
     probs: list[float] = []
@@ -135,8 +142,7 @@ def sequence_entropy(model, tokenizer, rows, num_samples: int = 8, max_new_token
     from align.rollout import HFEngine, SamplingParams
 
     rows = list(rows)
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
-               for t in prompt_texts(tokenizer, [r["prompt"] for r in rows])]
+    prompts = prompt_token_ids(tokenizer, rows)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
     out = HFEngine(model, tokenizer, batch_size).generate(prompts, [num_samples] * len(rows), sampling)
     return -sum(sum(lp) for lp in out.sampling_logps) / max(len(out), 1)
@@ -156,9 +162,7 @@ def win_rate(policy, baseline, tokenizer, rows, oracle, num_samples: int = 4, ma
     from align.rollout import HFEngine, SamplingParams
 
     rows = list(rows)
-    prompts = [list(r["prompt_ids"]) if "prompt_ids" in r else
-               tokenizer(t, add_special_tokens=False)["input_ids"]
-               for r, t in zip(rows, prompt_texts(tokenizer, [r["prompt"] for r in rows]), strict=True)]
+    prompts = prompt_token_ids(tokenizer, rows)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     outs = []
     for model, ctx in ((policy, nullcontext()), (baseline, baseline_context or nullcontext())):

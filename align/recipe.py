@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from align.args import world_size
 from align.config import config_help, load_config, to_dict
 from align.errors import AlignError, ConfigError
 
@@ -65,8 +66,7 @@ def parse(recipe: Recipe, argv: Sequence[str]):
         parser.print_help()
         own = _own_fields(recipe.config_class)
         shared = _shared_fields()  # the rollout and prompt options after the recipe's own keys
-        first = [f for f in recipe.config_class.__dataclass_fields__ if f in own and f not in shared]
-        first += [f for f in recipe.config_class.__dataclass_fields__ if f in own and f in shared]
+        first = sorted((f for f in recipe.config_class.__dataclass_fields__ if f in own), key=lambda f: f in shared)
         print("\nConfig keys:\n" + config_help(recipe.config_class, first=first))
         raise SystemExit(0)
     return load_config(recipe.config_class, args.config, rest)
@@ -120,10 +120,6 @@ def _end_processes(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def describe_batch(config) -> str:

@@ -7,7 +7,6 @@ A trainer's arguments inherit :class:`RolloutArguments`, build their engine with
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from align.args import _f
@@ -68,7 +67,3 @@ class RolloutArguments:
             raise ConfigError("vllm_tensor_parallel_size: for rollout: vllm-server the server's size is set by "
                               "`align serve --tensor-parallel-size N`")
 
-
-def world_size() -> int:
-    """Processes of this run as ``accelerate launch`` / torchrun announce them (1 when run directly)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -48,9 +48,9 @@ from dataclasses import dataclass
 
 import torch
 
-from align.args import PromptArguments, _f
+from align.args import PromptArguments, _f, world_size
 from align.errors import ConfigError
-from align.rollout.args import RolloutArguments, world_size
+from align.rollout.args import RolloutArguments
 
 DONE = "done"
 

@@ -38,11 +38,10 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainingArguments
 
-from align.args import CPUSaneDefaults
+from align.args import CPUSaneDefaults, world_size
 from align.errors import TrainingError
 from align.objectives import build
 from align.rollout import HFEngine, SamplingParams, WeightSync, build_engine
-from align.rollout.args import world_size
 from align.trainers.logps import pack, token_logps
 from align.trainers.metric_log import MetricsMixin
 from align.trainers.online_args import OnlineArguments

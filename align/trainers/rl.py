@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from align.args import CPUSaneDefaults
+from align.args import CPUSaneDefaults, world_size
 from align.errors import TrainingError
 from align.objectives.advantages import group_advantages, raft_advantages
 from align.objectives.policy import policy_loss, truncated_is_weights
@@ -53,7 +53,7 @@ class RLConfig(RLArguments, CPUSaneDefaults, TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        self.validate_rl(int(os.environ.get("WORLD_SIZE", "1")))
+        self.validate_rl(world_size())
 
 
 @dataclass
