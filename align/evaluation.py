@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from rewards.math import extract_answer, is_correct
+from align.rewards.math import extract_answer, is_correct
 
 
 def prompt_texts(tokenizer, prompts: Sequence) -> list[str]:
@@ -107,7 +107,7 @@ def answer_probability(model, tokenizer, rows, batch_size: int = 64) -> dict:
     rare correct answers in another format). Returns ``answer_probability`` and ``answer_probability/<task>``."""
     import torch
 
-    from align.trainers.logps import pack, token_logps
+    from align.logps import pack, token_logps
 
     rows = list(rows)
     prompts = prompt_token_ids(tokenizer, rows)

@@ -45,7 +45,7 @@ def write_verifier_pairs(policy, tokenizer, path: str | Path, progress: bool = F
     from align.data.sampled_pairs import sampled_pairs
     from align.testbed.build import WARMUP
     from align.testbed.tasks import rl_rows
-    from rewards.math import is_correct
+    from align.rewards.math import is_correct
 
     rows = rl_rows(tuple(WARMUP["testbed_tasks"]), n=PAIR_PROMPTS, split="train", seed=1)
     pairs = sampled_pairs(policy, tokenizer, rows, is_correct, reference=lambda r: r["solution"], k=4,
@@ -60,8 +60,8 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
     from align.metrics import plot_metrics, read_jsonl
     from align.modeling import load_model, load_tokenizer
     from align.testbed.build import default_dir, ensure_testbed, held_out_accuracy
-    from recipes.dpo import DPORecipeConfig
-    from recipes.dpo import run as run_dpo
+    from align.recipes.dpo import DPORecipeConfig
+    from align.recipes.dpo import run as run_dpo
 
     t0 = time.perf_counter()
     out = Path(output_dir)

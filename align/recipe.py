@@ -33,11 +33,11 @@ class Recipe:
 
 def discover() -> dict[str, Recipe]:
     """Every recipe module in the ``recipes`` package, by name."""
-    import recipes
+    import align.recipes
 
     found = {}
-    for info in pkgutil.iter_modules(recipes.__path__):
-        module = importlib.import_module(f"recipes.{info.name}")
+    for info in pkgutil.iter_modules(align.recipes.__path__):
+        module = importlib.import_module(f"align.recipes.{info.name}")
         recipe = getattr(module, "RECIPE", None)
         if isinstance(recipe, Recipe):
             found[recipe.name] = recipe
@@ -77,7 +77,7 @@ def _own_fields(cls) -> set[str]:
 
     own = set()
     for klass in cls.__mro__:
-        if klass is RecipeArguments or klass.__module__.startswith(("align", "recipes")):
+        if klass is RecipeArguments or klass.__module__.startswith("align"):
             own.update(getattr(klass, "__annotations__", {}))
     return own
 

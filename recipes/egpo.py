@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from align.args import _f
 from align.recipe import Recipe, main
-from recipes.online_dpo import OnlineRecipeConfig, run
+from align.recipes.online_dpo import OnlineRecipeConfig, run
 
 
 @dataclass

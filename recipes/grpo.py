@@ -29,7 +29,7 @@ def build_trainer(config):
     from align.data.prompts import load_prompt_data
     from align.modeling import load_policy_and_reference, lora_config
     from align.trainers.rl import RLTrainer
-    from rewards.registry import RewardSet
+    from align.rewards.registry import RewardSet
 
     # 1. Rewards and data, all checked before a model is loaded.
     options = {"max_completion_length": config.max_completion_length,

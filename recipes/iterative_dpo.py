@@ -58,7 +58,7 @@ class IterativeRecipeConfig(IterativeArguments, RecipeArguments, PreferenceConfi
 def build_driver(config: IterativeRecipeConfig, callbacks=None):
     from align.data.prompts import load_prompt_data
     from align.trainers.iterative import IterativeDPO
-    from rewards.preference import build_oracle, check_columns
+    from align.rewards.preference import build_oracle, check_columns
 
     # 1. Oracle and prompts, all checked before a model is loaded or anything generated.
     options = {"max_completion_length": config.max_new_tokens}

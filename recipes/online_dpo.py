@@ -31,7 +31,7 @@ def build_trainer(config, trainer_class=None):
     from align.modeling import load_policy_and_reference, lora_config
     from align.trainers.egpo import EGPOTrainer
     from align.trainers.online import OnlineDPOTrainer, XPOTrainer
-    from rewards.preference import build_oracle, check_columns
+    from align.rewards.preference import build_oracle, check_columns
 
     cls = trainer_class or {"online_dpo": OnlineDPOTrainer, "xpo": XPOTrainer, "egpo": EGPOTrainer}[config.method]
     # 1. Oracle and data, checked before a model is loaded.

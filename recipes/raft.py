@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from align.recipe import Recipe, main
-from recipes.grpo import GRPORecipeConfig, run
+from align.recipes.grpo import GRPORecipeConfig, run
 
 
 @dataclass

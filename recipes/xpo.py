@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 
 from align.recipe import Recipe, main
-from recipes.online_dpo import OnlineRecipeConfig, run
+from align.recipes.online_dpo import OnlineRecipeConfig, run
 
 
 @dataclass

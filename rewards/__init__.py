@@ -14,16 +14,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from rewards.length import overlong_reward, soft_overlong_punishment
-from rewards.math import accuracy_reward, extract_answer, format_reward, is_correct
+from align.rewards.length import overlong_reward, soft_overlong_punishment
+from align.rewards.math import accuracy_reward, extract_answer, format_reward, is_correct
 
 _LAZY = {
-    "math_verify_reward": "rewards.math_verify",
-    "RewardModel": "rewards.model",
-    "REWARD_FUNCTIONS": "rewards.registry",
-    "RewardSet": "rewards.registry",
-    "required_columns": "rewards.registry",
-    "resolve_reward": "rewards.registry",
+    "math_verify_reward": "align.rewards.math_verify",
+    "RewardModel": "align.rewards.model",
+    "REWARD_FUNCTIONS": "align.rewards.registry",
+    "RewardSet": "align.rewards.registry",
+    "required_columns": "align.rewards.registry",
+    "resolve_reward": "align.rewards.registry",
 }
 
 __all__ = [
@@ -47,7 +47,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'rewards' has no attribute {name!r}")
+    raise AttributeError(f"module 'align.rewards' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -26,7 +26,7 @@ LENGTH_WEIGHT = 0.1  # accuracy_and_length: reward per character (10 characters 
 
 
 def _chars(completion: Any) -> int:
-    from rewards.math import _text
+    from align.rewards.math import _text
 
     return len(_text(completion))
 
@@ -39,7 +39,7 @@ def length_reward(completions: Sequence[Any], **_: Any) -> list[float]:
 def accuracy_and_length(completions: Sequence[Any], answer: Sequence[int | str], **_: Any) -> list[float]:
     """Verifier accuracy (0/1) plus ``LENGTH_WEIGHT`` per character: right beats wrong unless the wrong one is
     10 characters longer; between equally right answers the longer wins."""
-    from rewards.math import accuracy_reward
+    from align.rewards.math import accuracy_reward
 
     return [a + LENGTH_WEIGHT * _chars(c) for a, c in zip(accuracy_reward(completions, answer), completions,
                                                          strict=True)]

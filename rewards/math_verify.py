@@ -17,7 +17,7 @@ from typing import Any
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
-from rewards.math import _text
+from align.rewards.math import _text
 
 PARSING_TIMEOUT_S = 5
 VERIFY_TIMEOUT_S = 5

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from align.errors import ConfigError, DataError, TrainingError
-from rewards.math import extract_answer
+from align.rewards.math import extract_answer
 
 Texts = Sequence[Any]
 
@@ -86,7 +86,7 @@ class RewardOracle(PreferenceOracle):
     """Bradley–Terry over a scalar reward: P(a ≻ b) = σ((r(a) − r(b)) / scale)."""
 
     def __init__(self, reward: str | Callable, scale: float = 1.0, options: dict | None = None):
-        from rewards.registry import RewardSet
+        from align.rewards.registry import RewardSet
 
         super().__init__()
         if not scale > 0:
@@ -104,7 +104,7 @@ class RewardOracle(PreferenceOracle):
         return torch.sigmoid((self.score(prompts, a, columns) - self.score(prompts, b, columns)) / self.scale)
 
     def required_columns(self) -> tuple[str, ...]:
-        from rewards.registry import required_columns
+        from align.rewards.registry import required_columns
 
         return required_columns(self.rewards.functions[0])
 
@@ -114,7 +114,7 @@ class VerifierOracle(PreferenceOracle):
     reward function (``accuracy`` by default)."""
 
     def __init__(self, verifier: str | Callable = "accuracy"):
-        from rewards.registry import resolve_reward
+        from align.rewards.registry import resolve_reward
 
         super().__init__()
         self.fn = verifier if callable(verifier) else resolve_reward(verifier)
@@ -130,7 +130,7 @@ class VerifierOracle(PreferenceOracle):
         return 0.5 + 0.5 * (self._verdicts(a, columns) - self._verdicts(b, columns))
 
     def required_columns(self) -> tuple[str, ...]:
-        from rewards.registry import required_columns
+        from align.rewards.registry import required_columns
 
         return required_columns(self.fn)
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from align.errors import ConfigError, DataError, TrainingError
-from rewards.length import accuracy_and_length, length_reward, overlong_reward
-from rewards.math import accuracy_reward, closeness_reward, format_reward
-from rewards.math_verify import math_verify_reward
+from align.rewards.length import accuracy_and_length, length_reward, overlong_reward
+from align.rewards.math import accuracy_reward, closeness_reward, format_reward
+from align.rewards.math_verify import math_verify_reward
 
 RewardFn = Callable[..., list[float]]
 
@@ -68,7 +68,7 @@ def resolve_reward(spec: str, options: dict[str, Any] | None = None) -> RewardFn
         path = spec[len("model:") :]
         if not path:
             raise ConfigError(f"reward_funcs: {spec!r} names no reward model path")
-        from rewards.model import RewardModel
+        from align.rewards.model import RewardModel
 
         try:
             return RewardModel(path)

@@ -46,7 +46,7 @@ def child(tool: str, setting: str, steps: int, prompts: int, generations: int) -
 
     from align.testbed.build import ensure_testbed
     from align.testbed.tasks import dataset
-    from rewards.math import accuracy_reward
+    from align.rewards.math import accuracy_reward
 
     torch.manual_seed(0)
     path = str(ensure_testbed(progress=False).policy)

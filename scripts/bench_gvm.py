@@ -40,7 +40,7 @@ def run(variant: str, seed: int, args, table) -> list[tuple[int, int, float]]:
 
     from align.config import load_config
     from align.evaluation import answer_probability
-    from recipes.grpo import GRPORecipeConfig, build_trainer
+    from align.recipes.grpo import GRPORecipeConfig, build_trainer
 
     curve: list[tuple[int, int, float]] = []
 

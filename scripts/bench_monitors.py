@@ -27,7 +27,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs/dpo/testbed.yaml"
 
 def train(tmp: str, name: str, steps: int, **over) -> tuple[float, dict, object]:
     from align.config import load_config
-    from recipes.dpo import DPORecipeConfig, build_trainer
+    from align.recipes.dpo import DPORecipeConfig, build_trainer
 
     config = load_config(DPORecipeConfig, CONFIG, {"output_dir": f"{tmp}/{name}", "max_steps": steps,
                                                    "disable_tqdm": True, "logging_steps": steps, **over})

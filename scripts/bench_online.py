@@ -46,7 +46,7 @@ def train(method: str, oracle: str, args, out_dir: str):
         "output_dir": out_dir, "overwrite_output_dir": True, "max_steps": steps, "learning_rate": args.lr,
         "per_device_train_batch_size": args.batch, "seed": args.seed, "oracle": oracle, "disable_tqdm": True,
         "logging_steps": 1000, **overrides})
-    from recipes.online_dpo import build_trainer
+    from align.recipes.online_dpo import build_trainer
 
     trainer = build_trainer(cfg)
     start = time.perf_counter()
@@ -59,7 +59,7 @@ def train(method: str, oracle: str, args, out_dir: str):
 def cyclic_stats(trainer, rows, samples: int = 16) -> dict:
     """Class shares of the policy's samples and its exploitability under the cyclic oracle, per prompt, averaged."""
     from align.rollout import HFEngine, SamplingParams
-    from rewards.preference import CyclicOracle
+    from align.rewards.preference import CyclicOracle
 
     out = HFEngine(trainer._policy, trainer.processing_class).generate(
         [r["prompt_ids"] for r in rows], [samples] * len(rows), SamplingParams(max_new_tokens=16, seed=99))
@@ -91,7 +91,7 @@ def main() -> None:
 
     from align.evaluation import answer_probability, win_rate
     from align.testbed.tasks import rl_rows
-    from rewards.preference import build_oracle
+    from align.rewards.preference import build_oracle
 
     facts = rl_rows(tasks=("add1", "sub1", "mul1"), n=None, split="test")  # every fact: 219
     results = []

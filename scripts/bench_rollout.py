@@ -137,7 +137,7 @@ def child_grpo(engine_name: str, steps: int, port: int | None) -> dict:
     if engine_name.startswith("trl-vllm"):
         from trl import GRPOConfig, GRPOTrainer
 
-        from rewards.math import accuracy_reward
+        from align.rewards.math import accuracy_reward
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))

@@ -43,7 +43,7 @@ def main() -> None:
     from align.quickstart import write_verifier_pairs
     from align.testbed.build import ensure_testbed
     from align.testbed.tasks import rl_rows
-    from recipes.dpo import DPORecipeConfig, build_trainer
+    from align.recipes.dpo import DPORecipeConfig, build_trainer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", choices=list(DEFAULTS), default="verifier")

@@ -7,8 +7,8 @@ import pytest
 
 from align.config import load_config, parse_overrides
 from align.errors import ConfigError, DataError
-from recipes.dpo import DPORecipeConfig
-from recipes.sft import SFTRecipeConfig
+from align.recipes.dpo import DPORecipeConfig
+from align.recipes.sft import SFTRecipeConfig
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -143,7 +143,7 @@ def _jsonl(tmp_path, rows, name="d.jsonl"):
     ],
 )
 def test_bad_sft_rows_stop_before_the_model(tmp_path, no_model_loads, rows, message):
-    from recipes.sft import run
+    from align.recipes.sft import run
 
     cfg = load_config(SFTRecipeConfig, overrides={"model_name_or_path": "testbed:policy",
                                                    "dataset_name": _jsonl(tmp_path, rows),

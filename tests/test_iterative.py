@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from align.config import load_config
 from align.errors import ConfigError, TrainingError
 from align.trainers.iterative import extrapolated_reference
-from recipes.iterative_dpo import IterativeRecipeConfig, run
+from align.recipes.iterative_dpo import IterativeRecipeConfig, run
 
 # Small runs: 16 prompts, K = 4, 8 steps of 8 pairs per iteration, win rate on 8 held-out prompts x 2 samples.
 SMALL = dict(max_train_samples=16, max_eval_samples=8, eval_num_samples=2, max_steps=8, max_new_tokens=12,
@@ -189,7 +189,7 @@ def test_every_iterative_config_names_known_keys(repo):
 
 
 def test_length_and_closeness_rewards_by_hand():
-    from rewards.registry import resolve_reward
+    from align.rewards.registry import resolve_reward
 
     texts = ["Answer: 12", "Answer: 3", [{"role": "assistant", "content": "none"}]]
     assert resolve_reward("length")(texts) == [10.0, 9.0, 4.0]

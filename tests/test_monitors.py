@@ -7,7 +7,7 @@ import torch
 from align.errors import ConfigError
 from align.monitors.entanglement import CASES, case_of, entanglement, pair_stats, select_subset, summarize
 from align.monitors.grad_norm import sequence_grads
-from align.trainers.logps import pack, token_logps
+from align.logps import pack, token_logps
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_subsets(policy):
 
 def dpo_cfg(repo, tmp_path, **kw):
     from align.config import load_config
-    from recipes.dpo import DPORecipeConfig
+    from align.recipes.dpo import DPORecipeConfig
 
     over = {"output_dir": str(tmp_path / "out"), "max_steps": 10, "logging_steps": 5, "disable_tqdm": True,
             "overwrite_output_dir": True, "max_eval_samples": 16, **kw}
@@ -206,7 +206,7 @@ def dpo_cfg(repo, tmp_path, **kw):
 def test_monitor_logs_cases_writes_table_and_plot(repo, tmp_path, testbed):
     import json
 
-    from recipes.dpo import build_trainer
+    from align.recipes.dpo import build_trainer
 
     trainer = build_trainer(dpo_cfg(repo, tmp_path, entanglement_steps=5, entanglement_probe_size=16,
                                     entanglement_params=["lm_head", "last_block"]))
@@ -233,7 +233,7 @@ def test_drop_and_downweight_weight_the_both_down_pairs(repo, tmp_path, testbed)
     """The per-pair loss weights follow the batch's own predicted cases: downweight with weight 1, and monitor,
     are plain DPO; drop averages the other pairs' losses over the whole batch, replace over the kept pairs."""
     from align.monitors.entanglement import batch_pair_stats
-    from recipes.dpo import build_trainer
+    from align.recipes.dpo import build_trainer
 
     plain = build_trainer(dpo_cfg(repo, tmp_path / "a", entanglement_params=["all"]))
     batch = plain.data_collator([plain.train_dataset[i] for i in range(16)])
@@ -271,7 +271,7 @@ def test_bad_subset_and_probe_rows_fail_before_training(repo, tmp_path, testbed)
     import json
 
     from align.errors import DataError
-    from recipes.dpo import build_trainer
+    from align.recipes.dpo import build_trainer
 
     with pytest.raises(ConfigError, match="entanglement_params: subset 'lora' matches no parameter"):
         build_trainer(dpo_cfg(repo, tmp_path, entanglement_steps=5, entanglement_params=["lora"]))

@@ -9,9 +9,9 @@ import torch
 
 from align.config import load_config
 from align.errors import ConfigError, DataError, TrainingError
-from recipes.egpo import EGPORecipeConfig
-from recipes.online_dpo import OnlineRecipeConfig, build_trainer
-from recipes.xpo import XPORecipeConfig
+from align.recipes.egpo import EGPORecipeConfig
+from align.recipes.online_dpo import OnlineRecipeConfig, build_trainer
+from align.recipes.xpo import XPORecipeConfig
 
 SMALL = {"max_steps": 2, "per_device_train_batch_size": 4, "max_train_samples": 32, "dataset_test_split": None,
          "logging_steps": 1, "disable_tqdm": True, "overwrite_output_dir": True}
@@ -193,7 +193,7 @@ def test_logged_metrics(repo, tmp_path, testbed):
 
 def test_egpo_resume_continues_the_same_run(repo, tmp_path, testbed):
     """Stop after one EG iteration (a checkpoint at step 2), resume: steps 3-4 repeat the uninterrupted run."""
-    from recipes.online_dpo import run
+    from align.recipes.online_dpo import run
 
     kw = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "learning_rate": 5e-4}
     run(cfg(repo, tmp_path / "a", **kw))

@@ -11,7 +11,7 @@ from align.data.preference import PreferenceCollator, check_preference_rows, tok
 from align.errors import DataError
 from align.testbed import tasks
 from align.testbed.tokenizer import train_tokenizer
-from align.trainers.logps import completion_logps
+from align.logps import completion_logps
 
 
 @pytest.fixture(scope="module")

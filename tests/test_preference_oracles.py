@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from align.errors import ConfigError, DataError, TrainingError
-from rewards.preference import (
+from align.rewards.preference import (
     CyclicOracle,
     FunctionOracle,
     PairwiseModelOracle,

@@ -11,7 +11,7 @@ from align.config import load_config
 from align.errors import TrainingError
 from align.objectives import register
 from align.objectives.base import ObjectiveOutput, preference_metrics
-from recipes.dpo import DPORecipeConfig, build_trainer, run
+from align.recipes.dpo import DPORecipeConfig, build_trainer, run
 
 
 def cfg(repo, tmp_path, **kw):
@@ -98,7 +98,7 @@ def test_tie_pairs_come_in_both_orders(tie_pairs_file):
 
 def pair_gaps(model, dataset, pad_id) -> torch.Tensor:
     """|S_θ(chosen) − S_θ(rejected)| for every row of a tokenised preference dataset."""
-    from align.trainers.logps import pack, token_logps
+    from align.logps import pack, token_logps
 
     gaps = []
     with torch.no_grad():
@@ -275,7 +275,7 @@ def test_recipe_run_writes_model_and_metrics(repo, tmp_path, testbed):
 
 
 def test_logits_to_keep_path_equals_full_logits(repo, tmp_path, testbed):
-    from align.trainers.logps import completion_logps
+    from align.logps import completion_logps
 
     trainer = build_trainer(cfg(repo, tmp_path, max_steps=1))
     assert trainer._keeps_logits(trainer.model)

@@ -4,7 +4,7 @@ import json
 
 from align.data.sampled_pairs import sampled_pairs
 from align.testbed.tasks import rl_rows
-from rewards.math import extract_answer, is_correct
+from align.rewards.math import extract_answer, is_correct
 
 
 def test_sampled_pairs_are_policy_mistakes_against_right_answers(testbed):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from align.errors import ConfigError, DataError, TrainingError
-from rewards import (
+from align.rewards import (
     REWARD_FUNCTIONS,
     RewardModel,
     RewardSet,
@@ -91,7 +91,7 @@ def test_resolve_registered_and_imported():
     assert resolve_reward("accuracy", {}) is accuracy_reward
     assert resolve_reward("format", {}) is format_reward
     assert resolve_reward("math_verify", {}) is math_verify_reward
-    assert resolve_reward("rewards.math:format_reward", {}) is format_reward
+    assert resolve_reward("align.rewards.math:format_reward", {}) is format_reward
     fn = resolve_reward("overlong", {"max_completion_length": 20, "overlong_cache_length": 5})
     assert fn.__name__ == "overlong" and fn(["x"], completion_lengths=[16]) == pytest.approx([-0.2])
     assert set(REWARD_FUNCTIONS) >= {"accuracy", "format", "math_verify", "overlong"}
@@ -102,9 +102,9 @@ def test_resolve_registered_and_imported():
     [
         ("nope", "unknown reward function 'nope' \\(known: accuracy, format"),
         ("no_such_pkg.mod:fn", "cannot import 'no_such_pkg.mod'"),
-        ("rewards.math:no_such_fn", "has no attribute 'no_such_fn'"),
-        ("rewards.math:ANSWER_RE", "'rewards.math:ANSWER_RE' is not callable"),
-        ("rewards.math:", "package.module:function"),
+        ("align.rewards.math:no_such_fn", "has no attribute 'no_such_fn'"),
+        ("align.rewards.math:ANSWER_RE", "'align.rewards.math:ANSWER_RE' is not callable"),
+        ("align.rewards.math:", "package.module:function"),
         ("overlong", "needs the option 'max_completion_length'"),
     ],
 )
@@ -155,7 +155,7 @@ def test_reward_set_weighted_total():
 
 
 def test_reward_set_defaults_and_duplicate_names():
-    rs = RewardSet(["format", "rewards.math:format_reward", "format"])
+    rs = RewardSet(["format", "align.rewards.math:format_reward", "format"])
     assert rs.names == ("format", "format_reward", "format_2")
     total, _, _ = rs(PROMPTS, COMPLETIONS, IDS, [1, 1, 1, 1], {})
     assert total.tolist() == [3.0, 3.0, 0.0, 3.0]

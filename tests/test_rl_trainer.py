@@ -7,7 +7,7 @@ import pytest
 
 from align.config import load_config
 from align.errors import ConfigError, DataError, TrainingError
-from recipes.grpo import GRPORecipeConfig, build_trainer, run
+from align.recipes.grpo import GRPORecipeConfig, build_trainer, run
 
 SMALL = {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 4, "num_minibatches": 1,
          "max_train_samples": 64, "dataset_test_split": None, "logging_steps": 1}

@@ -7,7 +7,7 @@ from align.evaluation import generate as greedy_generate
 from align.modeling import load_model, load_tokenizer
 from align.rollout import HFEngine, SamplingParams
 from align.rollout.hf import filter_logits
-from align.trainers.logps import pack, token_logps
+from align.logps import pack, token_logps
 
 QUESTIONS = ["What is 3+4?", "What is 7*8?", "What is 9-2?", "What is 6*6?"]
 

@@ -6,7 +6,7 @@ import yaml
 from align.testbed import tasks
 from align.testbed.build import WARMUP
 from align.testbed.tokenizer import CHAT_TEMPLATE, train_tokenizer
-from rewards.math import accuracy_reward, extract_answer, format_reward, is_correct
+from align.rewards.math import accuracy_reward, extract_answer, format_reward, is_correct
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from align.modeling import load_model, load_tokenizer  # noqa: E402
 from align.rollout import HFEngine, SamplingParams  # noqa: E402
 from align.rollout.remote import ServerEngine  # noqa: E402
 from align.rollout.vllm_engine import VLLMEngine, start_llm  # noqa: E402
-from align.trainers.logps import pack, token_logps  # noqa: E402
+from align.logps import pack, token_logps  # noqa: E402
 
 QUESTIONS = ["What is 3+4?", "What is 7*8?", "What is 9-2?", "What is 6*6?", "What is 5+5?", "What is 2*9?"]
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
@@ -145,7 +145,7 @@ def test_lora_policy_syncs_merged_weights(policy, engine):
 
 
 def grpo_cfg(repo, tmp_path, **kw):
-    from recipes.grpo import GRPORecipeConfig
+    from align.recipes.grpo import GRPORecipeConfig
 
     over = {"output_dir": str(tmp_path / "out"), "disable_tqdm": True, "overwrite_output_dir": True, **SMALL, **kw}
     return load_config(GRPORecipeConfig, repo / "configs/grpo/testbed.yaml", over)
@@ -230,9 +230,9 @@ ITERATIVE = {"iterations": 2, "max_train_samples": 8, "max_eval_samples": 8, "ev
 
 
 def online_cfg(repo, tmp_path, method="online_dpo", **kw):
-    from recipes.egpo import EGPORecipeConfig
-    from recipes.online_dpo import OnlineRecipeConfig
-    from recipes.xpo import XPORecipeConfig
+    from align.recipes.egpo import EGPORecipeConfig
+    from align.recipes.online_dpo import OnlineRecipeConfig
+    from align.recipes.xpo import XPORecipeConfig
 
     cls = {"online_dpo": OnlineRecipeConfig, "xpo": XPORecipeConfig, "egpo": EGPORecipeConfig}[method]
     return load_config(cls, repo / f"configs/{method}/testbed.yaml", {"output_dir": str(tmp_path / method),
@@ -240,7 +240,7 @@ def online_cfg(repo, tmp_path, method="online_dpo", **kw):
 
 
 def iterative_cfg(repo, out, **kw):
-    from recipes.iterative_dpo import IterativeRecipeConfig
+    from align.recipes.iterative_dpo import IterativeRecipeConfig
 
     return load_config(IterativeRecipeConfig, repo / "configs/iterative/testbed-ilr-dpo.yaml",
                        {**ITERATIVE, "output_dir": str(out), **kw})
@@ -271,7 +271,7 @@ def test_online_dpo_samples_the_pushed_policy_and_trains_as_with_hf(repo, tmp_pa
     one more push the engine's greedy output and log-probs are the trained policy's. Replaying the run's pairs in a
     rollout: hf trainer gives the same losses and weights: the engine changes where samples come from, nothing
     else. Measured: gap <= ~2e-6 per token, stale gap ~0.5, losses and weights equal to 1e-6."""
-    from recipes.online_dpo import build_trainer
+    from align.recipes.online_dpo import build_trainer
 
     model, tok, ids = policy
     monkeypatch.setattr("align.trainers.online.build_engine", lambda *a, **kw: engine)
@@ -320,7 +320,7 @@ def test_iterative_driver_builds_one_engine_and_pushes_each_iterations_policy(re
     end) and iteration t's
     K samples carry π_t's log-probs (π_0 the initial policy, π_1 = iter-0/) to 1e-4, while iteration 1's differ
     from π_0's by > 0.1; every pair is made of the engine's samples."""
-    from recipes.iterative_dpo import run
+    from align.recipes.iterative_dpo import run
 
     model, tok, _ = policy
     built, closed = [], []
@@ -348,7 +348,7 @@ def test_iterative_driver_builds_one_engine_and_pushes_each_iterations_policy(re
 
 
 def test_online_and_iterative_rollout_options_fail_at_config(repo, tmp_path, testbed, monkeypatch):
-    from recipes.iterative_dpo import run
+    from align.recipes.iterative_dpo import run
 
     with pytest.raises(ConfigError, match=r"^rollout: vllm cannot sample EGPO's geometric mixture \(mixture_coef "):
         online_cfg(repo, tmp_path, "egpo", rollout="vllm", mixture_coef=0.25)
@@ -453,7 +453,7 @@ def test_online_dpo_on_the_server_trains_as_on_the_colocated_engine(repo, tmp_pa
     """Online DPO with rollout: vllm-server end to end (2 steps at lr 1e-3, a push before each step's samples):
     the server draws the same completions as the colocated engine (each seeded on its own), so the run's losses
     and final weights equal the colocated run's, and after one more push the server serves the trained policy."""
-    from recipes.online_dpo import build_trainer
+    from align.recipes.online_dpo import build_trainer
 
     model, tok, ids = policy
     _, port = server
@@ -509,7 +509,7 @@ def test_server_that_stops_answering_or_is_absent(policy, server):
 
 
 def test_bad_server_url_fails_before_training(repo, tmp_path, testbed):
-    from recipes.grpo import build_trainer
+    from align.recipes.grpo import build_trainer
 
     with pytest.raises(ConfigError, match="not reachable .* while waiting for the health check"):
         build_trainer(grpo_cfg(repo, tmp_path, rollout="vllm-server", vllm_server_port=free_port(),
@@ -522,7 +522,7 @@ def test_server_killed_mid_run_stops_with_timeout_error(repo, tmp_path, testbed)
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    from recipes.grpo import build_trainer
+    from align.recipes.grpo import build_trainer
 
     port = free_port()
     proc = start_server(repo, testbed, port)

@@ -55,7 +55,7 @@ def sequence_grads(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     ``chunk``: sequences per forward; each ``autograd.grad`` walks the chunk's whole graph, so keep it small
     for deep subsets (embeddings) and larger for output-layer ones."""
     from align.monitors.entanglement import flat_grad
-    from align.trainers.logps import pack, token_logps
+    from align.logps import pack, token_logps
 
     params = list(params)
     device = params[0].device

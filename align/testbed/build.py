@@ -136,7 +136,7 @@ def _build(tmp: Path, progress: bool) -> None:
     from align.modeling import load_model, load_tokenizer
     from align.testbed.model import build_model
     from align.testbed.tokenizer import train_tokenizer
-    from recipes.sft import SFTRecipeConfig, run
+    from align.recipes.sft import SFTRecipeConfig, run
 
     t0 = time.perf_counter()
     tokenizer = train_tokenizer()

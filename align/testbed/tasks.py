@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
-from rewards.math import is_correct
+from align.rewards.math import is_correct
 
 SPLITS = ("train", "test")
 FORMATS = ("conversational", "standard")

@@ -42,7 +42,7 @@ from align.args import CPUSaneDefaults, world_size
 from align.errors import TrainingError
 from align.objectives import build
 from align.rollout import HFEngine, SamplingParams, WeightSync, build_engine
-from align.trainers.logps import pack, token_logps
+from align.logps import pack, token_logps
 from align.trainers.metric_log import MetricsMixin
 from align.trainers.online_args import OnlineArguments
 from align.trainers.rl import RepeatRoundSampler, _rows, _SaveState
@@ -82,7 +82,7 @@ class OnlinePreferenceTrainer(MetricsMixin, Trainer):
     def __init__(self, model, args: OnlineArguments, train_dataset, eval_dataset=None, processing_class=None,
                  oracle=None, ref_model=None, peft_config=None, callbacks=None, engine=None):
         from align.data.prompts import tokenize_prompts
-        from rewards.preference import build_oracle, check_columns
+        from align.rewards.preference import build_oracle, check_columns
 
         if peft_config is not None:
             from peft import get_peft_model

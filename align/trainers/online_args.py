@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from align.args import PromptArguments, _f
 from align.errors import ConfigError
 from align.rollout.args import RolloutArguments
-from rewards.preference import ORACLE_KINDS
+from align.rewards.preference import ORACLE_KINDS
 
 PAIR_OBJECTIVES = ("dpo", "ipo", "hinge", "robust", "hdpo", "lrdpo")
 EGPO_VARIANTS = ("oipo1", "oipo2")

@@ -27,7 +27,7 @@ from align.data.preference import PreferenceCollator, tokenize_preferences
 from align.errors import ConfigError, TrainingError
 from align.monitors.entanglement import ACTIONS, SUBSETS
 from align.objectives import build, check_params, registry
-from align.trainers.logps import completion_logps
+from align.logps import completion_logps
 from align.trainers.metric_log import MetricsMixin
 
 # Objective hyperparameters that are config keys; any other goes in ``objective_kwargs``.

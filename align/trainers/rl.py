@@ -39,7 +39,7 @@ from align.objectives.policy import policy_loss, truncated_is_weights
 from align.rollout import SamplingParams, WeightSync, build_engine
 from align.sampling import PromptStats, gvm_allocate, nonzero_variance_groups
 from align.sampling.shard import assign_groups
-from align.trainers.logps import pack, token_logps
+from align.logps import pack, token_logps
 from align.trainers.metric_log import MetricsMixin
 from align.trainers.rl_args import RLArguments
 
@@ -131,7 +131,7 @@ class RLTrainer(MetricsMixin, Trainer):
     def __init__(self, model, args: RLArguments, train_dataset, eval_dataset=None, processing_class=None,
                  reward_set=None, ref_model=None, peft_config=None, callbacks=None, engine=None):
         from align.data.prompts import tokenize_prompts
-        from rewards.registry import RewardSet
+        from align.rewards.registry import RewardSet
 
         if peft_config is not None:
             from peft import get_peft_model
