@@ -1,13 +1,18 @@
-"""Arguments every recipe shares: the model, the data, LoRA, and CPU-sane training defaults.
+"""Config parts: the named dataclasses every recipe's config is composed from, and the one driver that checks them.
 
-A recipe's config is one flat dataclass: ``@dataclass class MyConfig(RecipeArguments, trl.XConfig)``.
-Fields here come first in ``--help``; the TRL/transformers training arguments follow. ``validate()``
-runs right after construction (see :func:`align.config.load_config`) and checks, before any model or
-dataset is loaded, every combination that cannot work.
+A recipe's config is one dataclass composed of parts: ``@dataclass class MyConfig(RecipeArguments, XConfig)``,
+where :class:`RecipeArguments` = model + data + LoRA + outputs, and ``XConfig`` = the method's parts (prompt,
+generation, rollout, objective, RL / online / iterative / preference) + the trainer part (the TRL/transformers
+training arguments, with :class:`CPUSaneDefaults`). Each part names itself (``part = "generation"``, its
+``--help`` heading) and checks only its own fields in ``validate()``; a check that needs the fields of two parts
+lives on the composed class that has both. :func:`validate_config` runs every part's check in :data:`PARTS`
+order, then the composed classes' checks, before any model or dataset is loaded (see
+:func:`align.config.load_config`).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -15,76 +20,137 @@ from align.errors import ConfigError
 from align.testbed.tasks import DEFAULT_TASKS, FORMATS, TASKS
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+# The parts, in --help and validation order; a part not named here comes just before the trainer.
+PARTS = ("model", "data", "LoRA", "outputs", "prompt", "generation", "rollout", "objective", "RL", "online",
+         "iterative", "preference", "trainer")
 
 
-def _f(default, help_: str, **kw):
+def option(default, help_: str, **kw):
+    """A config field with its ``--help`` text; a list or dict default is copied for every instance."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help_}, **kw)
     return field(default=default, metadata={"help": help_}, **kw)
 
 
+def _rank(title: str) -> float:
+    return PARTS.index(title) if title in PARTS else PARTS.index("trainer") - 0.5
+
+
+def part_of(cls: type, name: str) -> str:
+    """The title of the part that defines field ``name`` of config class ``cls`` (the most basic part class that
+    declares it; a recipe that only changes a default keeps the field in its part); ``"trainer"`` for the
+    TRL/transformers training arguments."""
+    for klass in reversed(cls.__mro__):
+        if "part" in klass.__dict__ and name in inspect.get_annotations(klass):
+            return klass.part
+    return "trainer"
+
+
+def part_order(cls: type, names) -> list[str]:
+    """``names`` (fields of ``cls``) sorted by part, in :data:`PARTS` order; field order within a part."""
+    names = list(names)
+    return sorted(names, key=lambda n: (_rank(part_of(cls, n)), names.index(n)))
+
+
+def validators(cls: type) -> list[type]:
+    """The classes of config class ``cls`` whose own ``validate`` runs: the parts in :data:`PARTS` order, then the
+    composed classes (those without a ``part`` of their own), most basic first."""
+    own = [k for k in reversed(cls.__mro__) if "validate" in k.__dict__]
+    parts = sorted((k for k in own if "part" in k.__dict__), key=lambda k: _rank(k.part))
+    return parts + [k for k in own if "part" not in k.__dict__]
+
+
+def validate_config(config, world: int | None = None) -> None:
+    """Run every part's ``validate()`` on ``config`` (see :func:`validators`); a ``validate`` that takes ``world``
+    gets the number of processes (default: :func:`world_size`). Raises the first ConfigError."""
+    world = world_size() if world is None else world
+    for klass in validators(type(config)):
+        check = klass.__dict__["validate"]
+        if "world" in inspect.signature(check).parameters:
+            check(config, world)
+        else:
+            check(config)
+
+
+def world_size() -> int:
+    """Processes of this run as ``accelerate launch`` / torchrun announce them (1 when run directly); readable
+    before any process group or model exists, so configs can check against it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+# --- the recipe parts: model, data, LoRA, outputs -----------------------------------------------------
+
+
 @dataclass
-class RecipeArguments:
-    # --- model ---
-    model_name_or_path: str | None = _f(
+class ModelArguments:
+    part = "model"
+
+    model_name_or_path: str | None = option(
         None,
         "Model to train: a local HF folder, a Hub id, or `testbed:base` (random tiny model) / `testbed:policy` "
         "(the tiny model after its SFT warm-up), built locally on first use.",
     )
-    torch_dtype: str = _f("float32", f"Weights dtype when loading the model, one of {DTYPES}.")
-    attn_implementation: str | None = _f(None, "Attention kernel passed to from_pretrained (e.g. sdpa, eager).")
-    trust_remote_code: bool = _f(False, "Allow custom modelling code from the model's repository.")
-    # --- LoRA ---
-    use_peft: bool = _f(False, "Train a LoRA adapter (peft) instead of all weights.")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA branch.")
-    lora_target_modules: list[str] | None = _f(None, "Module names to adapt; default: every linear layer.")
-    # --- data ---
-    dataset_name: str | None = _f(
-        None,
-        "Training data: `testbed:<sft|preference|rl>` (synthetic arithmetic), a local .json/.jsonl/.csv/.parquet "
-        "file, a folder (save_to_disk or data files per split), or a Hub dataset id.",
-    )
-    dataset_config: str | None = _f(None, "Hub dataset configuration name.")
-    dataset_train_split: str = _f("train", "Split used for training.")
-    dataset_test_split: str | None = _f(None, "Split used for evaluation (none: no eval dataset).")
-    eval_dataset_name: str | None = _f(None, "Evaluation data, if not dataset_name (same forms as dataset_name).")
-    max_train_samples: int | None = _f(None, "Use at most this many training rows (testbed default: 1024).")
-    max_eval_samples: int | None = _f(None, "Use at most this many eval rows (testbed default: 64).")
-    testbed_tasks: list[str] = _f(list(DEFAULT_TASKS), f"Testbed tasks to mix, from {list(TASKS)}.")
-    testbed_format: str = _f("conversational", f"Testbed row format, one of {FORMATS}.")
-    # --- outputs ---
-    overwrite_output_dir: bool = _f(False, "Allow training into an output_dir that already holds checkpoints.")
-    metrics_file: str = _f("metrics.jsonl", "File in output_dir that receives every logged metric as JSON lines.")
-
-    recipe_name = "recipe"  # set by each recipe's config class
-
-    @classmethod
-    def precheck(cls, values: dict) -> None:
-        """Checks on the raw values, before transformers' own ``__post_init__`` reports them less clearly."""
-        if values.get("fp16") and values.get("bf16"):
-            raise ConfigError("fp16 / bf16: choose at most one")
-        if values.get("fp16") and not _has_accelerator():
-            raise ConfigError("fp16: needs a GPU; on the CPU use the default fp32 (or bf16=true)")
+    torch_dtype: str = option("float32", f"Weights dtype when loading the model, one of {DTYPES}.")
+    attn_implementation: str | None = option(None, "Attention kernel passed to from_pretrained (e.g. sdpa, eager).")
+    trust_remote_code: bool = option(False, "Allow custom modelling code from the model's repository.")
 
     def validate(self) -> None:
-        """Raise ConfigError on any impossible setting; touches no model and no dataset."""
-        from align.data.loading import check_dataset_name
         from align.modeling import check_model_path
 
         if not self.model_name_or_path:
             raise ConfigError("model_name_or_path: required (a folder, a Hub id, or testbed:policy)")
         check_model_path(self.model_name_or_path)
-        if getattr(self, "ref_model_name_or_path", None):  # recipes with a separate reference model
-            check_model_path(self.ref_model_name_or_path, "ref_model_name_or_path")
+        if self.torch_dtype not in DTYPES:
+            raise ConfigError(f"torch_dtype: must be one of {DTYPES}, got {self.torch_dtype!r}")
+
+
+@dataclass
+class LoRAArguments:
+    part = "LoRA"
+
+    use_peft: bool = option(False, "Train a LoRA adapter (peft) instead of all weights.")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA branch.")
+    lora_target_modules: list[str] | None = option(None, "Module names to adapt; default: every linear layer.")
+
+    def validate(self) -> None:
+        if self.use_peft and self.lora_r < 1:
+            raise ConfigError(f"lora_r: must be >= 1 with use_peft, got {self.lora_r}")
+
+
+@dataclass
+class DataArguments:
+    part = "data"
+
+    dataset_name: str | None = option(
+        None,
+        "Training data: `testbed:<sft|preference|rl>` (synthetic arithmetic), a local .json/.jsonl/.csv/.parquet "
+        "file, a folder (save_to_disk or data files per split), or a Hub dataset id.",
+    )
+    dataset_config: str | None = option(None, "Hub dataset configuration name.")
+    dataset_train_split: str = option("train", "Split used for training.")
+    dataset_test_split: str | None = option(None, "Split used for evaluation (none: no eval dataset).")
+    eval_dataset_name: str | None = option(None, "Evaluation data, if not dataset_name (same forms as dataset_name).")
+    max_train_samples: int | None = option(None, "Use at most this many training rows (testbed default: 1024).")
+    max_eval_samples: int | None = option(None, "Use at most this many eval rows (testbed default: 64).")
+    testbed_tasks: list[str] = option(list(DEFAULT_TASKS), f"Testbed tasks to mix, from {list(TASKS)}.")
+    testbed_format: str = option("conversational", f"Testbed row format, one of {FORMATS}.")
+
+    def validate(self) -> None:
+        from align.data.loading import check_dataset_name
+
         if not self.dataset_name:
             raise ConfigError("dataset_name: required (e.g. testbed:sft, a local file, or a Hub id)")
         check_dataset_name(self.dataset_name)
         if self.eval_dataset_name:
             check_dataset_name(self.eval_dataset_name, "eval_dataset_name")
-        if self.torch_dtype not in DTYPES:
-            raise ConfigError(f"torch_dtype: must be one of {DTYPES}, got {self.torch_dtype!r}")
         if self.testbed_format not in FORMATS:
             raise ConfigError(f"testbed_format: must be one of {FORMATS}, got {self.testbed_format!r}")
         unknown = [t for t in self.testbed_tasks if t not in TASKS]
@@ -94,18 +160,31 @@ class RecipeArguments:
         for key in ("max_train_samples", "max_eval_samples"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.use_peft and self.lora_r < 1:
-            raise ConfigError(f"lora_r: must be >= 1 with use_peft, got {self.lora_r}")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ConfigError("max_steps / num_train_epochs: one of them must be > 0")
+
+
+@dataclass
+class OutputArguments:
+    part = "outputs"
+
+    overwrite_output_dir: bool = option(False, "Allow training into an output_dir that already holds checkpoints.")
+    metrics_file: str = option("metrics.jsonl", "File in output_dir that receives every logged metric as JSON lines.")
+
+
+@dataclass
+class RecipeArguments(OutputArguments, DataArguments, LoRAArguments, ModelArguments):
+    """The parts every recipe shares (model, LoRA, data, outputs). A recipe's config composes them with a trainer
+    part (a TRL/transformers TrainingArguments subclass), so :meth:`validate` here holds the checks that need both:
+    evaluation against the eval split, and output_dir against resume_from_checkpoint."""
+
+    recipe_name = "recipe"  # set by each recipe's config class
+
+    def validate(self) -> None:
         if str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no" and not self.dataset_test_split:
             raise ConfigError("eval_strategy: evaluation is on but dataset_test_split is not set")
-        self._check_output_dir()
+        self.check_output_dir()
 
-    def _check_output_dir(self) -> None:
+    def check_output_dir(self) -> None:
+        """Default ``output_dir``; resolve ``resume_from_checkpoint``; protect a folder that holds checkpoints."""
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", self.recipe_name)
         out = self.output_dir
@@ -130,44 +209,126 @@ class RecipeArguments:
             )
 
 
+# --- the parts of every trainer that samples: prompt, generation; and the objective ---------------------
+
+
 @dataclass
 class PromptArguments:
     """How prompt rows become model input, for every recipe that generates from prompts (RL, online, iterative):
     read by :func:`align.data.prompts.load_prompt_data`."""
 
-    prompt_column: str = _f("prompt", "Column holding the prompt (a string or messages), e.g. `problem`.")
-    system_prompt: str | None = _f(None, "System message put before every prompt (then prompts become "
-                                         "conversational).")
-    prompt_suffix: str = _f("", "Text appended to every user prompt (e.g. an answer-format instruction).")
+    part = "prompt"
+
+    prompt_column: str = option("prompt", "Column holding the prompt (a string or messages), e.g. `problem`.")
+    system_prompt: str | None = option(None, "System message put before every prompt (then prompts become "
+                                             "conversational).")
+    prompt_suffix: str = option("", "Text appended to every user prompt (e.g. an answer-format instruction).")
 
 
-def world_size() -> int:
-    """Processes of this run as ``accelerate launch`` / torchrun announce them (1 when run directly); readable
-    before any process group or model exists, so configs can check against it."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+@dataclass
+class GenerationArguments:
+    """How every trainer that samples (RL, online, iterative) draws completions; a method's part may change a
+    default by redefining the field."""
+
+    part = "generation"
+
+    max_prompt_length: int = option(512, "Prompts longer than this (tokens) are rejected before training.")
+    max_completion_length: int = option(256, "Max new tokens per completion.")
+    temperature: float = option(1.0, "Sampling temperature.")
+    top_p: float = option(1.0, "Nucleus sampling mass.")
+    top_k: int = option(0, "Top-k cut (0: none).")
+    generation_batch_size: int = option(64, "Sequences per generate call (hf engine).")
+
+    def validate(self) -> None:
+        for key in ("max_prompt_length", "max_completion_length", "generation_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: must be > 0 for sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
 
 
-def _has_accelerator() -> bool:
-    import torch
+# Objective hyperparameters that are config keys; any other goes in ``objective_kwargs``.
+HYPERPARAMETERS = ("beta", "alpha", "eta", "sft_norm", "label_smoothing", "length_alpha")
 
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+@dataclass
+class ObjectiveArguments:
+    """Which objective of the registry (:mod:`align.objectives`) and its hyperparameters, checked once here."""
+
+    part = "objective"
+
+    objective: str = option("dpo", "Objective name (see `align recipes`): dpo, ipo, hinge, robust, rpo, hdpo, "
+                                   "lrdpo, ...")
+    beta: float = option(0.1, "KL strength β (τ for ipo).")
+    alpha: float | None = option(None, "hdpo: entropy coefficient α; scales the policy log-probs (1 = DPO).")
+    eta: float | None = option(None, "rpo: weight η of the SFT term.")
+    sft_norm: str | None = option(None, "rpo: 'sum' (paper: −η·β·S_θ(y_w)) or 'mean' (+η·token-mean NLL).")
+    label_smoothing: float | None = option(None, "robust: label flip probability ε in [0, 0.5).")
+    length_alpha: float | None = option(None, "lrdpo: weight of the length margin |y_w| − |y_l| (tokens).")
+    objective_kwargs: dict = option({}, "Other hyperparameters for objectives added later, as a mapping.")
+
+    def objective_params(self) -> dict:
+        """The hyperparameters to pass to the objective; errors if one is set that it does not take."""
+        from align.objectives import check_params, registry
+
+        spec = registry().get(self.objective)
+        takes = spec.params if spec else {}
+        params = {}
+        for key in HYPERPARAMETERS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key not in takes:
+                if key == "beta":
+                    continue  # every DPO-style objective has β; tolerate its default for any that does not
+                raise ConfigError(f"{key}: objective {self.objective!r} does not take it (takes: {', '.join(takes)})")
+            params[key] = value
+        params.update(self.objective_kwargs)
+        check_params(self.objective, params)
+        return params
+
+    def validate(self) -> None:
+        self.objective_params()
+
+
+# --- the trainer part ----------------------------------------------------------------------------------
 
 
 @dataclass
 class CPUSaneDefaults:
-    """Defaults that differ from TRL's: fp32 and no gradient checkpointing (bf16 is ~20x slower on a
-    CPU and checkpointing costs ~40%), no external loggers, readable logging on tiny runs. A recipe config
-    lists this mixin before the TRL config so these win over the TRL config's own defaults."""
+    """The trainer part: the TRL/transformers training arguments a recipe config extends, with defaults that
+    differ from TRL's: fp32 and no gradient checkpointing (bf16 is ~20x slower on a CPU and checkpointing costs
+    ~40%), no external loggers, readable logging on tiny runs. A config lists this before the TRL config so these
+    win over its defaults; it is always composed with a TrainingArguments subclass, whose keys it checks."""
 
-    bf16: bool | None = _f(False, "Train in bfloat16 mixed precision (fast on recent GPUs, slow on CPUs).")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    report_to: str | list[str] | None = _f("none", "Loggers to report to (wandb, tensorboard, trackio, ...).")
-    logging_steps: float = _f(10.0, "Log every this many optimizer steps.")
-    dataloader_pin_memory: bool = _f(False, "Pin host memory in data loaders (helps GPU input, costs on CPU).")
-    ddp_find_unused_parameters: bool | None = _f(
+    part = "trainer"
+
+    bf16: bool | None = option(False, "Train in bfloat16 mixed precision (fast on recent GPUs, slow on CPUs).")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    report_to: str | list[str] | None = option("none", "Loggers to report to (wandb, tensorboard, trackio, ...).")
+    logging_steps: float = option(10.0, "Log every this many optimizer steps.")
+    dataloader_pin_memory: bool = option(False, "Pin host memory in data loaders (helps GPU input, costs on CPU).")
+    ddp_find_unused_parameters: bool | None = option(
         False, "DDP: look for parameters without gradients each step (costly; every recipe here uses all of them).")
     use_cpu: bool = field(
-        default_factory=lambda: not _has_accelerator(),
+        default_factory=lambda: not has_accelerator(),
         metadata={"help": "Train on the CPU (default: true exactly when no GPU is present; several CPU processes "
                           "under accelerate launch then use torch.distributed with gloo)."},
     )
+
+    @classmethod
+    def precheck(cls, values: dict) -> None:
+        """Checks on the raw values, before transformers' own ``__post_init__`` reports them less clearly."""
+        if values.get("fp16") and values.get("bf16"):
+            raise ConfigError("fp16 / bf16: choose at most one")
+        if values.get("fp16") and not has_accelerator():
+            raise ConfigError("fp16: needs a GPU; on the CPU use the default fp32 (or bf16=true)")
+
+    def validate(self) -> None:
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("max_steps / num_train_epochs: one of them must be > 0")

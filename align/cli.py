@@ -10,6 +10,7 @@ import sys
 
 from align import __version__
 from align.errors import AlignError
+from align.quickstart import PAIR_PROMPTS
 
 
 def _train(args) -> int:
@@ -22,7 +23,7 @@ def _recipes(args) -> int:
     from align.objectives import registry
     from align.recipe import discover
 
-    print("recipes (align train <recipe> --config configs/<recipe>/<name>.yaml):")
+    print("recipes (align train <recipe> --config FILE, or a shipped config by name: --config testbed):")
     for name, recipe in discover().items():
         print(f"  {name:<12} {recipe.summary}")
     print("objectives (objective: <name> in a recipe config):")
@@ -55,7 +56,7 @@ def _testbed(args) -> int:
 def _quickstart(args) -> int:
     from align.quickstart import quickstart
 
-    quickstart(args.output_dir, align_steps=args.align_steps)
+    quickstart(args.output_dir, align_steps=args.align_steps, pair_prompts=args.pair_prompts)
     return 0
 
 
@@ -78,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"align {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
-    train = sub.add_parser("train", help="run a recipe: align train <recipe> --config FILE [key=value ...]",
+    train = sub.add_parser("train", help="run a recipe: align train <recipe> --config FILE|NAME [key=value ...]",
                            add_help=False)
     train.add_argument("recipe", help="recipe name (see: align recipes)")
-    train.add_argument("rest", nargs=argparse.REMAINDER, help="--config FILE, key=value overrides, --help")
+    train.add_argument("rest", nargs=argparse.REMAINDER,
+                       help="--config FILE or a shipped config's name (e.g. testbed), key=value overrides, --help")
     train.set_defaults(func=_train)
 
     recipes = sub.add_parser("recipes", help="list the recipes and objectives")
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--output-dir", default="outputs/quickstart")
     quick.add_argument("--align-steps", type=int, default=None,
                        help="optimizer steps of the alignment run (default: the config's max_steps)")
+    quick.add_argument("--pair-prompts", type=int, default=PAIR_PROMPTS,
+                       help="training prompts the policy answers to make the preference pairs (fewer: a smoke run)")
     quick.set_defaults(func=_quickstart)
 
     srv = sub.add_parser("serve", help="a vLLM rollout server for rollout: vllm-server (align/rollout/server.py)")

@@ -4,9 +4,11 @@ Every recipe has one flat dataclass config (TRL style: recipe fields plus the TR
 training arguments it extends). :func:`load_config` builds it from a YAML file and command-line
 overrides and stops with a one-line :class:`~align.errors.ConfigError` naming the key when
 
+* a key was renamed (``max_new_tokens: renamed to max_completion_length``: the config class's ``RENAMED``),
 * a key does not exist (with the closest known key as a hint),
 * a value has the wrong type (``learning_rate=abc``),
-* the combination is impossible (the config's ``validate()``, or transformers' own checks).
+* the combination is impossible (each config part's ``validate()``, run by :func:`align.args.validate_config`, or
+  transformers' own checks).
 
 Overrides are ``key=value`` or ``--key value`` / ``--key=value``; a value is parsed as YAML where the
 field is not a string, so ``lora_target_modules=[q_proj,v_proj]`` and ``report_to=none`` both work.
@@ -18,6 +20,8 @@ import dataclasses
 import difflib
 import enum
 import os
+import shutil
+import textwrap
 import types
 import typing
 from collections.abc import Sequence
@@ -25,6 +29,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from align.args import part_of, part_order, validate_config
 from align.errors import ConfigError
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -193,6 +198,11 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def renamed_keys(cls: type) -> dict[str, str]:
+    """Old key -> new key, from the ``RENAMED`` maps of ``cls`` and its parts."""
+    return {old: new for klass in reversed(cls.__mro__) for old, new in klass.__dict__.get("RENAMED", {}).items()}
+
+
 def load_config(cls: type, config_path: str | os.PathLike | None = None, overrides: Sequence[str] | dict = ()):
     """Build dataclass ``cls`` from a YAML file and overrides; raise ConfigError naming the bad key."""
     raw: dict[str, tuple[Any, str]] = {}
@@ -202,8 +212,11 @@ def load_config(cls: type, config_path: str | os.PathLike | None = None, overrid
     raw.update({k: (v, "command line") for k, v in extra.items()})
 
     types_ = field_types(cls)
+    renamed = renamed_keys(cls)
     kwargs: dict[str, Any] = {}
     for key, (value, source) in raw.items():
+        if key in renamed and key not in types_:
+            raise ConfigError(f"{key}: renamed to {renamed[key]} (in {source})")
         if key not in types_:
             close = difflib.get_close_matches(str(key), types_, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -214,7 +227,7 @@ def load_config(cls: type, config_path: str | os.PathLike | None = None, overrid
             raise ConfigError(
                 f"{key}: expected {_describe(types_[key])}{_allowed_hint(types_[key])}, got {value!r} (from {source})"
             ) from None
-    precheck = getattr(cls, "precheck", None)
+    precheck = getattr(cls, "precheck", None)  # the trainer part's checks that must come before transformers' own
     if callable(precheck):
         precheck(kwargs)
     try:
@@ -222,23 +235,37 @@ def load_config(cls: type, config_path: str | os.PathLike | None = None, overrid
     except (ValueError, TypeError) as err:
         msg = " ".join(str(err).split())
         raise ConfigError(f"invalid config: {msg}") from None
-    validate = getattr(config, "validate", None)
-    if callable(validate):
-        validate()
+    validate_config(config)
     return config
 
 
-def config_help(cls: type, first: Sequence[str] = ()) -> str:
-    """One line per key: name, type, default and help; keys in ``first`` are listed first."""
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    fields.sort(key=lambda f: (f.name not in first, list(first).index(f.name) if f.name in first else 0))
+def default_of(f: dataclasses.Field) -> Any:
+    """A field's default value (a ``default_factory`` is called)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def config_help(cls: type, width: int | None = None) -> str:
+    """Every key of config class ``cls`` under its part's heading (in :data:`align.args.PARTS` order): name, type,
+    default and help, wrapped to ``width`` columns (default: the terminal's) with a hanging indent."""
+    width = width or shutil.get_terminal_size().columns
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     types_ = field_types(cls)
-    lines = []
-    for f in fields:
-        default = f.default if f.default is not dataclasses.MISSING else "(factory)"
+    lines, heading = [], None
+    for name in part_order(cls, fields):
+        title = part_of(cls, name)
+        if title != heading:
+            heading = title
+            lines += ["", f"{title}:"]
+        f = fields[name]
         help_ = " ".join(str(f.metadata.get("help", "")).split())
-        lines.append(f"  {f.name} ({_describe(types_[f.name])}, default {default!r}): {help_}")
-    return "\n".join(lines)
+        text = f"{name} ({_describe(types_[name])}, default {default_of(f)!r}): {help_}"
+        lines += textwrap.wrap(text, width=max(width, 40), initial_indent="  ", subsequent_indent="      ",
+                               break_on_hyphens=False)
+    return "\n".join(lines[1:])
 
 
 def to_dict(config) -> dict[str, Any]:

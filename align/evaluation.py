@@ -40,6 +40,8 @@ def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batc
     import torch
     from tqdm.auto import tqdm
 
+    from align.logps import token_entropy
+
     texts = prompt_texts(tokenizer, prompts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -67,8 +69,7 @@ def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batc
             new = gen.sequences[:, enc["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
             if with_entropy:
-                logp = torch.stack(gen.logits, 1).float().log_softmax(-1)
-                entropy = -(logp.exp() * logp).sum(-1)
+                entropy = token_entropy(torch.stack(gen.logits, 1).float())
                 is_eos = new == tokenizer.eos_token_id
                 alive = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # positions up to the first eos
                 ent_sum += (entropy * alive).sum().item()

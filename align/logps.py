@@ -1,4 +1,5 @@
-"""Per-sequence log-probs of completion tokens, from one forward pass."""
+"""Log-probs and entropies of tokens: the one place they are computed from logits (training losses, monitors,
+evaluation)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,18 @@ def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_m
     logps = (token_logps * mask).sum(-1)
     lengths = mask.sum(-1)
     with torch.no_grad():
-        probs = torch.softmax(logits.detach(), dim=-1)
-        entropy = log_norm.detach() - (probs * logits.detach()).sum(-1)
+        entropy = token_entropy(logits, log_norm)
         mean_entropy = (entropy * mask).sum() / mask.sum().clamp(min=1)
     return logps, lengths, mean_entropy
+
+
+def token_entropy(logits: torch.Tensor, log_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """The entropy (nats, detached) of ``softmax(logits)`` at each position: ``logits [..., V]`` -> ``[...]``.
+    ``log_norm``: ``logsumexp(logits, -1)`` when the caller has it already."""
+    with torch.no_grad():
+        logits = logits.detach()
+        log_norm = torch.logsumexp(logits, dim=-1) if log_norm is None else log_norm.detach()
+        return log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def pack(prompts, completions, pad_id: int, device=None):
@@ -57,6 +66,4 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pr
     logps = logits.gather(-1, input_ids[:, prompt_width:].unsqueeze(-1)).squeeze(-1) - log_norm
     if not with_entropy:
         return logps
-    with torch.no_grad():
-        entropy = log_norm.detach() - (torch.softmax(logits.detach(), -1) * logits.detach()).sum(-1)
-    return logps, entropy
+    return logps, token_entropy(logits, log_norm)

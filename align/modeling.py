@@ -1,36 +1,75 @@
-"""Loading models and tokenizers: local folders, Hub ids, and the embedded testbed (``testbed:...``)."""
+"""Loading models and tokenizers: local folders, Hub ids, and names a plugin owns (``testbed:base``, ...).
+
+A name ``<prefix>:<rest>`` whose prefix a plugin registered (:func:`register_model_source`) is checked and
+resolved by that plugin. The plugins that own a prefix are listed by module in :data:`PLUGINS` and imported on the
+first name that uses it, like entry points: this module never imports them, so they may use the whole library.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from align.errors import ConfigError
 
-TESTBED_PREFIX = "testbed:"
-TESTBED_MODELS = ("base", "policy")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# Name prefix -> the module that registers it (its model and dataset sources) when imported.
+PLUGINS = {"testbed": "align.testbed.plugin"}
 
 
-def _offline() -> bool:
+@dataclass(frozen=True)
+class ModelSource:
+    """How a plugin's model names ``<prefix>:<rest>`` are checked and resolved: ``check(name, rest, key)`` raises a
+    one-line :class:`ConfigError` naming ``key``; ``resolve(rest)`` returns the folder to load (building it first
+    when needed)."""
+
+    check: Callable[[str, str, str], None]
+    resolve: Callable[[str], str]
+
+
+MODEL_SOURCES: dict[str, ModelSource] = {}
+
+
+def register_model_source(prefix: str, source: ModelSource) -> None:
+    """Let model names ``<prefix>:...`` be checked and resolved by ``source``."""
+    MODEL_SOURCES[prefix] = source
+
+
+def find_source(sources: dict, name: str):
+    """``(source, rest)`` when ``name`` is ``<prefix>:<rest>`` with a prefix in ``sources`` (importing the plugin
+    that owns the prefix on first use), else ``None``: the name is an ordinary path or Hub id."""
+    prefix, sep, rest = name.partition(":")
+    if not sep:
+        return None
+    if prefix not in sources and prefix in PLUGINS:
+        importlib.import_module(PLUGINS[prefix])
+    source = sources.get(prefix)
+    return None if source is None else (source, rest)
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the Hub."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 def check_model_path(name: str, key: str = "model_name_or_path") -> None:
     """Fail early with a one-line ConfigError if ``name`` cannot be a loadable model."""
-    if name.startswith(TESTBED_PREFIX):
-        which = name[len(TESTBED_PREFIX):]
-        if which not in TESTBED_MODELS:
-            raise ConfigError(f"{key}: unknown testbed model {name!r} (use testbed:base or testbed:policy)")
+    found = find_source(MODEL_SOURCES, name)
+    if found is not None:
+        source, rest = found
+        source.check(name, rest, key)
         return
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise ConfigError(f"{key}: folder {name!r} has no config.json, so it is not a model folder")
         return
     local_looking = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-    if local_looking or not _HUB_ID.match(name):
+    if local_looking or not HUB_ID.match(name):
         raise ConfigError(f"{key}: folder {name!r} does not exist")
-    if _offline():
+    if hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
@@ -40,11 +79,11 @@ def check_model_path(name: str, key: str = "model_name_or_path") -> None:
 
 
 def resolve_model_path(name: str) -> str:
-    """The folder or Hub id to pass to ``from_pretrained`` (building the testbed when it is asked for)."""
-    if name.startswith(TESTBED_PREFIX):
-        from align.testbed.build import ensure_testbed
-
-        return str(getattr(ensure_testbed(), name[len(TESTBED_PREFIX):]))
+    """The folder or Hub id to pass to ``from_pretrained`` (a plugin's name resolved by its plugin)."""
+    found = find_source(MODEL_SOURCES, name)
+    if found is not None:
+        source, rest = found
+        return source.resolve(rest)
     return name
 
 

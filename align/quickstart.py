@@ -7,7 +7,8 @@
    ``configs/dpo/quickstart.yaml``) trains on them.
 
 Held-out accuracy is printed before and after each stage; ``metrics.jsonl``, ``training_curves.png``
-and ``summary.json`` are written into the output folder.
+and ``summary.json`` are written into the output folder (``outputs/quickstart`` under the current folder by
+default). The config comes from the shipped configs (:mod:`align.shipped`), so it runs from any folder.
 """
 
 from __future__ import annotations
@@ -22,32 +23,22 @@ CURVES = ["sft/loss", "sft/mean_token_accuracy", "dpo/loss", "dpo/rewards/margin
           "dpo/logps/chosen", "dpo/logps/rejected", "dpo/rpo/sft_nll", "dpo/eval_rewards/accuracies"]
 
 
-def repo_config(*parts: str) -> Path:
-    """A file under the repository's ``configs/`` folder (the quickstart runs from a clone)."""
-    path = Path(__file__).resolve().parents[1].joinpath("configs", *parts)
-    if not path.is_file():
-        from align.errors import ConfigError
-
-        raise ConfigError(f"quickstart needs {'/'.join(('configs',) + parts)} from the repository; "
-                          "run it from a clone installed with pip install -e .")
-    return path
-
-
 def _row(name: str, acc: dict) -> str:
     tasks = "  ".join(f"{k.split('/')[1]} {v:6.1%}" for k, v in acc.items() if k.startswith("accuracy/"))
     return f"  {name:<16} accuracy {acc['accuracy']:6.1%}   format {acc['format']:6.1%}   {tasks}"
 
 
-def write_verifier_pairs(policy, tokenizer, path: str | Path, progress: bool = False) -> int:
-    """The quickstart's preference pairs: the policy answers ``PAIR_PROMPTS`` training prompts 4 times (sampling,
+def write_verifier_pairs(policy, tokenizer, path: str | Path, progress: bool = False,
+                         prompts: int = PAIR_PROMPTS) -> int:
+    """The quickstart's preference pairs: the policy answers ``prompts`` training prompts 4 times (sampling,
     seed 0), the verifier judges each answer, and a right and a wrong answer of a prompt make a pair (the
     reference solution stands in when no sample is right). Written as JSON lines to ``path``; returns the count."""
     from align.data.sampled_pairs import sampled_pairs
+    from align.rewards.math import is_correct
     from align.testbed.build import WARMUP
     from align.testbed.tasks import rl_rows
-    from align.rewards.math import is_correct
 
-    rows = rl_rows(tuple(WARMUP["testbed_tasks"]), n=PAIR_PROMPTS, split="train", seed=1)
+    rows = rl_rows(tuple(WARMUP["testbed_tasks"]), n=prompts, split="train", seed=1)
     pairs = sampled_pairs(policy, tokenizer, rows, is_correct, reference=lambda r: r["solution"], k=4,
                           max_new_tokens=16, progress=progress)
     with open(path, "w", encoding="utf-8") as fh:
@@ -55,13 +46,15 @@ def write_verifier_pairs(policy, tokenizer, path: str | Path, progress: bool = F
     return len(pairs)
 
 
-def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None = None) -> dict:
+def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None = None,
+               pair_prompts: int = PAIR_PROMPTS) -> dict:
+    """Run the three stages into ``output_dir``; ``align_steps`` and ``pair_prompts`` shorten a smoke run."""
     from align.config import load_config
     from align.metrics import plot_metrics, read_jsonl
     from align.modeling import load_model, load_tokenizer
+    from align.recipe import get_recipe
+    from align.shipped import shipped_config
     from align.testbed.build import default_dir, ensure_testbed, held_out_accuracy
-    from align.recipes.dpo import DPORecipeConfig
-    from align.recipes.dpo import run as run_dpo
 
     t0 = time.perf_counter()
     out = Path(output_dir)
@@ -82,14 +75,15 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
     print("[3/3] alignment: pairs from the policy's own samples, judged by the verifier; then RPO = DPO + SFT "
           "on the chosen answer (configs/dpo/quickstart.yaml)", flush=True)
     policy, tokenizer = load_model(str(tb.policy)), load_tokenizer(str(tb.policy))
-    n = write_verifier_pairs(policy, tokenizer, out / "pairs.jsonl", progress=True)
-    print(f"      {n} pairs from {PAIR_PROMPTS} prompts x 4 samples -> {out / 'pairs.jsonl'}")
+    n = write_verifier_pairs(policy, tokenizer, out / "pairs.jsonl", progress=True, prompts=pair_prompts)
+    print(f"      {n} pairs from {pair_prompts} prompts x 4 samples -> {out / 'pairs.jsonl'}")
     overrides = {"output_dir": str(out / "dpo"), "overwrite_output_dir": True, "dataset_name": str(out / "pairs.jsonl")}
     if align_steps:
         overrides["max_steps"] = align_steps
-    config = load_config(DPORecipeConfig, repo_config("dpo", "quickstart.yaml"), overrides)
+    dpo = get_recipe("dpo")  # by name: the library does not import the recipes package
+    config = load_config(dpo.config_class, shipped_config("dpo", "quickstart.yaml"), overrides)
     (out / "dpo" / config.metrics_file).unlink(missing_ok=True)
-    result = run_dpo(config)
+    result = dpo.run(config)
     aligned = held_out_accuracy(load_model(config.output_dir), load_tokenizer(config.output_dir), progress=True)
     print(_row("after SFT", acc["policy"]))
     print(_row(f"after {config.objective.upper()}", aligned))

@@ -11,7 +11,9 @@ import argparse
 import importlib
 import os
 import pkgutil
+import shutil
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,8 @@ import yaml
 from align.args import world_size
 from align.config import config_help, load_config, to_dict
 from align.errors import AlignError, ConfigError
+from align.io import atomic_open
+from align.shipped import resolve_config
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,14 @@ def get_recipe(name: str) -> Recipe:
 
 
 def parse(recipe: Recipe, argv: Sequence[str]):
-    """The recipe's config from ``--config PATH`` and overrides in ``argv`` (``--help`` lists every key)."""
+    """The recipe's config from ``--config PATH`` and overrides in ``argv`` (``--help`` lists every key, grouped by
+    config part, wrapped to the terminal's width)."""
+    width = shutil.get_terminal_size().columns
+    summary = "\n\n".join(textwrap.fill(p, width - 2, break_on_hyphens=False) for p in (
+        recipe.summary, "Overrides: key=value or --key value, after or instead of --config."))
     parser = argparse.ArgumentParser(
         prog=f"align train {recipe.name}",
-        description=f"{recipe.summary}\n\nOverrides: key=value or --key value, after or instead of --config.",
+        description=summary,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
@@ -64,29 +72,9 @@ def parse(recipe: Recipe, argv: Sequence[str]):
     args, rest = parser.parse_known_args(list(argv))
     if args.help:
         parser.print_help()
-        own = _own_fields(recipe.config_class)
-        shared = _shared_fields()  # the rollout and prompt options after the recipe's own keys
-        first = sorted((f for f in recipe.config_class.__dataclass_fields__ if f in own), key=lambda f: f in shared)
-        print("\nConfig keys:\n" + config_help(recipe.config_class, first=first))
+        print("\nConfig keys, by part:\n\n" + config_help(recipe.config_class, width))
         raise SystemExit(0)
-    return load_config(recipe.config_class, args.config, rest)
-
-
-def _own_fields(cls) -> set[str]:
-    from align.args import RecipeArguments
-
-    own = set()
-    for klass in cls.__mro__:
-        if klass is RecipeArguments or klass.__module__.startswith("align"):
-            own.update(getattr(klass, "__annotations__", {}))
-    return own
-
-
-def _shared_fields() -> set[str]:
-    from align.args import PromptArguments
-    from align.rollout.args import RolloutArguments
-
-    return set(PromptArguments.__annotations__) | set(RolloutArguments.__annotations__)
+    return load_config(recipe.config_class, resolve_config(recipe.name, args.config), rest)
 
 
 def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
@@ -134,14 +122,11 @@ def is_main_process() -> bool:
 
 
 def save_config(config) -> str:
-    """Write the resolved config next to the outputs (main process only, via a temp file and rename)."""
+    """Write the resolved config next to the outputs (main process only, atomically)."""
     path = os.path.join(config.output_dir, "align_config.yaml")
     if is_main_process():
-        os.makedirs(config.output_dir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_open(path) as fh:
             yaml.safe_dump(to_dict(config), fh, sort_keys=True)
-        os.replace(tmp, path)
     return path
 
 

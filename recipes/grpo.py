@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from align.args import RecipeArguments
 from align.recipe import Recipe, main, start, train_and_save
-from align.trainers.rl import RLConfig
+from align.trainers.rl_args import RLConfig
 
 
 @dataclass
@@ -28,8 +28,8 @@ class GRPORecipeConfig(RecipeArguments, RLConfig):
 def build_trainer(config):
     from align.data.prompts import load_prompt_data
     from align.modeling import load_policy_and_reference, lora_config
-    from align.trainers.rl import RLTrainer
     from align.rewards.registry import RewardSet
+    from align.trainers.rl import RLTrainer
 
     # 1. Rewards and data, all checked before a model is loaded.
     options = {"max_completion_length": config.max_completion_length,

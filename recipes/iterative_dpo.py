@@ -31,10 +31,14 @@ class IterativeRecipeConfig(IterativeArguments, RecipeArguments, PreferenceConfi
     learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW learning rate of every round."})
 
     def validate(self) -> None:
-        super().validate()
-        self.validate_iterative()
+        """The checks that need the iterative part and the preference part together."""
+        if self.ref_model_name_or_path:
+            raise ConfigError("ref_model_name_or_path: the iterative driver's reference is each iteration's start "
+                              "policy; leave it unset")
+        if not self.precompute_ref_logps:
+            raise ConfigError("precompute_ref_logps: must be true for the iterative driver (it supplies them)")
 
-    def _check_output_dir(self) -> None:
+    def check_output_dir(self) -> None:
         """Resume means: skip the finished ``iter-*`` folders and continue the unfinished one."""
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", self.recipe_name)
@@ -57,11 +61,11 @@ class IterativeRecipeConfig(IterativeArguments, RecipeArguments, PreferenceConfi
 
 def build_driver(config: IterativeRecipeConfig, callbacks=None):
     from align.data.prompts import load_prompt_data
-    from align.trainers.iterative import IterativeDPO
     from align.rewards.preference import build_oracle, check_columns
+    from align.trainers.iterative import IterativeDPO
 
     # 1. Oracle and prompts, all checked before a model is loaded or anything generated.
-    options = {"max_completion_length": config.max_new_tokens}
+    options = {"max_completion_length": config.max_completion_length}
     oracle = build_oracle(config.oracle, config.oracle_scale, options)
     tokenizer, train, evaluation = load_prompt_data(
         config, lambda names, where: check_columns(oracle, names, where),

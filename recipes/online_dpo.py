@@ -2,7 +2,7 @@
 
     align train online_dpo --config configs/online_dpo/testbed.yaml
     accelerate launch --config_file configs/accelerate/ddp.yaml recipes/online_dpo.py \
-        --config configs/online_dpo/qwen2.5-1.5b-ultrafeedback.yaml
+        --config configs/online_dpo/qwen2.5-0.5b-ultrafeedback.yaml
 
 This module also holds what the three online recipes (online_dpo, xpo, egpo) share: the config base and the
 trainer builder. Data: prompt rows (``prompt``, standard or conversational) with whatever columns the oracle
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from align.args import RecipeArguments
 from align.recipe import Recipe, main, start, train_and_save
-from align.trainers.online import OnlineConfig
+from align.trainers.online_args import OnlineConfig
 
 
 @dataclass
@@ -29,9 +29,9 @@ class OnlineRecipeConfig(RecipeArguments, OnlineConfig):
 def build_trainer(config, trainer_class=None):
     from align.data.prompts import load_prompt_data
     from align.modeling import load_policy_and_reference, lora_config
+    from align.rewards.preference import build_oracle, check_columns
     from align.trainers.egpo import EGPOTrainer
     from align.trainers.online import OnlineDPOTrainer, XPOTrainer
-    from align.rewards.preference import build_oracle, check_columns
 
     cls = trainer_class or {"online_dpo": OnlineDPOTrainer, "xpo": XPOTrainer, "egpo": EGPOTrainer}[config.method]
     # 1. Oracle and data, checked before a model is loaded.

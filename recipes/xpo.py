@@ -1,4 +1,4 @@
-"""XPO: online DPO on (policy sample, reference sample) pairs plus the exploration term α·S_θ(ỹ) (METHODS §5).
+"""XPO: online DPO on (policy sample, reference sample) pairs plus the exploration term α·S_θ(ỹ) (docs/methods.md §5).
 
     align train xpo --config configs/xpo/testbed.yaml
     accelerate launch --config_file configs/accelerate/ddp.yaml recipes/xpo.py --config configs/xpo/<real>.yaml

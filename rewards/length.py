@@ -3,7 +3,7 @@
 ``length`` scores a completion by its length in characters (``length_reward``); ``accuracy_and_length``
 adds it, scaled by ``LENGTH_WEIGHT``, to the verifier's 0/1 accuracy: a judge that prefers right answers and,
 among equally right ones, longer ones, a stand-in for a length-biased reward model (iLR-DPO's testbed
-evidence, METHODS §7: with it, plain iterative DPO inflates length).
+evidence, docs/methods.md §7: with it, plain iterative DPO inflates length).
 
 Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (arXiv:2503.14476),
 Eq. 13: for a completion of ``L`` tokens, a maximum length ``L_max`` and a punishment interval
@@ -22,13 +22,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from align.rewards.math import completion_text
+
 LENGTH_WEIGHT = 0.1  # accuracy_and_length: reward per character (10 characters are worth one right answer)
 
 
 def _chars(completion: Any) -> int:
-    from align.rewards.math import _text
-
-    return len(_text(completion))
+    return len(completion_text(completion))
 
 
 def length_reward(completions: Sequence[Any], **_: Any) -> list[float]:

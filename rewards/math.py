@@ -14,7 +14,7 @@ from typing import Any
 ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
 
 
-def _text(completion: Any) -> str:
+def completion_text(completion: Any) -> str:
     """A completion as plain text: a string as is, a conversational completion as its last message."""
     if isinstance(completion, str):
         return completion
@@ -25,7 +25,7 @@ def _text(completion: Any) -> str:
 
 def extract_answer(completion: Any) -> int | None:
     """The integer after the last ``Answer:`` in the completion, or None when there is none."""
-    found = ANSWER_RE.findall(_text(completion))
+    found = ANSWER_RE.findall(completion_text(completion))
     return int(found[-1]) if found else None
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
-from align.rewards.math import _text
+from align.rewards.math import completion_text
 
 PARSING_TIMEOUT_S = 5
 VERIFY_TIMEOUT_S = 5
@@ -44,7 +44,7 @@ def _score(completion: Any, solution: Any) -> float:
         gold = _parse_gold(solution, parsing_timeout)
         if not gold:
             return 0.0
-        pred = parse(_text(completion), parsing_timeout=parsing_timeout)
+        pred = parse(completion_text(completion), parsing_timeout=parsing_timeout)
         if not pred:
             return 0.0
         return 1.0 if verify(gold, pred, timeout_seconds=verify_timeout) else 0.0

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from align.errors import ConfigError, DataError, TrainingError
-from align.rewards.math import extract_answer
+from align.rewards.math import completion_text, extract_answer
 
 Texts = Sequence[Any]
 
@@ -164,7 +164,7 @@ class PairwiseModelOracle(PreferenceOracle):
         """f(a, b): the model's probability that the response in position A is preferred."""
         out = []
         for s in range(0, len(a), self.batch_size):
-            texts = [self.TEMPLATE.format(prompt=_text(p), a=_text(x), b=_text(y))
+            texts = [self.TEMPLATE.format(prompt=completion_text(p), a=completion_text(x), b=completion_text(y))
                      for p, x, y in zip(prompts[s:s + self.batch_size], a[s:s + self.batch_size],
                                         b[s:s + self.batch_size], strict=True)]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -246,14 +246,6 @@ def check_columns(oracle: PreferenceOracle, column_names: Sequence[str], where: 
     for column in fn() if fn else ():
         if column not in column_names:
             raise DataError(f"{where}: column {column!r} needed by oracle {oracle.name!r} is missing")
-
-
-def _text(x: Any) -> str:
-    if isinstance(x, str):
-        return x
-    if isinstance(x, Sequence) and x and isinstance(x[-1], dict):
-        return str(x[-1].get("content", ""))
-    return str(x)
 
 
 def win_rate(probs: torch.Tensor) -> float:

@@ -44,9 +44,9 @@ def child(tool: str, setting: str, steps: int, prompts: int, generations: int) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from align.rewards.math import accuracy_reward
     from align.testbed.build import ensure_testbed
     from align.testbed.tasks import dataset
-    from align.rewards.math import accuracy_reward
 
     torch.manual_seed(0)
     path = str(ensure_testbed(progress=False).policy)
@@ -71,7 +71,8 @@ def child(tool: str, setting: str, steps: int, prompts: int, generations: int) -
         trainer = GRPOTrainer(model=model, reward_funcs=accuracy_reward, args=config, train_dataset=rows,
                               processing_class=tokenizer, callbacks=[timer])
     else:
-        from align.trainers.rl import RLConfig, RLTrainer
+        from align.trainers.rl import RLTrainer
+        from align.trainers.rl_args import RLConfig
 
         extra = {"micro_batch_size": prompts * generations // UPDATES_PER_ROUND} if setting == "identical" else {}
         config = RLConfig(**common, **extra, per_device_train_batch_size=prompts, num_minibatches=UPDATES_PER_ROUND,

@@ -3,7 +3,7 @@
     python scripts/bench_gvm.py [--steps 80] [--seeds 0 1 2] [--eval-every 10] [--out outputs/bench_gvm]
 
 Variants, all GRPO with the same prompts per round (16), the same optimizer updates per round (2
-mini-batches; METHODS §13.6) and the same learning rate:
+mini-batches; docs/methods.md §13.6) and the same learning rate:
 
 * ``uniform``   — 8 completions per prompt;
 * ``gvm``       — N' = 8 estimation samples per prompt, then a budget N = 8 x prompts spread by GVM's rule

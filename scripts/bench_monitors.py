@@ -6,7 +6,7 @@
    the default cadence (every ``--every`` steps on ``--probe`` held-out pairs, lm_head subset, plus the check
    before the first step). Runs alternate off/on ``--repeats`` times in this one process; the fastest of
    each is kept and the ratio printed. Target: at most 10% slower.
-2. Mitigation (METHODS §12.3): the same DPO run (seed, steps, data) plain, with ``entanglement_action``
+2. Mitigation (docs/methods.md §12.3): the same DPO run (seed, steps, data) plain, with ``entanglement_action``
    ``downweight`` (0.5) and ``drop`` on pairs the batch predicts 'both down' (lm_head subset), and with the
    ``pairnorm`` objective (pairwise-normalised gradient). Prints the held-out chosen and rejected log-probs,
    the preference accuracy and margin after training, and the monitor's 'both down' share.

@@ -58,10 +58,10 @@ def train(method: str, oracle: str, args, out_dir: str):
 
 def cyclic_stats(trainer, rows, samples: int = 16) -> dict:
     """Class shares of the policy's samples and its exploitability under the cyclic oracle, per prompt, averaged."""
-    from align.rollout import HFEngine, SamplingParams
     from align.rewards.preference import CyclicOracle
+    from align.rollout import HFEngine, SamplingParams
 
-    out = HFEngine(trainer._policy, trainer.processing_class).generate(
+    out = HFEngine(trainer.policy, trainer.processing_class).generate(
         [r["prompt_ids"] for r in rows], [samples] * len(rows), SamplingParams(max_new_tokens=16, seed=99))
     texts = trainer.processing_class.batch_decode(out.completion_ids, skip_special_tokens=True)
     classes = CyclicOracle.classes(texts)
@@ -90,8 +90,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from align.evaluation import answer_probability, win_rate
-    from align.testbed.tasks import rl_rows
     from align.rewards.preference import build_oracle
+    from align.testbed.tasks import rl_rows
 
     facts = rl_rows(tasks=("add1", "sub1", "mul1"), n=None, split="test")  # every fact: 219
     results = []
@@ -99,7 +99,7 @@ def main() -> None:
         for method in args.methods:
             with tempfile.TemporaryDirectory() as tmp:
                 trainer, r = train(method, oracle, args, tmp)
-            tok, policy, ref = trainer.processing_class, trainer._policy, trainer.ref_model
+            tok, policy, ref = trainer.processing_class, trainer.policy, trainer.ref_model
             r.update(method=method, oracle=oracle)
             judge = build_oracle(oracle)
             r["win_rate_sampled"] = round(win_rate(policy, ref, tok, facts, judge, 4, 16)["win_rate"], 4)
@@ -129,8 +129,8 @@ def main() -> None:
 
 
 def _as_initial(trainer):
-    """A stand-in whose ``_policy`` is the trainer's frozen initial policy (for its cyclic statistics)."""
-    return type("Initial", (), {"_policy": trainer.ref_model, "processing_class": trainer.processing_class})()
+    """A stand-in whose ``policy`` is the trainer's frozen initial policy (for its cyclic statistics)."""
+    return type("Initial", (), {"policy": trainer.ref_model, "processing_class": trainer.processing_class})()
 
 
 if __name__ == "__main__":

@@ -149,7 +149,8 @@ def child_grpo(engine_name: str, steps: int, port: int | None) -> dict:
         trainer = GRPOTrainer(model=model, reward_funcs=accuracy_reward, args=config, train_dataset=rows,
                               processing_class=tok, callbacks=[timer, KeepLogs()])
     else:
-        from align.trainers.rl import RLConfig, RLTrainer
+        from align.trainers.rl import RLTrainer
+        from align.trainers.rl_args import RLConfig
 
         extra = {"vllm_server_port": port} if port else {}
         config = RLConfig(**common, per_device_train_batch_size=PROMPTS, num_minibatches=2, micro_batch_size=64,

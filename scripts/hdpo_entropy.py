@@ -4,7 +4,7 @@ sequence entropy −E_y log π(y|x) estimated from 8 samples per prompt (:func:`
 
     python scripts/hdpo_entropy.py [--pairs verifier|tie|synthetic] [--steps N] [--lr X] [--beta B] [--seeds 0 1 2]
 
-METHODS §4 predicts entropy(α=0.5) < entropy(α=1, DPO) < entropy(α=2).
+docs/methods.md §4 predicts entropy(α=0.5) < entropy(α=1, DPO) < entropy(α=2).
 
 * ``--pairs verifier`` (default; what ``tests/test_preference_trainer.py`` asserts): the quickstart's pairs
   (:func:`align.quickstart.write_verifier_pairs`: the policy's own samples on training prompts, a right and a
@@ -41,9 +41,9 @@ def main() -> None:
     from align.evaluation import accuracy, sequence_entropy
     from align.modeling import load_model, load_tokenizer
     from align.quickstart import write_verifier_pairs
+    from align.recipes.dpo import DPORecipeConfig, build_trainer
     from align.testbed.build import ensure_testbed
     from align.testbed.tasks import rl_rows
-    from align.recipes.dpo import DPORecipeConfig, build_trainer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", choices=list(DEFAULTS), default="verifier")

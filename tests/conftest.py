@@ -29,6 +29,23 @@ def repo():
     return REPO
 
 
+FOLDER_MARKS = {"unit": ("unit",), "integration": ("integration",), "distributed": ("distributed", "slow"),
+                "vllm": ("vllm", "slow")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test carries its folder's markers (tests/<folder>/...): ``-m unit``, ``-m "not slow"`` (the fast lane:
+    unit tests and the quick integration tests; distributed and vLLM tests are all slow)."""
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            folder = Path(str(item.fspath)).resolve().relative_to(tests).parts[0]
+        except ValueError:
+            continue
+        for name in FOLDER_MARKS.get(folder, ()):
+            item.add_marker(getattr(pytest.mark, name))
+
+
 def pytest_sessionfinish(session, exitstatus):
     # An empty selection (-k that matches nothing) is not a failure of the suite.
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:

@@ -1,33 +1,49 @@
-"""Loading datasets by name: the testbed (``testbed:<kind>``), local files or folders, or the Hub."""
+"""Loading datasets by name: names a plugin owns (``testbed:<kind>``), local files or folders, or the Hub."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from align.errors import ConfigError, DataError
-from align.modeling import _HUB_ID, _offline
+from align.modeling import HUB_ID, find_source, hub_offline
 
-TESTBED_PREFIX = "testbed:"
 DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-TESTBED_SIZES = {"train": 1024, "test": 64}
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """How a plugin's dataset names ``<prefix>:<rest>`` are checked and loaded: ``check(name, rest, key)`` raises a
+    one-line :class:`ConfigError` naming ``key``; ``load(args, name, rest, split, limit)`` returns the split as a
+    ``datasets.Dataset`` (a :class:`DataError` for a split it does not have)."""
+
+    check: Callable[[str, str, str], None]
+    load: Callable[..., object]
+
+
+DATASET_SOURCES: dict[str, DatasetSource] = {}
+
+
+def register_dataset_source(prefix: str, source: DatasetSource) -> None:
+    """Let dataset names ``<prefix>:...`` be checked and loaded by ``source``."""
+    DATASET_SOURCES[prefix] = source
 
 
 def check_dataset_name(name: str, key: str = "dataset_name") -> None:
     """Fail early, without reading data, when ``name`` cannot name a dataset."""
-    from align.testbed.tasks import KINDS
-
-    if name.startswith(TESTBED_PREFIX):
-        if name[len(TESTBED_PREFIX):] not in KINDS:
-            known = ", ".join("testbed:" + k for k in KINDS)
-            raise ConfigError(f"{key}: unknown testbed dataset {name!r} (known: {known})")
+    found = find_source(DATASET_SOURCES, name)
+    if found is not None:
+        source, rest = found
+        source.check(name, rest, key)
         return
     if os.path.exists(name):
         if os.path.isfile(name) and os.path.splitext(name)[1] not in DATA_EXTENSIONS:
             raise ConfigError(f"{key}: {name!r} is not a {'/'.join(DATA_EXTENSIONS)} file")
         return
-    if name.startswith((".", "/", "~")) or os.path.splitext(name)[1] in DATA_EXTENSIONS or not _HUB_ID.match(name):
+    if name.startswith((".", "/", "~")) or os.path.splitext(name)[1] in DATA_EXTENSIONS or not HUB_ID.match(name):
         raise ConfigError(f"{key}: {name!r} does not exist")
-    if _offline():
+    if hub_offline():
         raise ConfigError(f"{key}: {name!r} is not a local file or folder, and HF_HUB_OFFLINE is set")
 
 
@@ -37,16 +53,10 @@ def load_split(args, split: str, limit: int | None, name: str | None = None):
     import datasets
 
     name = name or args.dataset_name
-    if name.startswith(TESTBED_PREFIX):
-        from align.testbed.tasks import dataset
-
-        if split not in TESTBED_SIZES:
-            raise DataError(f"split {split!r} of {name!r} does not exist (testbed splits: train, test)")
-        n = limit or TESTBED_SIZES[split]
-        try:
-            return dataset(name[len(TESTBED_PREFIX):], args.testbed_tasks, n, split, args.seed, args.testbed_format)
-        except ValueError as err:
-            raise DataError(f"{name}: {err}") from None
+    found = find_source(DATASET_SOURCES, name)
+    if found is not None:
+        source, rest = found
+        return source.load(args, name, rest, split, limit)
     if os.path.isfile(name):
         if name == args.dataset_name and split != args.dataset_train_split:
             raise DataError(f"dataset_name {name!r} is a single file, so it has no split {split!r} "

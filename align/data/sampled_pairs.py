@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from align.evaluation import generate
 
 
-def _wrap(prompt, text):
+def as_completion(prompt, text):
+    """``text`` as a completion in the format of ``prompt``: a string, or one assistant message."""
     return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
@@ -26,8 +27,8 @@ def sampled_pairs(model, tokenizer, rows: Sequence[dict], verify: Callable[[str,
     """Pairs ``{prompt, chosen, rejected, ...}`` from ``rows`` (each with ``prompt`` and ``answer``).
 
     ``verify(completion, answer)`` judges a sample; ``reference(row)`` gives the fallback chosen text
-    when no sample is correct (None: such prompts give no pair). Conversational prompts give
-    conversational pairs. Deterministic for a given ``seed``.
+    when no sample is correct (None: such prompts give no pair); empty samples are left out. Conversational
+    prompts give conversational pairs. Deterministic for a given ``seed``.
     """
     import torch
 
@@ -39,12 +40,15 @@ def sampled_pairs(model, tokenizer, rows: Sequence[dict], verify: Callable[[str,
     pairs = []
     for i, row in enumerate(rows):
         mine = samples[i * k : (i + 1) * k]
+        # an empty sample (end-of-sequence at once) cannot be a training row: it is neither chosen nor rejected
+        mine = [c for c in mine if c.strip()]
         good = [c for c in mine if verify(c, row["answer"])]
         bad = [c for c in mine if not verify(c, row["answer"])]
         chosen = good[0] if good else (reference(row) if reference else None)
         if not bad or chosen is None or chosen == bad[0]:
             continue
-        pairs.append({**row, "chosen": _wrap(row["prompt"], chosen), "rejected": _wrap(row["prompt"], bad[0])})
+        pairs.append({**row, "chosen": as_completion(row["prompt"], chosen),
+                      "rejected": as_completion(row["prompt"], bad[0])})
     return pairs
 
 
@@ -55,7 +59,7 @@ def tie_pairs(model, tokenizer, rows: Sequence[dict], k: int = 4, temperature: f
     for a given ``seed``.
 
     Under a pairwise loss −log σ(z) the two orders of a pair pull in opposite directions. For DPO they cancel
-    (the optimum is the reference itself); for H-DPO (METHODS §4) the optimum of the pair's two terms is
+    (the optimum is the reference itself); for H-DPO (docs/methods.md §4) the optimum of the pair's two terms is
     α·(S_θ(a) − S_θ(b)) = S_ref(a) − S_ref(b), i.e. the reference's log-ratios scaled by 1/α: sharper for
     α < 1, flatter for α > 1, which is H-DPO's π* ∝ π_ref^{1/α} with a constant reward.
     """
@@ -71,5 +75,6 @@ def tie_pairs(model, tokenizer, rows: Sequence[dict], k: int = 4, temperature: f
         distinct = list(dict.fromkeys(samples[i * k : (i + 1) * k]))
         for a, b in zip(distinct[0::2], distinct[1::2]):
             for x, y in ((a, b), (b, a)):
-                pairs.append({**row, "chosen": _wrap(row["prompt"], x), "rejected": _wrap(row["prompt"], y)})
+                pairs.append({**row, "chosen": as_completion(row["prompt"], x),
+                              "rejected": as_completion(row["prompt"], y)})
     return pairs

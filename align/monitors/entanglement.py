@@ -1,4 +1,4 @@
-"""Gradient entanglement of preference pairs (METHODS §12): why chosen log-probs fall while the margin grows.
+"""Gradient entanglement of preference pairs (docs/methods.md §12): why chosen log-probs fall while the margin grows.
 
 Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement"
 (arXiv:2410.13828). For a pair (x, y_w, y_l) write g_w = ∇_φ S_θ(y_w|x) and g_l = ∇_φ S_θ(y_l|x), the
@@ -16,8 +16,8 @@ so with equal slopes (DPO, IPO on sums, hinge, robust, RPO's DPO part) the chose
 * ``inverted``  chosen ↓, rejected ↑ (impossible with equal slopes: the margin always grows).
 
 ``ratio`` = ⟨g_w, g_l⟩ / min(‖g_w‖², ‖g_l‖²) (the official code's condition takes min(‖g_w‖², ‖g_w‖²), a bug
-that METHODS notes; this uses both norms). Everything here is exact autograd on the subset, one sequence at
-a time (:func:`align.monitors.grad_norm.sequence_grads`).
+that docs/methods.md notes; this uses both norms). Everything here is exact autograd on the subset, one sequence at
+a time (:func:`align.monitors.gradients.sequence_grads`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from align.errors import ConfigError
+from align.monitors.gradients import flat_grad, select_parameters, sequence_grads
 
 CASES = ("ideal", "both_down", "both_up", "inverted")
 SUBSETS = ("all", "lora", "embeddings", "lm_head", "last_block")
@@ -43,8 +44,6 @@ def select_subset(model, spec: Sequence[str] | str,
     """Named parameters of a subset: ``all``, ``lora`` (adapter weights), ``embeddings`` (input embedding
     matrix), ``lm_head`` (output projection), ``last_block`` (the last decoder layer), or any substrings of
     parameter names. A spec that matches nothing is a one-line :class:`ConfigError` naming ``key``."""
-    from align.monitors.grad_norm import select_parameters
-
     names = [spec] if isinstance(spec, str) else list(spec)
     if not names:
         raise ConfigError(f"{key}: empty parameter subset")
@@ -90,13 +89,6 @@ def case_of(chosen_up: bool, rejected_down: bool) -> str:
     return "both_down" if rejected_down else "inverted"
 
 
-def flat_grad(output: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_graph: bool = True) -> torch.Tensor:
-    """∇_params output as one flat fp32 vector (zeros for parameters the output does not depend on)."""
-    grads = torch.autograd.grad(output, list(params), retain_graph=retain_graph, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).float().reshape(-1)
-                      for g, p in zip(grads, params, strict=True)])
-
-
 def batch_pair_stats(logps: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> list[dict]:
     """:func:`pair_stats` of every pair of a training batch, from its live graph: ``logps`` is
     [chosen; rejected] summed log-probs ([2B], still attached). The graph is kept for the loss's backward."""
@@ -108,10 +100,8 @@ def entanglement(model, prompts: Sequence[Sequence[int]], chosen: Sequence[Seque
                  rejected: Sequence[Sequence[int]], pad_id: int, params: Sequence[torch.nn.Parameter],
                  slope_ratios: Sequence[float] | None = None, chunk: int = 8) -> list[dict]:
     """Per pair: :func:`pair_stats` plus ``logp_chosen`` / ``logp_rejected`` (S_θ, for the observed change).
-    ``chunk``: sequences per forward (even; see :func:`align.monitors.grad_norm.sequence_grads`)."""
+    ``chunk``: sequences per forward (even; see :func:`align.monitors.gradients.sequence_grads`)."""
     from contextlib import closing
-
-    from align.monitors.grad_norm import sequence_grads
 
     # Chosen and rejected of a pair in one chunk: [p0 w, p0 l, p1 w, p1 l, ...].
     ps = [p for p in prompts for _ in range(2)]

@@ -1,75 +1,18 @@
-"""Per-sequence gradient norms: GVM's G_i estimator (METHODS §13.3), usable as a monitor.
+"""Per-sequence gradient norms: GVM's G_i estimator (docs/methods.md §13.3), usable as a monitor.
 
 For a sequence y of prompt x, the norm ‖∇_φ S_θ(y|x)‖₂ of the gradient of its **summed** completion
 log-prob with respect to a parameter subset φ (by default the input embedding matrix, as GVM's code:
-``act_params = embed_tokens``). G_i is the mean of this norm over prompt i's accepted samples. One
-forward per chunk of sequences, then one ``autograd.grad`` per sequence over that chunk's graph, so the
-per-sequence gradients are exact (sequences of a batch do not interact).
+``act_params = embed_tokens``). G_i is the mean of this norm over prompt i's accepted samples. The gradients
+are exact, one sequence at a time (:func:`align.monitors.gradients.sequence_grads`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 
-from align.errors import ConfigError
-
-
-def select_parameters(model, patterns: Sequence[str],
-                      key: str = "gvm_grad_params") -> list[tuple[str, torch.nn.Parameter]]:
-    """The named parameters whose name contains any of ``patterns`` (``["all"]`` selects every one)."""
-    named = list(model.named_parameters())
-    if list(patterns) == ["all"]:
-        return named
-    chosen = [(n, p) for n, p in named if any(pat in n for pat in patterns)]
-    if not chosen:
-        sample = ", ".join(n for n, _ in named[:4])
-        raise ConfigError(f"{key}: {list(patterns)} matches no parameter of the model (names look like: {sample}, ...)")
-    return chosen
-
-
-@contextmanager
-def _only_trainable(model, params):
-    """Only ``params`` require grad for the duration (restored after), so the forward records a graph only from
-    the first operation that touches them: for an output-layer subset the body runs graph-free."""
-    chosen = {id(p) for p in params}
-    every = list(model.parameters())
-    before = [p.requires_grad for p in every]
-    for p in every:
-        p.requires_grad_(id(p) in chosen)
-    try:
-        yield
-    finally:
-        for p, flag in zip(every, before, strict=True):
-            p.requires_grad_(flag)
-
-
-def sequence_grads(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
-                   params: Sequence[torch.nn.Parameter], chunk: int = 8):
-    """Yields ``(∇_params S_θ(completion | prompt) flattened into one fp32 vector, S_θ)`` for each (prompt,
-    completion) pair, in order: one forward per chunk, one ``autograd.grad`` per sequence (exact; the
-    sequences of a chunk do not interact). Parameters outside ``params`` get no gradient. Consume it whole or
-    close it: the model's training mode and ``requires_grad`` flags are restored when it finishes.
-    ``chunk``: sequences per forward; each ``autograd.grad`` walks the chunk's whole graph, so keep it small
-    for deep subsets (embeddings) and larger for output-layer ones."""
-    from align.monitors.entanglement import flat_grad
-    from align.logps import pack, token_logps
-
-    params = list(params)
-    device = params[0].device
-    was_training = model.training
-    model.eval()  # no dropout: the gradient of the sequence's log-prob itself
-    try:
-        with _only_trainable(model, params), torch.enable_grad():
-            for s in range(0, len(prompts), chunk):
-                ids, attn, cmask, width = pack(prompts[s : s + chunk], completions[s : s + chunk], pad_id, device)
-                seq = (token_logps(model, ids, attn, width) * cmask).sum(-1)
-                for b in range(seq.shape[0]):
-                    yield flat_grad(seq[b], params, retain_graph=b < seq.shape[0] - 1), float(seq[b].detach())
-    finally:
-        model.train(was_training)
+from align.monitors.gradients import sequence_grads
 
 
 def sequence_grad_norms(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,

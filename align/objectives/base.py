@@ -12,9 +12,6 @@ An objective is a pure function over per-sequence log-prob tensors::
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from align.errors import ConfigError
+from align.registry import Registry
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -43,36 +41,21 @@ class ObjectiveSpec:
     needs: tuple[str, ...] = ()  # extra batch entries the trainer must supply, e.g. "grad_norms"
 
 
-_REGISTRY: dict[str, ObjectiveSpec] = {}
+OBJECTIVES = Registry("objective", package="align.objectives")
 
 
 def register(name: str, summary: str, paper: str, needs: tuple[str, ...] = ()):
     """Decorator: register ``fn(batch, *, hyper=default, ...)`` under ``name``. ``needs=("grad_norms",)``: the
     batch also carries ``chosen_grad_norms`` / ``rejected_grad_norms`` ([B], ‖∇ S_θ‖ over the trainer's
     ``entanglement_params`` subset; ones where no gradient exists, e.g. in evaluation)."""
-
-    def deco(fn):
-        params = {
-            p.name: p.default
-            for p in inspect.signature(fn).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
-        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-            raise ValueError(f"objective {name!r} is registered twice")
-        _REGISTRY[name] = ObjectiveSpec(name, fn, summary, paper, params, tuple(needs))
-        return fn
-
-    return deco
+    return OBJECTIVES.register(name, summary, paper=paper, needs=tuple(needs))
 
 
 def registry() -> dict[str, ObjectiveSpec]:
     """Every objective, by name (imports each module of this package once)."""
-    import align.objectives as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name != "base":
-            importlib.import_module(f"align.objectives.{info.name}")
-    return dict(sorted(_REGISTRY.items()))
+    OBJECTIVES.load()
+    return {name: ObjectiveSpec(e.name, e.fn, e.summary, e.info["paper"], e.params, e.info["needs"])
+            for name, e in sorted(OBJECTIVES.entries.items())}
 
 
 def check_params(name: str, params: Mapping[str, Any]) -> ObjectiveSpec:

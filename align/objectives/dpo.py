@@ -1,5 +1,5 @@
 """DPO: Rafailov et al., "Direct Preference Optimization: Your Language Model is Secretly a Reward
-Model" (NeurIPS 2023, arXiv:2305.18290). METHODS.md §2.1.
+Model" (NeurIPS 2023, arXiv:2305.18290). docs/methods.md §2.1.
 
     L = −log σ(β·[h(y_w) − h(y_l)]),   h(y) = S_θ(y|x) − S_ref(y|x)   (summed log-probs)
 """

@@ -1,10 +1,10 @@
 """H-DPO: "Entropy Controllable Direct Preference Optimization" (Omura et al., 2024).
-METHODS.md §4.
+docs/methods.md §4.
 
     L = −log σ( α·β·(S_θ(y_w) − S_θ(y_l)) − β·(S_ref(y_w) − S_ref(y_l)) )
 
 α scales the policy log-probs only, never the reference's; α = 1 is DPO, α < 1 sharpens (lower
-entropy), α > 1 spreads. [recon] The loss is METHODS.md's reconstruction of the paper's derivation
+entropy), α > 1 spreads. [recon] The loss is docs/methods.md's reconstruction of the paper's derivation
 (π* ∝ π_ref^{1/α}·exp(r/(αβ))), not checked against the paper's full text. The logged implicit
 rewards stay β·h (not α-scaled) so they compare with DPO's.
 """

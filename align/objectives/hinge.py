@@ -1,5 +1,5 @@
 """Hinge (SLiC-HF): Zhao et al., "SLiC-HF: Sequence Likelihood Calibration with Human Feedback"
-(arXiv:2305.10425), in DPO's log-ratio form as TRL's ``loss_type="hinge"``. METHODS.md §2.2.
+(arXiv:2305.10425), in DPO's log-ratio form as TRL's ``loss_type="hinge"``. docs/methods.md §2.2.
 
     L = max(0, 1 − β·[h(y_w) − h(y_l)])
 """

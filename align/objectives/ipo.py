@@ -1,5 +1,5 @@
 """IPO: Azar et al., "A General Theoretical Paradigm to Understand Learning from Human Preferences"
-(AISTATS 2024, arXiv:2310.12036). METHODS.md §2.3.
+(AISTATS 2024, arXiv:2310.12036). docs/methods.md §2.3.
 
     L = (D̄ − 1/(2τ))²,   D̄ = h(y_w)/|y_w| − h(y_l)/|y_l|   (log-ratios averaged per token, as TRL)
 

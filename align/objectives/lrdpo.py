@@ -1,6 +1,6 @@
 """Length-regularised DPO: "Iterative Length-Regularized Direct Preference Optimization: A Case
 Study on Improving 7B Language Models to GPT-4 Level" (iLR-DPO, Liu et al., 2024);
-the same form as R-DPO (Park et al., "Disentangling Length from Quality in DPO"). METHODS.md §7.
+the same form as R-DPO (Park et al., "Disentangling Length from Quality in DPO"). docs/methods.md §7.
 
     L = −log σ( β·h(y_w) − β·h(y_l) + length_alpha·(|y_w| − |y_l|) )
 
@@ -8,8 +8,8 @@ the same form as R-DPO (Park et al., "Disentangling Length from Quality in DPO")
 tokenizer. The sign is R-DPO's (and MODPO's with the length reward −|y|): the optimum of this loss under a
 Bradley–Terry preference r is β·h(y) = r(y) − length_alpha·|y|, so length_alpha > 0 penalises length. A chosen
 response longer than the rejected one already "explains" part of its win, and the pair pushes less.
-METHODS.md §7 writes −length_alpha·(|y_w| − |y_l|): with that sign the optimum is r(y) + length_alpha·|y|,
-which rewards length; on the testbed it did not slow length growth at all (README, iterative section).
+docs/methods.md §7 writes −length_alpha·(|y_w| − |y_l|): with that sign the optimum is r(y) + length_alpha·|y|,
+which rewards length; on the testbed it did not slow length growth at all (docs/benchmarks.md, iLR-DPO).
 """
 
 from align.objectives.base import ObjectiveOutput, log_ratios, preference_metrics, register, sigmoid_loss

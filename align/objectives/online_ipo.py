@@ -2,7 +2,7 @@
 Zhou et al., "Extragradient Preference Optimization (EGPO): Beyond Last-Iterate Convergence for Nash Learning
 from Human Feedback" (code: zhourunlong/EGPO, ``ExtragradientTrainer._compute_losses``); online IPO after
 Calandriello et al., "Human Alignment of Large Language Models through Online Preference Optimisation"
-(arXiv:2403.08635). METHODS.md §6.
+(arXiv:2403.08635). docs/methods.md §6.
 
     L = ( (ℓ_θ(y) − ℓ_ref(y)) − (ℓ_θ(y′) − ℓ_ref(y′)) − g / β )²,   ℓ = S / |y|  (token-mean log-prob)
 

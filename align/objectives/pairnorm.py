@@ -1,6 +1,6 @@
 """Pairwise-normalised DPO [recon]: the "normalized preference optimization" mitigation of gradient
 entanglement suggested by Yuan et al., "A Common Pitfall of Margin-based Language Model Alignment:
-Gradient Entanglement" (arXiv:2410.13828). METHODS.md §12.3; the exact formula is our working definition.
+Gradient Entanglement" (arXiv:2410.13828). docs/methods.md §12.3; the exact formula is our working definition.
 
 DPO's gradient is −βc·(g_w − g_l) with c = σ(−β·[h(y_w) − h(y_l)]). This objective keeps DPO's loss value
 and weight c but updates along the normalised difference −βc·(g_w/‖g_w‖ − g_l/‖g_l‖). To first order over

@@ -12,20 +12,27 @@ per sequence ``[B]`` (see :mod:`align.objectives.advantages`).
   sampling (TIS, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training")
   when another engine (vLLM) sampled the tokens, see :func:`truncated_is_weights`.
 
-Aggregation (METHODS §11, TRL's ``loss_type`` names) divides the masked token-loss sum by:
+Aggregation (docs/methods.md §11, TRL's ``loss_type`` names) divides the masked token-loss sum by:
 ``grpo`` Σ_i(Σ_t ℓ_it / |o_i|) / B; ``bnpo`` the tokens of this batch; ``dapo`` the tokens of the whole
 optimizer step's batch (``num_tokens``); ``dr_grpo`` B · ``max_completion_length``. ``num_sequences``
 and ``num_tokens`` default to this batch's own counts; the trainer passes the counts of the whole
 mini-batch (all micro-batches, all processes), so the gradient does not depend on how the mini-batch is
 split. ``bnpo`` is local by definition and so does depend on the split.
+
+Both are registries (:data:`TOKEN_LOSSES` by ``policy_loss`` name, :data:`AGGREGATIONS` by ``loss_type``), so a
+new token loss or normaliser is one decorated function. What the trainer reads from an entry's ``info``:
+``metrics`` (the keys a token loss reports) and ``per_micro_batch`` (an aggregation that is a mean per
+micro-batch, ``bnpo``).
 """
 
 from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-POLICY_LOSSES = ("clip", "nll")
+from align.registry import Registry
+
+TOKEN_LOSSES = Registry("policy_loss")
+AGGREGATIONS = Registry("loss_type")
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -34,24 +41,70 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+# --- token losses: fn(logps, adv [B, 1], old_logps | None, fmask, *, hyper) -> (token_loss [B, T], metrics) ---
+
+
+@TOKEN_LOSSES.register("clip", "PPO / GRPO clipped surrogate (RAFT++ with 0/1 advantages)",
+                       metrics=("clip_ratio/low", "clip_ratio/high", "clip_ratio/region"))
+def clip_loss(logps, adv, old_logps, fmask, *, epsilon: float = 0.2, epsilon_high: float | None = None):
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    n_local = fmask.sum().clamp(min=1)
+    old = logps.detach() if old_logps is None else old_logps
+    ratio = torch.exp(logps - old)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    token_loss = -torch.min(ratio * adv, clipped * adv)
+    with torch.no_grad():
+        low = ((ratio < 1 - epsilon) & (adv < 0)).to(logps.dtype)
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(logps.dtype)
+        metrics = {"clip_ratio/low": (low * fmask).sum() / n_local,
+                   "clip_ratio/high": (high * fmask).sum() / n_local,
+                   "clip_ratio/region": ((low + high) * fmask).sum() / n_local}
+    return token_loss, metrics
+
+
+@TOKEN_LOSSES.register("nll", "-Â·log π_θ (plain RAFT: SFT on accepted samples)")
+def nll_loss(logps, adv, old_logps, fmask):
+    return -adv * logps, {}
+
+
+# --- aggregations: fn(masked token loss [B, T], mask, B, num_tokens | None, max_completion_length) -> scalar ---
+
+
+@AGGREGATIONS.register("grpo", "each completion's token mean, summed over completions, / B")
+def grpo_mean(total, mask, b, num_tokens, max_completion_length):
+    return (total.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / b
+
+
+@AGGREGATIONS.register("bnpo", "token mean over this micro-batch", per_micro_batch=True)
+def bnpo_mean(total, mask, b, num_tokens, max_completion_length):
+    return total.sum() / mask.sum().clamp(min=1)
+
+
+@AGGREGATIONS.register("dapo", "token sum / the tokens of the whole optimizer step's batch")
+def dapo_mean(total, mask, b, num_tokens, max_completion_length):
+    n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    return total.sum() / n
+
+
+@AGGREGATIONS.register("dr_grpo", "token sum / (B · max_completion_length)")
+def dr_grpo_mean(total, mask, b, num_tokens, max_completion_length):
+    if not max_completion_length:
+        raise ValueError("dr_grpo: max_completion_length is needed")
+    return total.sum() / (b * max_completion_length)
+
+
+LOSS_TYPES = AGGREGATIONS.names()
+POLICY_LOSSES = TOKEN_LOSSES.names()
+
+
 def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, *, num_sequences: float | None = None,
               num_tokens: float | None = None, max_completion_length: int | None = None) -> torch.Tensor:
     """The scalar loss of ``token_loss`` [B, T] under ``loss_type`` (normalisers as the module says)."""
+    if loss_type not in AGGREGATIONS.entries:
+        raise ValueError(f"loss_type: must be one of {AGGREGATIONS.names()}, got {loss_type!r}")
     mask = mask.to(token_loss.dtype)
-    total = token_loss * mask
     b = token_loss.shape[0] if num_sequences is None else num_sequences
-    if loss_type == "grpo":
-        return (total.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / b
-    if loss_type == "bnpo":
-        return total.sum() / mask.sum().clamp(min=1)
-    if loss_type == "dapo":
-        n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
-        return total.sum() / n
-    if loss_type == "dr_grpo":
-        if not max_completion_length:
-            raise ValueError("dr_grpo: max_completion_length is needed")
-        return total.sum() / (b * max_completion_length)
-    raise ValueError(f"loss_type: must be one of {LOSS_TYPES}, got {loss_type!r}")
+    return AGGREGATIONS.entries[loss_type].fn(token_loss * mask, mask, b, num_tokens, max_completion_length)
 
 
 def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -70,26 +123,12 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
     this batch: ``clip_ratio/low`` (ρ < 1−ε with Â < 0), ``clip_ratio/high`` (ρ > 1+ε_high with Â > 0),
     ``clip_ratio/region`` (either) and ``kl``.
     """
-    if policy not in POLICY_LOSSES:
-        raise ValueError(f"policy: must be one of {POLICY_LOSSES}, got {policy!r}")
-    eps_high = epsilon if epsilon_high is None else epsilon_high
+    if policy not in TOKEN_LOSSES.entries:
+        raise ValueError(f"policy: must be one of {TOKEN_LOSSES.names()}, got {policy!r}")
     adv = advantages.to(logps.dtype).unsqueeze(-1)
     fmask = mask.to(logps.dtype)
-    n_local = fmask.sum().clamp(min=1)
-    metrics: dict[str, torch.Tensor] = {}
-    if policy == "nll":
-        token_loss = -adv * logps
-    else:
-        old = logps.detach() if old_logps is None else old_logps
-        ratio = torch.exp(logps - old)
-        clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
-        token_loss = -torch.min(ratio * adv, clipped * adv)
-        with torch.no_grad():
-            low = ((ratio < 1 - epsilon) & (adv < 0)).to(logps.dtype)
-            high = ((ratio > 1 + eps_high) & (adv > 0)).to(logps.dtype)
-            metrics["clip_ratio/low"] = (low * fmask).sum() / n_local
-            metrics["clip_ratio/high"] = (high * fmask).sum() / n_local
-            metrics["clip_ratio/region"] = ((low + high) * fmask).sum() / n_local
+    token_fn = TOKEN_LOSSES.bind(policy, epsilon=epsilon, epsilon_high=epsilon_high)
+    token_loss, metrics = token_fn(logps, adv, old_logps, fmask)
     if is_weights is not None:
         token_loss = token_loss * is_weights.detach()
     if beta:
@@ -97,7 +136,7 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
             raise ValueError("beta > 0 needs ref_logps")
         kl = k3_kl(logps, ref_logps)
         token_loss = token_loss + beta * kl
-        metrics["kl"] = (kl.detach() * fmask).sum() / n_local
+        metrics["kl"] = (kl.detach() * fmask).sum() / fmask.sum().clamp(min=1)
     loss = aggregate(token_loss, mask, loss_type, num_sequences=num_sequences, num_tokens=num_tokens,
                      max_completion_length=max_completion_length)
     return loss, metrics

@@ -1,5 +1,5 @@
 """Robust DPO (rDPO): Chowdhury et al., "Provably Robust DPO: Aligning Language Models with Noisy
-Feedback" (ICML 2024, arXiv:2403.00409). METHODS.md §2.2.
+Feedback" (ICML 2024, arXiv:2403.00409). docs/methods.md §2.2.
 
     L = [−(1−ε)·log σ(βD) + ε·log σ(−βD)] / (1 − 2ε),   ε = label_smoothing (flip probability < 0.5)
 """

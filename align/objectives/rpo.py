@@ -1,5 +1,5 @@
 """RPO: Liu et al., "Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an
-Adversarial Regularizer" (NeurIPS 2024, arXiv:2405.16436). METHODS.md §3.
+Adversarial Regularizer" (NeurIPS 2024, arXiv:2405.16436). docs/methods.md §3.
 
 * ``sft_norm="sum"`` (the paper's main text): L = L_DPO − η·β·S_θ(y_w)   (summed chosen log-prob)
 * ``sft_norm="mean"`` (Appendix F / OpenRLHF): L = L_DPO + η·NLL_mean(y_w) = L_DPO − η·S_θ(y_w)/|y_w|

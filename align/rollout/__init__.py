@@ -13,11 +13,10 @@ from align.rollout.hf import HFEngine
 from align.rollout.sync import WeightSync
 
 
-def build_engine(args, model, tokenizer, *, is_main: bool = True, max_len: int | None = None,
-                 length_key: str = "max_completion_length"):
+def build_engine(args, model, tokenizer, *, is_main: bool = True, max_len: int | None = None):
     """The engine ``args.rollout`` names, checked before training (health check, lengths, devices). ``max_len``:
     the longest prompt + completion it must hold (default ``max_prompt_length`` + the longer of
-    ``max_completion_length`` and ``eval_max_new_tokens``); ``length_key`` is the option a too-long one names."""
+    ``max_completion_length`` and ``eval_max_new_tokens``); a too-long one names ``max_completion_length``."""
     if args.rollout == "hf":
         return HFEngine(model, tokenizer, args.generation_batch_size)
     if max_len is None:
@@ -28,12 +27,12 @@ def build_engine(args, model, tokenizer, *, is_main: bool = True, max_len: int |
 
         return VLLMEngine(model, tokenizer, max_model_len=max_len, tensor_parallel_size=args.vllm_tensor_parallel_size,
                           gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                          enable_sleep_mode=args.vllm_enable_sleep_mode, seed=args.seed, length_key=length_key)
+                          enable_sleep_mode=args.vllm_enable_sleep_mode, seed=args.seed)
     from align.rollout.remote import ServerEngine
 
     engine = ServerEngine.for_policy(model, tokenizer, args.vllm_server_host, args.vllm_server_port,
                                      args.vllm_timeout_s, push_weights=is_main)
-    engine.check(max_len, length_key)
+    engine.check(max_len)
     return engine
 
 

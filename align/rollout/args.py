@@ -1,7 +1,7 @@
 """The rollout options, defined once for every trainer that generates (RL, the online preference trainers, the
 iterative driver): ``rollout: hf | vllm | vllm-server`` and the vLLM knobs, checked before training.
 
-A trainer's arguments inherit :class:`RolloutArguments`, build their engine with
+A trainer's arguments inherit :class:`RolloutArguments` (the ``rollout`` part), build their engine with
 :func:`align.rollout.build_engine` and push weights with :class:`align.rollout.sync.WeightSync`.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from align.args import _f
+from align.args import option
 from align.errors import ConfigError
 
 ROLLOUTS = ("hf", "vllm", "vllm-server")
@@ -17,22 +17,24 @@ ROLLOUTS = ("hf", "vllm", "vllm-server")
 
 @dataclass
 class RolloutArguments:
-    rollout: str = _f("hf", f"Rollout engine, one of {ROLLOUTS}.")
-    vllm_sync_steps: int = _f(1, "Push the policy's weights to vLLM before a generation when this many optimizer "
-                                 "steps have passed since the last push (1: always the newest weights).")
-    vllm_gpu_memory_utilization: float = _f(0.3, "rollout: vllm: share of GPU memory (CPU: of RAM) vLLM may take.")
-    vllm_enable_sleep_mode: bool = _f(False, "rollout: vllm (CUDA only): offload vLLM's weights and free its KV "
-                                             "cache between generations.")
-    vllm_tensor_parallel_size: int = _f(1, "rollout: vllm: tensor-parallel size of the colocated engine (at most "
-                                           "the visible devices; 1 with several trainer processes, each running its "
-                                           "own engine); vllm-server: set by `align serve` instead.")
-    vllm_server_host: str = _f("127.0.0.1", "rollout: vllm-server: host of `align serve`.")
-    vllm_server_port: int = _f(8000, "rollout: vllm-server: port of `align serve`.")
-    vllm_timeout_s: float = _f(60.0, "rollout: vllm-server: the longest silence of the server (it sends a "
-                                     "heartbeat every 0.25 s while it generates or loads weights); then the run "
-                                     "stops naming the server and what it waited for.")
+    part = "rollout"
 
-    def validate_rollout(self, world: int) -> None:
+    rollout: str = option("hf", f"Rollout engine, one of {ROLLOUTS}.")
+    vllm_sync_steps: int = option(1, "Push the policy's weights to vLLM before a generation when this many optimizer "
+                                     "steps have passed since the last push (1: always the newest weights).")
+    vllm_gpu_memory_utilization: float = option(0.3, "rollout: vllm: share of GPU memory (CPU: of RAM) vLLM may take.")
+    vllm_enable_sleep_mode: bool = option(False, "rollout: vllm (CUDA only): offload vLLM's weights and free its KV "
+                                                 "cache between generations.")
+    vllm_tensor_parallel_size: int = option(1, "rollout: vllm: tensor-parallel size of the colocated engine (at "
+                                               "most the visible devices; 1 with several trainer processes, each "
+                                               "running its own engine); vllm-server: set by `align serve` instead.")
+    vllm_server_host: str = option("127.0.0.1", "rollout: vllm-server: host of `align serve`.")
+    vllm_server_port: int = option(8000, "rollout: vllm-server: port of `align serve`.")
+    vllm_timeout_s: float = option(60.0, "rollout: vllm-server: the longest silence of the server (it sends a "
+                                         "heartbeat every 0.25 s while it generates or loads weights); then the run "
+                                         "stops naming the server and what it waited for.")
+
+    def validate(self, world: int) -> None:
         """One-line ConfigErrors for rollout options that cannot work with ``world`` processes (before any model)."""
         if self.rollout not in ROLLOUTS:
             raise ConfigError(f"rollout: must be one of {ROLLOUTS}, got {self.rollout!r}")

@@ -1,4 +1,4 @@
-"""The rollout-engine protocol: what every engine (HF generate now, vLLM colocated or server later) gives.
+"""The rollout-engine protocol: what every engine (HF generate, a colocated vLLM, `align serve`) gives.
 
     engine.generate(prompts, n_per_prompt, sampling) -> Rollouts
 
@@ -66,12 +66,6 @@ class Rollouts:
 
     def __len__(self) -> int:
         return len(self.completion_ids)
-
-    def counts(self, num_prompts: int) -> list[int]:
-        out = [0] * num_prompts
-        for i in self.prompt_index:
-            out[i] += 1
-        return out
 
 
 @runtime_checkable

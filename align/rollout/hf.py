@@ -56,11 +56,11 @@ class HFEngine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
-    def _extra_processors(self, input_ids, attention_mask) -> list:
+    def extra_processors(self, input_ids, attention_mask) -> list:
         """Logits processors that change the distribution sampled from, run before the noise (none here)."""
         return []
 
-    def _sampling_logits(self, gen, processors) -> torch.Tensor:
+    def sampling_logits(self, gen, processors) -> torch.Tensor:
         """The logits of the distribution sampled from, per generated step: here the model's own."""
         return torch.stack(gen.logits, 1)
 
@@ -99,13 +99,13 @@ class HFEngine:
         config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
                                   pad_token_id=self.pad_id, bos_token_id=None, output_logits=True,
                                   return_dict_in_generate=True)
-        processors = LogitsProcessorList(self._extra_processors(ids.to(device), mask.to(device)))
+        processors = LogitsProcessorList(self.extra_processors(ids.to(device), mask.to(device)))
         if sampling.temperature > 0:
             processors.append(_GumbelNoise(sampling, [sample_seed(sampling.seed, keys[i], k) for i, k in rows]))
         gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                   logits_processor=processors)
         new = gen.sequences[:, width:].cpu()
-        logits = self._sampling_logits(gen, processors).float().cpu()  # [rows, steps, vocab], before the noise
+        logits = self.sampling_logits(gen, processors).float().cpu()  # [rows, steps, vocab], before the noise
         if sampling.temperature > 0:
             logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
         logps = logits.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)

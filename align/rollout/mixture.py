@@ -1,7 +1,7 @@
 """Sampling from a geometric mixture of the policy and a reference: π_θ^{1−c} · π_ref^{c}, token by token.
 
 At every step the next-token log-probs are ``(1 − c)·log π_θ(·|x, y_<t) + c·log π_ref(·|x, y_<t)``, normalised
-(as TRL's ``GeometricMixtureWrapper`` does for Nash-MD and EGPO's mixture sampling; METHODS §6). It is a
+(as TRL's ``GeometricMixtureWrapper`` does for Nash-MD and EGPO's mixture sampling; docs/methods.md §6). It is a
 token-level stand-in for the sequence-level mixture. ``c = 0`` samples the policy and ``c = 1`` the reference,
 with the same per-completion random streams as :class:`~align.rollout.hf.HFEngine`.
 """
@@ -50,8 +50,8 @@ class MixtureEngine(HFEngine):
         super().__init__(model, tokenizer, batch_size)
         self.ref_model, self.coef = ref_model, coef
 
-    def _extra_processors(self, input_ids, attention_mask) -> list:
+    def extra_processors(self, input_ids, attention_mask) -> list:
         return [_ReferenceMixer(self.ref_model, self.coef, input_ids, attention_mask)]
 
-    def _sampling_logits(self, gen, processors) -> torch.Tensor:
+    def sampling_logits(self, gen, processors) -> torch.Tensor:
         return torch.stack(processors[0].history, 1)

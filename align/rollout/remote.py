@@ -75,16 +75,15 @@ class ServerEngine:
             raise TrainingError(f"vllm-server {self.url}: {what} failed on the server: {reply['error'][:300]}")
         return reply
 
-    def check(self, max_model_len: int, length_key: str = "max_completion_length") -> dict:
-        """The health check before training: the server answers and can hold prompt + completion (``length_key``
-        names the completion-length option)."""
+    def check(self, max_model_len: int) -> dict:
+        """The health check before training: the server answers and can hold prompt + completion."""
         try:
             self.info = self._call("/health", "the health check")
         except TrainingError as err:
             raise ConfigError(f"vllm_server_host/vllm_server_port: {err} (start one with: align serve --model "
                               "<model> --port <port>)") from None
         if self.info.get("max_model_len", 0) < max_model_len:
-            raise ConfigError(f"{length_key}: max_prompt_length + {length_key} = {max_model_len} is "
+            raise ConfigError(f"max_completion_length: max_prompt_length + max_completion_length = {max_model_len} is "
                               f"more than the server's max_model_len {self.info.get('max_model_len')} ({self.url})")
         if self.dtype and self.info.get("dtype") not in (None, self.dtype):
             logger.warning("vllm-server %s holds the weights in %s, the policy trains in %s: expect a larger "

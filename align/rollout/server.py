@@ -12,7 +12,7 @@ Endpoints (JSON unless said otherwise):
 * ``POST /weights`` (body: a safetensors file in memory, the policy's full weights under the plain
   model's names) -> ``{"weights_version"}``: loaded in place with vLLM's ``reload_weights``, prefix
   cache reset. HTTP carries the weights, so the same channel works between CPU processes, across
-  nodes and on GPUs (where it is slower than NCCL; see the README's Status).
+  nodes and on GPUs (where it is slower than NCCL; see docs/rollout.md).
 
 While a generation or a weight load runs, the server writes a blank (JSON ignores leading whitespace) every
 ``HEARTBEAT_S`` seconds before the JSON answer, so the trainer's timeout measures the server's silence, not

@@ -67,12 +67,12 @@ def _trainer_world() -> int:
 
 def start_llm(model_path: str, *, max_model_len: int, dtype: str = "float32", tensor_parallel_size: int = 1,
               gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0,
-              in_process: bool = True, length_key: str = "max_completion_length"):
+              in_process: bool = True):
     """A ``vllm.LLM`` on ``model_path``; bad input raises :class:`ConfigError` in one line, before the load (a too
-    long ``max_model_len`` names ``length_key``)."""
+    long ``max_model_len`` names ``max_completion_length``)."""
     require_vllm()
     check_tensor_parallel(tensor_parallel_size)
-    check_max_length(model_path, max_model_len, length_key, f"max_prompt_length + {length_key}")
+    check_max_length(model_path, max_model_len)
     extra = {}
     if in_process and _trainer_world() > 1:
         # one engine in each trainer process, on the process group accelerate launch made (vLLM's external
@@ -176,8 +176,7 @@ class VLLMEngine:
     """:class:`align.rollout.base.RolloutEngine` over a ``vllm.LLM`` in this process (colocated)."""
 
     def __init__(self, model, tokenizer, *, max_model_len: int, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0,
-                 length_key: str = "max_completion_length"):
+                 gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         path = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None)
         if not path:
@@ -188,7 +187,7 @@ class VLLMEngine:
         self.sleep_mode = enable_sleep_mode
         self.llm = start_llm(path, max_model_len=max_model_len, dtype=dtype,
                              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                             enable_sleep_mode=enable_sleep_mode, seed=seed, length_key=length_key)
+                             enable_sleep_mode=enable_sleep_mode, seed=seed)
         self.asleep = False
 
     def _wake(self) -> None:

@@ -1,4 +1,4 @@
-"""GVM sample allocation (RLHFlow/GVM; METHODS §13): how many rollouts each prompt gets from a budget N.
+"""GVM sample allocation (RLHFlow/GVM; docs/methods.md §13): how many rollouts each prompt gets from a budget N.
 
 Chain-of-thought training as EM: prompt i is accepted (verified) with rate p_i and has gradient scale G_i;
 with n_i samples its share of the gradient-estimator variance is about G_i² / (n_i·p_i). Minimising the sum
@@ -167,7 +167,7 @@ def gvm_allocate(
     min_n: int = 0,
     max_n: int | None = None,
 ) -> list[int]:
-    """Per-prompt sample counts ``n_i`` for a budget ``N`` (METHODS §13.2), optionally bounded.
+    """Per-prompt sample counts ``n_i`` for a budget ``N`` (docs/methods.md §13.2), optionally bounded.
 
     1. ratios ``w̃ = w / Σw`` with :func:`gvm_weights`;
     2. if ``0 < filter_threshold``: ``w̃_i = 0`` where ``p_i > filter_threshold`` (drop easy prompts; since p ≤ 1

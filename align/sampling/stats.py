@@ -1,19 +1,13 @@
 """Per-prompt statistics across training steps (acceptance rate, gradient scale, sample counts, ...).
 
-The RL trainer records estimates here (GVM reads p_i and G_i back for its allocation, METHODS §13.3-13.4, and
+The RL trainer records estimates here (GVM reads p_i and G_i back for its allocation, docs/methods.md §13.3-13.4, and
 uses :meth:`PromptStats.is_stale` to decide which prompts to re-estimate); monitors can read the same store.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import operator
-import os
-import statistics
-import tempfile
 from collections import deque
-from collections.abc import Iterable
 
 __all__ = ["PromptStats"]
 
@@ -63,10 +57,6 @@ class PromptStats:
         except TypeError:
             return False
 
-    def uids(self) -> list[Uid]:
-        """All uids, in order of first update."""
-        return list(self._records)
-
     def update(self, uid: Uid, step: int, **values) -> None:
         """Record ``values`` (e.g. ``accept_rate=``, ``grad_norm=``, ``n_samples=``) for ``uid`` at ``step``."""
         uid = _check_uid(uid)
@@ -87,45 +77,12 @@ class PromptStats:
         history = self._records.get(_check_uid(uid))
         return dict(history[-1]) if history else None
 
-    def column(self, key: str, uids: Iterable[Uid], default=None) -> list:
-        """The latest ``key`` value of each uid (``default`` where missing), e.g. p_i for a batch of prompts."""
-        out = []
-        for uid in uids:
-            record = self.get(uid)
-            out.append(default if record is None else record.get(key, default))
-        return out
-
     def is_stale(self, uid: Uid, step: int, interval: int) -> bool:
         """True if ``uid`` has no record, or its latest was made at a step ``<= step - interval``."""
         if isinstance(interval, bool) or operator.index(interval) < 0:
             raise ValueError(f"interval: must be a non-negative integer, got {interval!r}")
         record = self.get(uid)
         return record is None or record["step"] <= step - interval
-
-    def history(self, uid: Uid) -> list[dict]:
-        """Copies of the kept records of ``uid``, oldest first (the latest is the last); empty if none."""
-        return [dict(r) for r in self._records.get(_check_uid(uid), ())]
-
-    def summary(self, key: str) -> dict:
-        """``count``, ``min``, ``median``, ``max``, ``mean`` of the latest numeric ``key`` over all prompts.
-
-        Prompts whose latest record lacks ``key`` or holds a non-number (or NaN) are skipped; with none left the
-        statistics are NaN and ``count`` is 0.
-        """
-        xs = []
-        for history in self._records.values():
-            v = history[-1].get(key)
-            if isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v):
-                xs.append(float(v))
-        if not xs:
-            return {"count": 0, "min": math.nan, "median": math.nan, "max": math.nan, "mean": math.nan}
-        return {
-            "count": len(xs),
-            "min": min(xs),
-            "median": statistics.median(xs),
-            "max": max(xs),
-            "mean": math.fsum(xs) / len(xs),
-        }
 
     def state_dict(self) -> dict:
         """A JSON-serialisable snapshot. Prompts are a list of ``{"uid", "records"}``, so int uids stay ints."""
@@ -145,28 +102,3 @@ class PromptStats:
             uid = _check_uid(entry["uid"])
             records[uid] = deque((dict(r) for r in entry["records"]), maxlen=self.max_history)
         self._records = records
-
-    def save(self, path: str) -> None:
-        """Write :meth:`state_dict` as JSON atomically (a temporary file in the same folder, then ``os.replace``)."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".prompt_stats.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.state_dict(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    @classmethod
-    def load(cls, path: str) -> PromptStats:
-        """A store read from a file written by :meth:`save`."""
-        with open(path, encoding="utf-8") as fh:
-            state = json.load(fh)
-        stats = cls(max_history=int(state.get("max_history", 20)))
-        stats.load_state_dict(state)
-        return stats

@@ -4,7 +4,7 @@ Layout of the cache folder (``$ALIGN_TESTBED_DIR``, else ``~/.cache/align/testbe
 testbed sources>``)::
 
     base/          tokenizer + randomly initialised tiny Llama (an ordinary HF folder)
-    policy/        the same model after a short SFT warm-up (``recipes/sft.py``)
+    policy/        the same model after a short SFT warm-up (:func:`align.trainers.sft.train_sft`)
     testbed.json   spec version, parameter count, build time, held-out accuracy before/after
 
 The folder is built under a temporary name and renamed into place, under a file lock, so parallel
@@ -118,25 +118,28 @@ def held_out_accuracy(model, tokenizer, tasks=None, progress: bool = False) -> d
 
 
 def _build_in_child(tmp: Path, progress: bool) -> None:
-    """Run :func:`_build` in a fresh interpreter under :data:`BUILD_ENV` (the env must be set before torch loads)."""
+    """Run :func:`build` in a fresh interpreter under :data:`BUILD_ENV` (the env must be set before torch loads)."""
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[2]
     path = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, **BUILD_ENV, "PYTHONPATH": path}
-    code = "import sys, pathlib, align.testbed.build as b; b._build(pathlib.Path(sys.argv[1]), sys.argv[2] == '1')"
+    code = "import sys, pathlib, align.testbed.build as b; b.build(pathlib.Path(sys.argv[1]), sys.argv[2] == '1')"
     proc = subprocess.run([sys.executable, "-c", code, str(tmp), "1" if progress else "0"], env=env)
     if proc.returncode != 0 or not (tmp / "testbed.json").is_file():
         raise RuntimeError(f"testbed build failed (exit status {proc.returncode}); its output is above")
 
 
-def _build(tmp: Path, progress: bool) -> None:
+def build(tmp: Path, progress: bool) -> None:
+    """Build the testbed into folder ``tmp`` in this process (run it under :data:`BUILD_ENV`, as
+    :func:`ensure_testbed` does)."""
     from align.config import load_config
     from align.modeling import load_model, load_tokenizer
+    from align.recipe import start
     from align.testbed.model import build_model
     from align.testbed.tokenizer import train_tokenizer
-    from align.recipes.sft import SFTRecipeConfig, run
+    from align.trainers.sft import SFTArguments, train_sft
 
     t0 = time.perf_counter()
     tokenizer = train_tokenizer()
@@ -147,11 +150,11 @@ def _build(tmp: Path, progress: bool) -> None:
     before = held_out_accuracy(model, tokenizer, progress=progress)
 
     config = load_config(
-        SFTRecipeConfig,
+        SFTArguments,
         overrides={**WARMUP, "model_name_or_path": str(tmp / "base"), "output_dir": str(tmp / "policy"),
                    "disable_tqdm": not progress},
     )
-    run(config)
+    train_sft(config, callbacks=lambda: start(config))
     for junk in ("align_config.yaml", "training_args.bin"):
         (tmp / "policy" / junk).unlink(missing_ok=True)
     policy = load_model(str(tmp / "policy"))

@@ -1,4 +1,5 @@
-"""Trainers: thin ``transformers.Trainer`` subclasses; the objectives live in :mod:`align.objectives`."""
+"""Trainers: ``transformers.Trainer`` subclasses on one base (:mod:`align.trainers.base`: LoRA, reference, rollout
+engine, resume state); the objectives live in :mod:`align.objectives`."""
 
 from align.trainers.preference import PreferenceConfig, PreferenceTrainer
 

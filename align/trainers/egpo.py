@@ -1,4 +1,4 @@
-"""EGPO: extragradient preference optimisation on the online IPO loss (METHODS §6).
+"""EGPO: extragradient preference optimisation on the online IPO loss (docs/methods.md §6).
 
 Zhou et al., "Extragradient Preference Optimization (EGPO): Beyond Last-Iterate Convergence for Nash Learning
 from Human Feedback" (code: zhourunlong/EGPO, ``lms/trainers/extragradient_trainer.py``). One EG iteration is two
@@ -41,15 +41,15 @@ class EGPOTrainer(OnlinePreferenceTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.repeats = 2 if self.args.egpo_extragradient else 1
+        self.batch_repeats = 2 if self.args.egpo_extragradient else 1
         self._backup = None
         self.mixture = None
         if self.args.mixture_coef > 0:
-            ref, _ = self._reference()
-            if ref is self._policy:
+            ref, _ = self.reference()
+            if ref is self.policy:
                 raise ValueError("mixture_coef: needs a separate reference model (LoRA's adapter-off base cannot be "
                                  "run beside the policy in one generate call)")
-            self.mixture = MixtureEngine(self._policy, ref, self.processing_class, self.args.mixture_coef,
+            self.mixture = MixtureEngine(self.policy, ref, self.processing_class, self.args.mixture_coef,
                                          self.args.generation_batch_size)
 
     def make_pairs(self, rows) -> Pairs:
@@ -71,7 +71,7 @@ class EGPOTrainer(OnlinePreferenceTrainer):
         return self.args.egpo_extragradient and self.state.global_step % 2 == 0
 
     def _trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self._policy.parameters() if p.requires_grad]
+        return [p for p in self.policy.parameters() if p.requires_grad]
 
     def backup(self) -> None:
         """θ_t and the optimizer state, copied to the CPU."""

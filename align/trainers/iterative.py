@@ -1,4 +1,4 @@
-"""Iterative preference training: iterative DPO, iLR-DPO (METHODS §7) and APO (METHODS §8).
+"""Iterative preference training: iterative DPO, iLR-DPO (docs/methods.md §7) and APO (docs/methods.md §8).
 
 :class:`IterativeDPO` is a driver, not a ``Trainer``: each iteration t = 0 .. T−1 runs one
 :class:`~align.trainers.preference.PreferenceTrainer` round.
@@ -24,7 +24,7 @@
    iteration's metrics: oracle calls, pairs, mean sample length, win rate of π_{t+1} against the initial
    policy on the held-out prompts (:func:`align.evaluation.win_rate`), train loss.
 
-[recon] APO: which policy samples the next round is not pinned by the paper (METHODS §8 pitfalls). We take
+[recon] APO: which policy samples the next round is not pinned by the paper (docs/methods.md §8 pitfalls). We take
 option (a): π_{t+1}, the trained network, samples; the extrapolated π̂ exists only as reference
 log-probs inside the loss. α = 0 is plain iterative DPO exactly (``apo_alpha: null`` skips the extra
 scoring pass; 0.0 runs it and gives the same numbers).
@@ -48,33 +48,42 @@ from dataclasses import dataclass
 
 import torch
 
-from align.args import PromptArguments, _f, world_size
+from align.args import GenerationArguments, PromptArguments, option
 from align.errors import ConfigError
+from align.io import atomic_write_text
 from align.rollout.args import RolloutArguments
 
 DONE = "done"
 
 
 @dataclass
-class IterativeArguments(PromptArguments, RolloutArguments):
-    iterations: int = _f(3, "Number of iterations T (sample -> judge -> train a round).")
-    samples_per_prompt: int = _f(4, "K: responses sampled per prompt each iteration; best and worst make the pair.")
-    oracle: str = _f("verifier:accuracy", "Preference oracle: verifier:<fn>, reward:<reward spec> (e.g. "
-                                          "reward:model:<path>), pairwise:<model path>, cyclic, module:function.")
-    oracle_scale: float = _f(1.0, "reward: oracles: P(a ≻ b) = σ((r(a) − r(b)) / oracle_scale).")
-    apo_alpha: float | None = _f(None, "APO momentum α in [0, 1): reference (1+α)·S_{π_t} − α·S_{π_{t−1}}; "
-                                       "null: plain iterative DPO (reference S_{π_t}).")
-    prompts_per_iteration: int | None = _f(None, "Prompts per iteration, consecutive chunks of the train set "
-                                                 "(wrapping around); null: every prompt every iteration.")
-    chat_prompt: bool = _f(False, "Wrap a string prompt as one user message, so the chat template applies.")
-    max_prompt_length: int = _f(256, "Longest prompt in tokens; a longer one is a data error.")
-    sample_temperature: float = _f(1.0, "Sampling temperature of the K responses (and of the win-rate samples).")
-    max_new_tokens: int = _f(32, "Longest sampled response in tokens.")
-    generation_batch_size: int = _f(64, "Sequences per generate call.")
-    eval_num_samples: int = _f(4, "Win rate vs the initial policy: samples per held-out prompt (0: no win rate).")
+class IterativeArguments(PromptArguments, GenerationArguments, RolloutArguments):
+    """The iterative part (iterations, K, oracle, APO, win rate), composed with the prompt, generation and rollout
+    parts it samples with (the K responses follow every generation key; the win-rate samples
+    ``max_completion_length`` and ``temperature``)."""
 
-    def validate_iterative(self) -> None:
-        """One-line ConfigErrors for impossible settings, before any model, dataset or generation."""
+    part = "iterative"
+    RENAMED = {"max_new_tokens": "max_completion_length", "sample_temperature": "temperature"}
+
+    iterations: int = option(3, "Number of iterations T (sample -> judge -> train a round).")
+    samples_per_prompt: int = option(4, "K: responses sampled per prompt each iteration; best and worst make the "
+                                        "pair.")
+    oracle: str = option("verifier:accuracy", "Preference oracle: verifier:<fn>, reward:<reward spec> (e.g. "
+                                              "reward:model:<path>), pairwise:<model path>, cyclic, module:function.")
+    oracle_scale: float = option(1.0, "reward: oracles: P(a ≻ b) = σ((r(a) − r(b)) / oracle_scale).")
+    apo_alpha: float | None = option(None, "APO momentum α in [0, 1): reference (1+α)·S_{π_t} − α·S_{π_{t−1}}; "
+                                           "null: plain iterative DPO (reference S_{π_t}).")
+    prompts_per_iteration: int | None = option(None, "Prompts per iteration, consecutive chunks of the train set "
+                                                     "(wrapping around); null: every prompt every iteration.")
+    chat_prompt: bool = option(False, "Wrap a string prompt as one user message, so the chat template applies.")
+    # --- generation (the generation part's keys, with the iterative defaults) ---
+    max_prompt_length: int = option(256, "Longest prompt in tokens; a longer one is a data error.")
+    max_completion_length: int = option(32, "Longest sampled response in tokens (also of the win-rate samples).")
+    temperature: float = option(1.0, "Sampling temperature of the K responses (and of the win-rate samples).")
+    eval_num_samples: int = option(4, "Win rate vs the initial policy: samples per held-out prompt (0: no win rate).")
+
+    def validate(self) -> None:
+        """The iterative part's own keys, and the rollout keys they depend on (before any model or generation)."""
         if self.iterations < 1:
             raise ConfigError(f"iterations: must be >= 1, got {self.iterations}")
         if self.samples_per_prompt < 2:
@@ -84,20 +93,8 @@ class IterativeArguments(PromptArguments, RolloutArguments):
             raise ConfigError(f"apo_alpha: must be in [0, 1) (or null), got {self.apo_alpha}")
         if self.prompts_per_iteration is not None and self.prompts_per_iteration < 1:
             raise ConfigError(f"prompts_per_iteration: must be >= 1 (or null), got {self.prompts_per_iteration}")
-        if not self.sample_temperature > 0:
-            raise ConfigError(f"sample_temperature: must be > 0 (K greedy samples would all be equal), got "
-                              f"{self.sample_temperature}")
-        for key in ("max_new_tokens", "max_prompt_length", "generation_batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.eval_num_samples < 0:
             raise ConfigError(f"eval_num_samples: must be >= 0, got {self.eval_num_samples}")
-        if getattr(self, "ref_model_name_or_path", None):
-            raise ConfigError("ref_model_name_or_path: the iterative driver's reference is each iteration's start "
-                              "policy; leave it unset")
-        if not getattr(self, "precompute_ref_logps", True):
-            raise ConfigError("precompute_ref_logps: must be true for the iterative driver (it supplies them)")
-        self.validate_rollout(world_size())
         if self.rollout != "hf" and self.vllm_sync_steps != 1:
             raise ConfigError(f"vllm_sync_steps: the iterative driver pushes π_t's weights at the start of every "
                               f"iteration (the policy changes only between iterations); leave it at 1, got "
@@ -110,12 +107,6 @@ def extrapolated_reference(current: torch.Tensor, previous: torch.Tensor | None,
     if previous is None or alpha is None:
         return current
     return (1 + alpha) * current - alpha * previous
-
-
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def _jsonl(rows) -> str:
@@ -178,7 +169,7 @@ class IterativeDPO:
                 with open(os.path.join(self.iter_dir(t), "metrics.json"), encoding="utf-8") as fh:
                     records.append(json.load(fh))
                 if self.state.is_main_process:
-                    _write_atomic(os.path.join(self.config.output_dir, "iterations.jsonl"), _jsonl(records))
+                    atomic_write_text(os.path.join(self.config.output_dir, "iterations.jsonl"), _jsonl(records))
         finally:
             if self.engine is not None and self.own_engine:  # a colocated vLLM's memory
                 self.engine.close()
@@ -193,14 +184,14 @@ class IterativeDPO:
             pairs, stats = self.make_pairs(t)
         if not pairs:
             raise ConfigError(f"iteration {t}: every prompt's {c.samples_per_prompt} samples tie under the oracle, "
-                              "no pair to train on (raise samples_per_prompt or sample_temperature)")
+                              "no pair to train on (raise samples_per_prompt or temperature)")
         trainer, output = self.train_round(t, pairs)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # a resumed round's too
         loss = sum(losses) / len(losses) if losses else output.training_loss  # no log within the round
         metrics = {"iteration": t, **stats, "train/loss": loss, "train/steps": trainer.state.global_step}
         if trainer.is_peft:  # the next iteration starts from a plain model: merge the adapter
             if self.state.is_main_process:
-                trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(folder)
+                trainer.policy.merge_and_unload().save_pretrained(folder)
                 self.tokenizer.save_pretrained(folder)
         else:
             trainer.save_model(folder)
@@ -208,8 +199,8 @@ class IterativeDPO:
         del trainer
         metrics.update(self.evaluate(t))
         if self.state.is_main_process:
-            _write_atomic(os.path.join(folder, "metrics.json"), json.dumps(metrics, indent=1))
-            _write_atomic(os.path.join(folder, DONE), "")
+            atomic_write_text(os.path.join(folder, "metrics.json"), json.dumps(metrics, indent=1))
+            atomic_write_text(os.path.join(folder, DONE), "")
         self.state.wait_for_everyone()
         return metrics
 
@@ -232,7 +223,7 @@ class IterativeDPO:
             return HFEngine(policy, self.tokenizer, c.generation_batch_size)
         if self.engine is None:
             self.engine = build_engine(c, policy, self.tokenizer, is_main=self.state.is_main_process,
-                                       max_len=c.max_prompt_length + c.max_new_tokens, length_key="max_new_tokens")
+                                       max_len=c.max_prompt_length + c.max_completion_length)
         if self.weight_sync is None:
             self.weight_sync = WeightSync(self.engine, c.rollout, 1, self.state)
         self.weight_sync(policy, t)
@@ -241,7 +232,7 @@ class IterativeDPO:
     def make_pairs(self, t: int) -> tuple[list[dict], dict]:
         from accelerate.utils import gather_object
 
-        from align.data.sampled_pairs import _wrap
+        from align.data.sampled_pairs import as_completion
         from align.rollout import SamplingParams
 
         c = self.config
@@ -249,7 +240,8 @@ class IterativeDPO:
         rank, world = self.state.process_index, self.state.num_processes
         mine = [rows[i] for i in range(rank, len(rows), world)]
         policy = self._load(self.start_path(t))
-        sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.sample_temperature, seed=c.seed)
+        sampling = SamplingParams(max_new_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
+                                  top_k=c.top_k, seed=c.seed)
         k = c.samples_per_prompt
         out = self.rollout_engine(policy, t).generate(
             [r["prompt_ids"] for r in mine], [k] * len(mine), sampling, keys=[f"{t}:{r['uid']}" for r in mine])
@@ -266,8 +258,8 @@ class IterativeDPO:
                 local.append((row["uid"], None))
                 continue
             local.append((row["uid"], {
-                "uid": row["uid"], "prompt": row["prompt"], "chosen": _wrap(row["prompt"], texts[best]),
-                "rejected": _wrap(row["prompt"], texts[worst]), "chosen_score": scores[best],
+                "uid": row["uid"], "prompt": row["prompt"], "chosen": as_completion(row["prompt"], texts[best]),
+                "rejected": as_completion(row["prompt"], texts[worst]), "chosen_score": scores[best],
                 "rejected_score": scores[worst], "prompt_ids": row["prompt_ids"], "chosen_ids": ids[best],
                 "rejected_ids": ids[worst]}))
         gathered = gather_object([(local, sum(lengths), len(lengths), self.oracle.calls - calls)])
@@ -283,8 +275,8 @@ class IterativeDPO:
             stats[f"pairs/{key}_length"] = sum(len(p[f"{key}_ids"]) for p in pairs) / max(len(pairs), 1)
         if self.state.is_main_process:
             os.makedirs(self.iter_dir(t), exist_ok=True)
-            _write_atomic(os.path.join(self.iter_dir(t), "sampling.json"), json.dumps(stats, indent=1))
-            _write_atomic(os.path.join(self.iter_dir(t), "pairs.jsonl"), _jsonl(pairs))  # written last
+            atomic_write_text(os.path.join(self.iter_dir(t), "sampling.json"), json.dumps(stats, indent=1))
+            atomic_write_text(os.path.join(self.iter_dir(t), "pairs.jsonl"), _jsonl(pairs))  # written last
         self.state.wait_for_everyone()
         return pairs, stats
 
@@ -373,5 +365,5 @@ class IterativeDPO:
             return {}
         policy, baseline = self._load(self.iter_dir(t)), self._load(c.model_name_or_path)
         out = win_rate(policy, baseline, self.tokenizer, list(self.evaluation), self.oracle, c.eval_num_samples,
-                       c.max_new_tokens, c.sample_temperature, c.seed, c.generation_batch_size)
+                       c.max_completion_length, c.temperature, c.seed, c.generation_batch_size)
         return {f"eval/{k}": v for k, v in out.items()}

@@ -14,9 +14,9 @@ the extra loss term:
 
 * :class:`OnlineDPOTrainer`: two policy samples, the oracle's winner is chosen (exact ties carry no label
   and weigh 0), a DPO-family loss (``objective``).
-* :class:`XPOTrainer` (Xie et al. 2024, arXiv:2405.21046; METHODS §5): one policy sample y and one reference
+* :class:`XPOTrainer` (Xie et al. 2024, arXiv:2405.21046; docs/methods.md §5): one policy sample y and one reference
   sample ỹ, labelled; loss = pair loss + α·S_θ(ỹ) (exploration: likelihood pushed away from reference samples).
-* :class:`align.trainers.egpo.EGPOTrainer`: the extragradient steps of METHODS §6.
+* :class:`align.trainers.egpo.EGPOTrainer`: the extragradient steps of docs/methods.md §6.
 
 Rollouts: the policy's samples come from the engine ``rollout`` names (:func:`align.rollout.build_engine`: hf,
 a colocated vLLM or ``align serve``), which is pushed the policy's weights before a generation the way the RL
@@ -29,34 +29,16 @@ reference model and run HF ``generate`` on the live models whatever ``rollout`` 
 
 from __future__ import annotations
 
-import copy
-import json
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers import Trainer, TrainingArguments
 
-from align.args import CPUSaneDefaults, world_size
-from align.errors import TrainingError
-from align.objectives import build
-from align.rollout import HFEngine, SamplingParams, WeightSync, build_engine
 from align.logps import pack, token_logps
-from align.trainers.metric_log import MetricsMixin
+from align.objectives import build
+from align.rollout import HFEngine, SamplingParams
+from align.trainers.base import RolloutTrainer, wrap_peft
 from align.trainers.online_args import OnlineArguments
-from align.trainers.rl import RepeatRoundSampler, _rows, _SaveState
-
-
-@dataclass
-class OnlineConfig(OnlineArguments, CPUSaneDefaults, TrainingArguments):
-    """Standalone config for the online trainers (recipes add model and data keys on top)."""
-
-    method = "online_dpo"
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.validate_online(self.method, world_size())
 
 
 @dataclass
@@ -74,94 +56,35 @@ class Pairs:
     explore: torch.Tensor | None = None
 
 
-class OnlinePreferenceTrainer(MetricsMixin, Trainer):
+class OnlinePreferenceTrainer(RolloutTrainer):
     method = "online_dpo"
-    repeats = 1  # optimizer steps per prompt batch
     state_file = "online_state.json"  # the oracle-call counter, saved in every checkpoint
 
     def __init__(self, model, args: OnlineArguments, train_dataset, eval_dataset=None, processing_class=None,
                  oracle=None, ref_model=None, peft_config=None, callbacks=None, engine=None):
-        from align.data.prompts import tokenize_prompts
         from align.rewards.preference import build_oracle, check_columns
 
-        if peft_config is not None:
-            from peft import get_peft_model
-            from transformers import set_seed
-
-            set_seed(args.seed)
-            model = get_peft_model(model, peft_config)
-        tok = processing_class
+        model = wrap_peft(model, peft_config, args.seed)
         self.oracle = oracle or build_oracle(args.oracle, args.oracle_scale)
         for split, ds in (("train", train_dataset), ("eval", eval_dataset)):
             if ds is not None:
                 check_columns(self.oracle, ds.column_names, f"{split} dataset")
-        if "prompt_ids" not in train_dataset.column_names:
-            train_dataset = tokenize_prompts(train_dataset, tok, args.max_prompt_length, "train")
-        if eval_dataset is not None and "prompt_ids" not in eval_dataset.column_names:
-            eval_dataset = tokenize_prompts(eval_dataset, tok, args.max_prompt_length, "eval")
-        super().__init__(model=model, args=args, data_collator=_rows, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=tok, callbacks=callbacks)
-        world = self.accelerator.num_processes
-        need = args.per_device_train_batch_size * world
-        if len(train_dataset) < need:
-            raise TrainingError(f"train dataset: {len(train_dataset)} prompts, fewer than one step needs "
-                                f"(per_device_train_batch_size x processes = {need})")
-        self.loss_fn = build(args.objective, beta=args.beta)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.is_peft = hasattr(model, "disable_adapter")
-        if ref_model is None and not self.is_peft:
-            ref_model = copy.deepcopy(model)  # the reference is a frozen copy of the initial policy
-        if ref_model is not None:
-            ref_model.requires_grad_(False).eval().to(self.args.device)
-        self.ref_model = ref_model
-        self.engine = engine or build_engine(args, model, tok, is_main=self.accelerator.is_main_process)
-        self.weight_sync = WeightSync(self.engine, args.rollout, args.vllm_sync_steps, self.accelerator)
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks)
+        self.loss_fn = build(args.objective, **args.objective_params())
+        self.setup_reference(ref_model)  # by default a frozen copy of the initial policy
+        self.setup_rollout(engine)
         # reference samples (XPO) run HF generate on the live reference, whatever engine draws the policy's
-        self.hf_engine = self.engine if args.rollout == "hf" else HFEngine(model, tok, args.generation_batch_size)
+        self.hf_engine = self.engine if args.rollout == "hf" else HFEngine(model, processing_class,
+                                                                          args.generation_batch_size)
         self.oracle_calls = 0
-        self._init_metrics()
-        self.add_callback(_SaveState(self))
 
-    def save_rl_state(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"oracle_calls": self.oracle_calls}, fh)
-        os.replace(tmp, path)
+    def resume_state(self) -> dict:
+        return {"oracle_calls": self.oracle_calls}
 
-    def close(self) -> None:
-        """Release the rollout engine (a colocated vLLM's memory); the trainer cannot generate after this."""
-        self.engine.close()
-
-    def train(self, resume_from_checkpoint=None, **kwargs):
-        if isinstance(resume_from_checkpoint, str):
-            path = os.path.join(resume_from_checkpoint, self.state_file)
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as fh:
-                    self.oracle_calls = json.load(fh)["oracle_calls"]
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    # --- data order: every prompt batch serves ``repeats`` optimizer steps ---------------------------
-
-    def _get_train_sampler(self, train_dataset=None):
-        ds = train_dataset if train_dataset is not None else self.train_dataset
-        batch = self.args.per_device_train_batch_size * self.accelerator.num_processes
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return RepeatRoundSampler(len(ds), batch, self.repeats, seed)
-
-    def floating_point_ops(self, inputs) -> int:
-        return 0
+    def load_resume_state(self, state: dict) -> None:
+        self.oracle_calls = state["oracle_calls"]
 
     # --- sampling and judging ---------------------------------------------------------------------
-
-    @property
-    def _policy(self):
-        return self.accelerator.unwrap_model(self.model)
-
-    def _reference(self):
-        """(model, context) that computes or samples the reference policy."""
-        if self.ref_model is not None:
-            return self.ref_model, nullcontext()
-        return self._policy, self._policy.disable_adapter()
 
     def sample(self, rows: list[dict], role: str, engine=None, temperature: float | None = None,
                reference: bool = False) -> list[list[int]]:
@@ -176,9 +99,9 @@ class OnlinePreferenceTrainer(MetricsMixin, Trainer):
         ctx = nullcontext()
         if engine is None and not reference:
             engine = self.engine
-            self.weight_sync(self._policy, self.state.global_step)
+            self.weight_sync(self.policy, self.state.global_step)
         else:
-            model, ctx = self._reference() if reference else (self._policy, nullcontext())
+            model, ctx = self.reference() if reference else (self.policy, nullcontext())
             engine = engine or self.hf_engine
             engine.model = model
         with ctx:
@@ -221,7 +144,7 @@ class OnlinePreferenceTrainer(MetricsMixin, Trainer):
         n = len(pairs.first)
         prompts, completions = pairs.prompts * 2, pairs.first + pairs.second
         logps, lengths = self._sequence_logps(model, prompts, completions)
-        ref_model, ctx = self._reference()
+        ref_model, ctx = self.reference()
         with torch.no_grad(), ctx:
             ref, _ = self._sequence_logps(ref_model, prompts, completions)
         batch = {"policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:],
@@ -246,10 +169,7 @@ class OnlinePreferenceTrainer(MetricsMixin, Trainer):
         model.train()
         loss, metrics = self.pair_loss(model, pairs)
         total = self.accelerator.reduce(loss.detach(), reduction="mean")
-        if not torch.isfinite(total):
-            uids = [r["uid"] for r in rows]
-            raise TrainingError(f"non-finite loss ({total.item()}) at step {self.state.global_step + 1}, prompt ids "
-                                f"{uids}; stopped before the update, checkpoints in {self.args.output_dir!r} are kept")
+        self.check_finite(total, detail=f", prompt ids {[r['uid'] for r in rows]}")
         self.accelerator.backward(loss)
         calls = self.accelerator.reduce(torch.tensor(float(self.oracle.calls - calls), device=self.args.device),
                                         reduction="sum")
@@ -273,9 +193,9 @@ class OnlinePreferenceTrainer(MetricsMixin, Trainer):
         if ds is None:
             return {}
         a = self.args
-        ref_model, ctx = self._reference()
+        ref_model, ctx = self.reference()
         calls = self.oracle.calls
-        result = win_rate(self._policy, ref_model, self.processing_class, [ds[i] for i in range(len(ds))],
+        result = win_rate(self.policy, ref_model, self.processing_class, [ds[i] for i in range(len(ds))],
                           self.oracle, a.eval_num_samples, a.eval_max_new_tokens or a.max_completion_length,
                           a.temperature, a.seed, a.generation_batch_size, baseline_context=ctx)
         self.oracle.calls = calls  # evaluation judgements are not training labels
@@ -293,7 +213,7 @@ class OnlineDPOTrainer(OnlinePreferenceTrainer):
 
 
 class XPOTrainer(OnlinePreferenceTrainer):
-    """XPO (Xie et al. 2024, arXiv:2405.21046; METHODS §5): y ~ π_θ, ỹ ~ π_ref, labelled by the oracle; loss =
+    """XPO (Xie et al. 2024, arXiv:2405.21046; docs/methods.md §5): y ~ π_θ, ỹ ~ π_ref, labelled by the oracle; loss =
     pair loss + α·S_θ(ỹ), α from ``xpo_alpha`` (per epoch, the last value repeats). Minimising α·S_θ(ỹ) pushes
     likelihood away from the reference's samples."""
 

@@ -11,76 +11,50 @@ from the reference, kept in memory and in ``output_dir`` so a resumed run reuses
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import inspect
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
-from align.args import CPUSaneDefaults, _f
+from align.args import CPUSaneDefaults, ObjectiveArguments, option
 from align.data.preference import PreferenceCollator, tokenize_preferences
-from align.errors import ConfigError, TrainingError
-from align.monitors.entanglement import ACTIONS, SUBSETS
-from align.objectives import build, check_params, registry
+from align.errors import ConfigError
+from align.io import atomic_save
 from align.logps import completion_logps
-from align.trainers.metric_log import MetricsMixin
-
-# Objective hyperparameters that are config keys; any other goes in ``objective_kwargs``.
-HYPERPARAMETERS = ("beta", "alpha", "eta", "sft_norm", "label_smoothing", "length_alpha")
+from align.monitors.entanglement import ACTIONS, SUBSETS
+from align.objectives import build, registry
+from align.trainers.base import AlignTrainer, wrap_peft
 
 
 @dataclass
-class PreferenceArguments:
-    objective: str = _f("dpo", "Objective name (see `align recipes`): dpo, ipo, hinge, robust, rpo, hdpo, lrdpo, ...")
-    beta: float = _f(0.1, "KL strength β (τ for ipo).")
-    alpha: float | None = _f(None, "hdpo: entropy coefficient α; scales the policy log-probs (1 = DPO).")
-    eta: float | None = _f(None, "rpo: weight η of the SFT term.")
-    sft_norm: str | None = _f(None, "rpo: 'sum' (paper: −η·β·S_θ(y_w)) or 'mean' (+η·token-mean NLL).")
-    label_smoothing: float | None = _f(None, "robust: label flip probability ε in [0, 0.5).")
-    length_alpha: float | None = _f(None, "lrdpo: weight of the length margin |y_w| − |y_l| (tokens).")
-    objective_kwargs: dict = _f({}, "Other hyperparameters for objectives added later, as a mapping.")
-    max_length: int = _f(512, "Max prompt + completion tokens; longer completions are cut, longer prompts rejected.")
-    ref_model_name_or_path: str | None = _f(None, "Frozen reference model; default: the initial policy.")
-    precompute_ref_logps: bool = _f(True, "Compute reference log-probs once before training (frees the reference).")
-    remove_unused_columns: bool = _f(False, "Keep the tokenised columns the preference collator needs.")
-    # --- gradient entanglement (METHODS §12; align/monitors/entanglement.py) ---
-    entanglement_steps: int | None = _f(None, "Entanglement monitor: check the probe pairs before the first step and "
-                                              "every this many optimizer steps (e.g. 50); None: off.")
-    entanglement_params: list[str] = _f(["lm_head"], f"Parameter subset of the pair gradients, any of {SUBSETS} or "
-                                                     "parameter-name substrings.")
-    entanglement_probe: str | None = _f(None, "Probe pairs: a .json/.jsonl file of prompt/chosen/rejected rows; "
-                                              "default: the eval set, else the train set.")
-    entanglement_probe_size: int = _f(64, "Probe pairs used (the first rows).")
-    entanglement_action: str = _f("none", f"On each training batch, one of {ACTIONS}: log the batch's cases, or "
-                                          "downweight, drop or replace (by the batch's other pairs) the pairs "
-                                          "predicted 'both down' (chosen and rejected log-probs both falling).")
-    entanglement_weight: float = _f(0.5, "Loss weight of a 'both down' pair with entanglement_action=downweight.")
+class PreferenceArguments(ObjectiveArguments):
+    """The preference part (lengths, reference, entanglement monitor), with the objective part it trains."""
 
-    def objective_params(self) -> dict:
-        """The hyperparameters to pass to the objective; errors if one is set that it does not take."""
-        spec = registry().get(self.objective)
-        takes = spec.params if spec else {}
-        params = {}
-        for key in HYPERPARAMETERS:
-            value = getattr(self, key)
-            if value is None:
-                continue
-            if key not in takes:
-                if key == "beta":
-                    continue  # every DPO-style objective has β; tolerate its default for any that does not
-                raise ConfigError(f"{key}: objective {self.objective!r} does not take it (takes: {', '.join(takes)})")
-            params[key] = value
-        params.update(self.objective_kwargs)
-        check_params(self.objective, params)
-        return params
+    part = "preference"
 
-    def validate_preference(self) -> None:
-        self.objective_params()
+    max_length: int = option(512, "Max prompt + completion tokens; longer completions are cut, longer prompts "
+                                  "rejected.")
+    ref_model_name_or_path: str | None = option(None, "Frozen reference model; default: the initial policy.")
+    precompute_ref_logps: bool = option(True, "Compute reference log-probs once before training (frees the reference).")
+    remove_unused_columns: bool = option(False, "Keep the tokenised columns the preference collator needs.")
+    # --- gradient entanglement (docs/methods.md §12; align/monitors/entanglement.py) ---
+    entanglement_steps: int | None = option(None, "Entanglement monitor: check the probe pairs before the first step "
+                                                  "and every this many optimizer steps (e.g. 50); None: off.")
+    entanglement_params: list[str] = option(["lm_head"], f"Parameter subset of the pair gradients, any of {SUBSETS} or "
+                                                         "parameter-name substrings.")
+    entanglement_probe: str | None = option(None, "Probe pairs: a .json/.jsonl file of prompt/chosen/rejected rows; "
+                                                  "default: the eval set, else the train set.")
+    entanglement_probe_size: int = option(64, "Probe pairs used (the first rows).")
+    entanglement_action: str = option("none", f"On each training batch, one of {ACTIONS}: log the batch's cases, or "
+                                              "downweight, drop or replace (by the batch's other pairs) the pairs "
+                                              "predicted 'both down' (chosen and rejected log-probs both falling).")
+    entanglement_weight: float = option(0.5, "Loss weight of a 'both down' pair with entanglement_action=downweight.")
+
+    def validate(self) -> None:
         online_only = [n for n in registry()[self.objective].needs if n != "grad_norms"]
         if online_only:
             raise ConfigError(f"objective: {self.objective!r} needs {online_only[0]!r}, which only the online trainers "
@@ -101,15 +75,16 @@ class PreferenceArguments:
             raise ConfigError(f"max_length: must be >= 2, got {self.max_length}")
         if self.remove_unused_columns:
             raise ConfigError("remove_unused_columns: must be false for preference training")
+        if self.ref_model_name_or_path:
+            from align.modeling import check_model_path
+
+            check_model_path(self.ref_model_name_or_path, "ref_model_name_or_path")
 
 
 @dataclass
 class PreferenceConfig(PreferenceArguments, CPUSaneDefaults, TrainingArguments):
-    """Standalone config for :class:`PreferenceTrainer` (recipes add model and data keys on top)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.validate_preference()
+    """Standalone config for :class:`PreferenceTrainer`: the preference parts with the trainer part (recipes add
+    model and data keys on top)."""
 
 
 @functools.cache
@@ -117,32 +92,21 @@ def _takes_logits_to_keep(model_class) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-class PreferenceTrainer(MetricsMixin, Trainer):
+class PreferenceTrainer(AlignTrainer):
     def __init__(self, model, args: PreferenceArguments, train_dataset=None, eval_dataset=None,
                  processing_class=None, ref_model=None, peft_config=None, callbacks=None):
-        if peft_config is not None:
-            from peft import get_peft_model
-            from transformers import set_seed
-
-            set_seed(args.seed)  # the adapter's random init must follow the run's seed
-            model = get_peft_model(model, peft_config)
+        model = wrap_peft(model, peft_config, args.seed)
         self.loss_fn = build(args.objective, **args.objective_params())
-        self.is_peft = hasattr(model, "disable_adapter")
         tok = processing_class
         if train_dataset is not None and "prompt_ids" not in train_dataset.column_names:
             train_dataset = tokenize_preferences(train_dataset, tok, args.max_length, "train")
         if eval_dataset is not None and "prompt_ids" not in eval_dataset.column_names:
             eval_dataset = tokenize_preferences(eval_dataset, tok, args.max_length, "eval")
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        super().__init__(model=model, args=args, data_collator=PreferenceCollator(pad), train_dataset=train_dataset,
+        super().__init__(model, args, data_collator=PreferenceCollator(pad), train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=tok, callbacks=callbacks)
         self.model_accepts_loss_kwargs = False  # our loss is a batch mean: let Trainer scale it for accumulation
-        if ref_model is None and not args.precompute_ref_logps and not self.is_peft:
-            ref_model = copy.deepcopy(model)  # live reference = frozen copy of the initial policy
-        if ref_model is not None:
-            ref_model.requires_grad_(False).eval().to(self.args.device)
-        self.ref_model = ref_model
-        self._init_metrics()
+        self.setup_reference(ref_model, needed=not args.precompute_ref_logps)  # live: a frozen copy of the policy
         self._setup_entanglement(train_dataset, eval_dataset)
 
     # --- gradient entanglement --------------------------------------------------------------------
@@ -156,8 +120,7 @@ class PreferenceTrainer(MetricsMixin, Trainer):
         self._needs_norms = "grad_norms" in self.loss_fn.spec.needs
         self._ent_params = None  # set when each training batch needs its pairs' gradients
         if a.entanglement_action != "none" or self._needs_norms:
-            policy = self.accelerator.unwrap_model(self.model)
-            self._ent_params = [p for _, p in select_subset(policy, a.entanglement_params)]
+            self._ent_params = [p for _, p in select_subset(self.policy, a.entanglement_params)]
         if a.entanglement_steps:
             if a.entanglement_probe:
                 import datasets
@@ -218,13 +181,7 @@ class PreferenceTrainer(MetricsMixin, Trainer):
     @torch.no_grad()
     def reference_logps(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs (chosen, rejected) of a collated batch, computed live."""
-        if self.ref_model is not None:
-            model, ctx = self.ref_model, nullcontext()
-        elif self.is_peft:
-            model = self.accelerator.unwrap_model(self.model)
-            ctx = model.disable_adapter()
-        else:  # only before training starts: the policy is still the reference
-            model, ctx = self.accelerator.unwrap_model(self.model), nullcontext()
+        model, ctx = self.reference()
         with ctx:
             logps, _, _ = self._sequence_logps(model, inputs)
         half = inputs["row_id"].shape[0]
@@ -267,9 +224,7 @@ class PreferenceTrainer(MetricsMixin, Trainer):
             for i, c, r in gather_object(local):
                 table[i, 0], table[i, 1] = c, r
             if self.is_world_process_zero():
-                os.makedirs(self.args.output_dir, exist_ok=True)
-                torch.save(table, path + ".tmp")
-                os.replace(path + ".tmp", path)
+                atomic_save(path, lambda fh: torch.save(table, fh))
         ds = ds.add_column("ref_chosen_logps", table[:, 0].tolist())
         return ds.add_column("ref_rejected_logps", table[:, 1].tolist())
 
@@ -306,12 +261,7 @@ class PreferenceTrainer(MetricsMixin, Trainer):
         weights = self._batch_entanglement(logps, batch) if self._ent_params is not None else None
         out = self.loss_fn(batch)
         loss = out.losses.mean() if weights is None else (out.losses * weights).mean()
-        if not torch.isfinite(loss):
-            rows = inputs["row_id"].tolist()
-            raise TrainingError(
-                f"non-finite {mode} loss ({loss.item()}) at step {self.state.global_step + 1}, batch rows {rows}; "
-                f"stopped before the update, checkpoints already in {self.args.output_dir!r} are kept"
-            )
+        self.check_finite(loss, f"{mode} loss", f", batch rows {inputs['row_id'].tolist()}")
         self._record(mode, {**out.metrics, "entropy": entropy, **self._batch_metrics})
         return (loss, out) if return_outputs else loss
 

@@ -3,10 +3,10 @@ import json
 import pytest
 import yaml
 
+from align.rewards.math import accuracy_reward, extract_answer, format_reward, is_correct
 from align.testbed import tasks
 from align.testbed.build import WARMUP
 from align.testbed.tokenizer import CHAT_TEMPLATE, train_tokenizer
-from align.rewards.math import accuracy_reward, extract_answer, format_reward, is_correct
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +147,30 @@ def test_build_info_is_complete(testbed):
     info = json.loads((testbed.root / "testbed.json").read_text())
     assert info["warmup"] == WARMUP and info["build_seconds"] > 0
     assert (testbed.policy / "metrics.jsonl").is_file()
+
+
+def test_testbed_prefix_is_a_plugin(testbed):
+    """``testbed:`` names work with nothing imported but the loaders: the first one imports the plugin that owns
+    the prefix (:data:`align.modeling.PLUGINS`); other ``x:y`` names stay ordinary paths."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys
+        from align.data.loading import check_dataset_name
+        from align.errors import ConfigError
+        from align.modeling import check_model_path, resolve_model_path
+        assert "align.testbed.plugin" not in sys.modules
+        check_dataset_name("testbed:rl")
+        assert "align.testbed.plugin" in sys.modules
+        check_model_path("testbed:policy")
+        print(resolve_model_path("testbed:policy"))
+        assert resolve_model_path("other:thing") == "other:thing"
+        try:
+            check_model_path("testbed:large")
+        except ConfigError as err:
+            print(err)
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [str(testbed.policy), "model_name_or_path: unknown testbed model 'testbed:large' "
+                                        "(use testbed:base or testbed:policy)"]

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from align.evaluation import generate as greedy_generate
+from align.logps import pack, token_logps
 from align.modeling import load_model, load_tokenizer
 from align.rollout import HFEngine, SamplingParams
 from align.rollout.hf import filter_logits
-from align.logps import pack, token_logps
 
 QUESTIONS = ["What is 3+4?", "What is 7*8?", "What is 9-2?", "What is 6*6?"]
 
@@ -26,7 +26,7 @@ def test_ragged_counts_order_and_finish(policy):
     model, tok, _, ids = policy
     out = HFEngine(model, tok, batch_size=3).generate(ids, [2, 0, 3, 1], SamplingParams(max_new_tokens=12, seed=3))
     assert out.prompt_index == [0, 0, 2, 2, 2, 3] and out.sample_index == [0, 1, 0, 1, 2, 0]
-    assert out.counts(4) == [2, 0, 3, 1]
+    assert [out.prompt_index.count(i) for i in range(4)] == [2, 0, 3, 1]
     for c, fin, lp in zip(out.completion_ids, out.finish_reason, out.sampling_logps, strict=True):
         assert len(lp) == len(c) and len(c) <= 12
         assert (fin == "stop") == (c[-1] == tok.eos_token_id)

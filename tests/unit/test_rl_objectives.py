@@ -140,3 +140,61 @@ def test_truncated_importance_weights_hand_values():
     assert loss.item() == pytest.approx((2.0 * 0.2 + math.exp(-1) * 0.4) / 2)
     loss.backward()
     assert logps.grad[0].tolist() == pytest.approx([-1.0, -math.exp(-1) / 2, 0.0])
+
+
+# ---------------------------------------------------------------- the registries chosen by config names
+
+
+def test_advantage_estimators_by_name_hand_values():
+    from align.errors import ConfigError
+    from align.objectives import ESTIMATORS
+
+    assert ESTIMATORS.names() == ("grpo", "raft")
+    # The config offers every setting; each estimator takes only its own.
+    settings = {"scale_rewards": "none", "accept_threshold": 0.9}
+    # grpo, scale none (Dr.GRPO): group {1, 0} centred by 0.5; the one-sample group keeps its raw reward.
+    assert ESTIMATORS.bind("grpo", **settings)([1.0, 0.0, 3.0], [0, 0, 1]).tolist() == [0.5, -0.5, 3.0]
+    # raft: accepted above 0.9.
+    assert ESTIMATORS.bind("raft", **settings)([1.0, 0.5, 0.95], [0, 0, 1]).tolist() == [1.0, 0.0, 1.0]
+    # defaults: grpo scales by the group std + 1e-4 (std of {1, 0} = 0.70711); raft's threshold is 0.5.
+    s = math.sqrt(0.5)
+    assert ESTIMATORS.bind("grpo")([1.0, 0.0], [3, 3]).tolist() == pytest.approx([0.5 / (s + 1e-4),
+                                                                                   -0.5 / (s + 1e-4)])
+    assert ESTIMATORS.bind("raft")([0.6, 0.4], [0, 0]).tolist() == [1.0, 0.0]
+    with pytest.raises(ConfigError, match=r"^advantage: unknown advantage 'ppo' \(known: grpo, raft\)"):
+        ESTIMATORS.bind("ppo")
+
+
+def test_aggregations_and_token_losses_by_name():
+    from align.objectives import AGGREGATIONS, TOKEN_LOSSES
+
+    assert AGGREGATIONS.names() == ("grpo", "bnpo", "dapo", "dr_grpo")
+    assert [n for n in AGGREGATIONS.names() if AGGREGATIONS.get(n).info.get("per_micro_batch")] == ["bnpo"]
+    assert TOKEN_LOSSES.names() == ("clip", "nll")
+    assert TOKEN_LOSSES.get("clip").info["metrics"] == ("clip_ratio/low", "clip_ratio/high", "clip_ratio/region")
+    assert TOKEN_LOSSES.get("clip").params == {"epsilon": 0.2, "epsilon_high": None}
+    # nll: -Â·log π per token, no metrics.
+    loss, metrics = TOKEN_LOSSES.get("nll").fn(torch.tensor([[-1.0, -2.0]]), torch.tensor([[2.0]]), None, None)
+    assert loss.tolist() == [[2.0, 4.0]] and metrics == {}
+    # clip with ρ = e^0.5 = 1.6487 > 1 + 0.2 and Â = 1 > 0: clipped at 1.2, counted as high.
+    logps, old = torch.tensor([[0.5, 0.0]]), torch.tensor([[0.0, 0.0]])
+    loss, metrics = TOKEN_LOSSES.bind("clip", epsilon=0.2)(logps, torch.tensor([[1.0]]), old, torch.ones(1, 2))
+    assert loss[0].tolist() == pytest.approx([-1.2, -1.0])
+    assert metrics["clip_ratio/high"].item() == 0.5 and metrics["clip_ratio/low"].item() == 0.0
+
+
+def test_a_registered_aggregation_is_used_by_policy_loss(monkeypatch):
+    from align.objectives import AGGREGATIONS
+
+    monkeypatch.setattr(AGGREGATIONS, "entries", dict(AGGREGATIONS.entries))
+
+    @AGGREGATIONS.register("seq_sum", "token sum per sequence, averaged over sequences")
+    def seq_sum(total, mask, b, num_tokens, max_completion_length):
+        return total.sum() / b
+
+    assert aggregate(TOKENS, MASK, "seq_sum").item() == pytest.approx(10 / 2)
+    # nll with Â = 1 and log π = -TOKENS: the token losses are TOKENS themselves.
+    loss, _ = policy_loss(-TOKENS, torch.ones(2), MASK, policy="nll", loss_type="seq_sum")
+    assert loss.item() == pytest.approx(10 / 2)
+    with pytest.raises(ValueError, match="loss_type: must be one of"):
+        aggregate(TOKENS, MASK, "token_mean")

@@ -113,7 +113,7 @@ def pair_gaps(model, dataset, pad_id) -> torch.Tensor:
 
 
 def test_hdpo_alpha_scales_the_pairs_log_ratios(repo, tmp_path, tie_pairs_file):
-    """METHODS §4: H-DPO's optimum is π_ref^{1/α}: α < 1 sharpens the policy, α > 1 flattens it, α = 1 is DPO.
+    """docs/methods.md §4: H-DPO's optimum is π_ref^{1/α}: α < 1 sharpens the policy, α > 1 flattens it, α = 1 is DPO.
     On preference-free pairs (tie_pairs, both orders of every pair in each full-batch step) DPO's optimum is
     the reference itself and H-DPO's sets α·(S_θ(a) − S_θ(b)) = S_ref(a) − S_ref(b), so the log-prob gap
     between the two samples of a pair must grow for α = 0.5, stay for α = 1 and shrink for α = 2. Measured
@@ -145,7 +145,7 @@ def verifier_pairs_file(testbed, tmp_path_factory):
 
 
 def test_hdpo_alpha_orders_held_out_entropy(repo, tmp_path, testbed, verifier_pairs_file):
-    """METHODS §4: with the same seed and steps, H-DPO with α < 1 ends with lower policy entropy on held-out
+    """docs/methods.md §4: with the same seed and steps, H-DPO with α < 1 ends with lower policy entropy on held-out
     prompts than DPO, α > 1 with higher. Pairs: the quickstart's (policy samples judged by the verifier);
     120 steps of 16 at lr 2e-5, β = 0.1; held out: all 219 add1/sub1/mul1 test facts. Two readings of entropy:
     mean next-token entropy along greedy answers, and the sequence entropy −E_y log π(y|x) from 8 samples.
@@ -169,7 +169,7 @@ def test_hdpo_alpha_orders_held_out_entropy(repo, tmp_path, testbed, verifier_pa
 
 
 def test_rpo_keeps_chosen_logps_above_dpo(repo, tmp_path, dpo_run):
-    """METHODS §3: the SFT term holds the chosen log-prob up; DPO alone lets it fall."""
+    """docs/methods.md §3: the SFT term holds the chosen log-prob up; DPO alone lets it fall."""
     dpo_after = dpo_run[2]
     rpo = trained(repo, tmp_path, objective="rpo", eta=1.0, sft_norm="mean", max_steps=40)
     rpo_after = rpo.evaluate()

@@ -1,5 +1,6 @@
 """The config loader: YAML + overrides, types, and every bad input stopping before a model loads."""
 
+import dataclasses
 import json
 import os
 
@@ -176,3 +177,42 @@ def test_every_shipped_config_names_only_known_keys(repo):
             assert not unknown, f"{path}: unknown keys {sorted(unknown)}"
             checked += 1
     assert checked >= 18
+
+
+def test_renamed_key_is_one_line_naming_the_new_name(repo, tmp_path):
+    from align.recipes.iterative_dpo import IterativeRecipeConfig
+
+    path = repo / "configs/iterative/testbed-apo.yaml"
+    for old, new in (("max_new_tokens", "max_completion_length"), ("sample_temperature", "temperature")):
+        with pytest.raises(ConfigError, match=f"^{old}: renamed to {new} ") as err:
+            load_config(IterativeRecipeConfig, path, [f"output_dir={tmp_path}/o", f"{old}=1"])
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"^max_new_tokens: renamed to max_completion_length \(in .*c.yaml\)"):
+        load_config(IterativeRecipeConfig, write(tmp_path, path.read_text() + "max_new_tokens: 8\n"))
+
+
+def test_generation_keys_have_one_name_and_each_recipe_keeps_its_defaults():
+    from align.recipes.grpo import GRPORecipeConfig
+    from align.recipes.iterative_dpo import IterativeRecipeConfig
+    from align.recipes.online_dpo import OnlineRecipeConfig
+
+    defaults = {cls.__name__: {f.name: f.default for f in dataclasses.fields(cls)}
+                for cls in (GRPORecipeConfig, OnlineRecipeConfig, IterativeRecipeConfig)}
+    assert [(d["max_prompt_length"], d["max_completion_length"], d["temperature"], d["generation_batch_size"])
+            for d in defaults.values()] == [(512, 256, 1.0, 64), (512, 64, 1.0, 64), (256, 32, 1.0, 64)]
+    assert all("max_new_tokens" not in d and "sample_temperature" not in d for d in defaults.values())
+
+
+def test_help_groups_keys_by_part_wrapped_with_real_defaults():
+    from align.config import config_help
+    from align.recipes.grpo import GRPORecipeConfig
+
+    text = config_help(GRPORecipeConfig, width=72)
+    lines = text.splitlines()
+    headings = [line[:-1] for line in lines if line and not line.startswith(" ")]
+    assert headings == ["model", "data", "LoRA", "outputs", "prompt", "generation", "rollout", "RL", "trainer"]
+    assert max(len(line) for line in lines) <= 72
+    assert "reward_funcs (list[str], default ['accuracy'])" in text and "(factory)" not in text
+    section = text[text.index("\ngeneration:"):text.index("\nrollout:")]
+    assert "  max_completion_length (int, default 256)" in section  # a key sits in the part that defines it
+    assert text.index("  learning_rate (float, default 1e-06)") > text.index("\ntrainer:")

@@ -224,7 +224,21 @@ def test_online_trainers_raise_the_win_rate_against_the_initial_policy(repo, tmp
     trainer.train()
     facts = rl_rows(("add1", "sub1", "mul1"), n=None, split="test")
     p, p0 = (answer_probability(m, trainer.processing_class, facts)["answer_probability"]
-             for m in (trainer._policy, trainer.ref_model))
+             for m in (trainer.policy, trainer.ref_model))
     win = 0.5 + 0.5 * (p - p0)
     print(f"{method}: exact win rate vs the initial policy {win:.4f} (p {p0:.4f} -> {p:.4f})")
     assert win > WINRATE_FLOOR[method]
+
+
+def test_online_objective_takes_its_hyperparameters(repo, tmp_path, testbed):
+    """Online DPO with H-DPO: ``alpha`` reaches the loss the trainer builds; a hyperparameter the objective does not
+    take is a one-line error naming it, at config time."""
+    trainer = build_trainer(cfg(repo, tmp_path, "online_dpo", objective="hdpo", alpha=0.8))
+    assert trainer.loss_fn.spec.name == "hdpo" and trainer.loss_fn.params == {"beta": 0.1, "alpha": 0.8}
+    with pytest.raises(ConfigError, match="^objective 'hdpo' does not take 'gamma'") as err:
+        cfg(repo, tmp_path, "online_dpo", objective="hdpo", objective_kwargs={"gamma": 1.0})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="^alpha: objective 'dpo' does not take it"):
+        cfg(repo, tmp_path, "online_dpo", alpha=0.8)
+    with pytest.raises(ConfigError, match="^objective: must be one of .* for online_dpo, got 'pairnorm'"):
+        cfg(repo, tmp_path, "online_dpo", objective="pairnorm")  # needs gradient norms: not a pair-only objective

@@ -12,11 +12,11 @@ from transformers import TrainerCallback
 
 from align.config import load_config
 from align.errors import ConfigError, TrainingError
-from align.trainers.iterative import extrapolated_reference
 from align.recipes.iterative_dpo import IterativeRecipeConfig, run
+from align.trainers.iterative import extrapolated_reference
 
 # Small runs: 16 prompts, K = 4, 8 steps of 8 pairs per iteration, win rate on 8 held-out prompts x 2 samples.
-SMALL = dict(max_train_samples=16, max_eval_samples=8, eval_num_samples=2, max_steps=8, max_new_tokens=12,
+SMALL = dict(max_train_samples=16, max_eval_samples=8, eval_num_samples=2, max_steps=8, max_completion_length=12,
              per_device_train_batch_size=8, logging_steps=1, iterations=2)
 
 
@@ -205,7 +205,7 @@ def test_two_processes_make_the_same_pairs_as_one(repo, testbed, tmp_path):
     import sys
 
     common = ["--config", "configs/iterative/testbed-apo.yaml", "iterations=2", "max_train_samples=16",
-              "max_eval_samples=8", "eval_num_samples=2", "max_steps=4", "max_new_tokens=12", "logging_steps=1",
+              "max_eval_samples=8", "eval_num_samples=2", "max_steps=4", "max_completion_length=12", "logging_steps=1",
               "disable_tqdm=true", "dataloader_drop_last=true"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu2.yaml",
               "--num_processes", "2", "--main_process_port", "29541"]

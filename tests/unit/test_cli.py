@@ -37,6 +37,18 @@ def test_train_help_lists_config_keys():
     assert out.stdout.index("model_name_or_path") < out.stdout.index("per_device_train_batch_size")
 
 
+def test_train_help_is_grouped_by_part_and_fits_the_terminal():
+    out = align("train", "online_dpo", "--help", env={"COLUMNS": "88"})
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    keys = lines[lines.index("Config keys, by part:") + 1:]
+    headings = [line[:-1] for line in keys if line and not line.startswith(" ")]
+    assert headings == ["model", "data", "LoRA", "outputs", "prompt", "generation", "rollout", "objective", "online",
+                        "trainer"]
+    assert max(len(line) for line in lines) <= 88
+    assert "xpo_alpha (list[float], default [1e-05])" in out.stdout and "(factory)" not in out.stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -48,12 +60,23 @@ def test_train_help_lists_config_keys():
          "error: model_name_or_path: folder './no/such/model' does not exist"),
         (["train", "sft", "--config", "configs/sft/missing.yaml"],
          "error: --config: file 'configs/sft/missing.yaml' does not exist"),
+        (["train", "sft", "--config", "nope"],
+         "error: --config: no file or shipped config 'nope' for recipe 'sft' (shipped: testbed)"),
     ],
 )
 def test_bad_input_is_one_line(repo, args, message):
     out = align(*args, cwd=repo)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == message
+
+
+def test_shipped_config_by_name_from_any_folder(tmp_path):
+    # the shipped configs/sft/testbed.yaml loads from an empty folder (then the typo in the overrides stops it)
+    for name in ("testbed", "sft/testbed"):
+        out = align("train", "sft", "--config", name, "max_stepz=3", cwd=tmp_path)
+        assert out.returncode == 2
+        assert out.stderr.strip().splitlines()[-1] == \
+            "error: unknown config key 'max_stepz' in command line (did you mean 'max_steps'?)"
 
 
 def test_train_sft_end_to_end(repo, tmp_path, testbed):

@@ -46,22 +46,27 @@ def test_fsdp_is_refused_at_start(repo, tmp_path, monkeypatch):
         cfg(repo, tmp_path)
 
 
-@pytest.mark.parametrize("env,deepspeed,expected", [
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, None, "ZeRO-3"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None, None),
-    ({}, {"zero_optimization": {"stage": 3}}, "ZeRO-3"),
-    ({}, {"zero_optimization": {"stage": 1}}, None),
-    ({"ACCELERATE_USE_FSDP": "false"}, None, None),
+@pytest.mark.parametrize("env,deepspeed,expected,optimizer", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, None, "ZeRO-3", True),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None, None, True),
+    ({}, {"zero_optimization": {"stage": 3}}, "ZeRO-3", True),
+    ({}, {"zero_optimization": {"stage": 1}}, None, True),
+    ({}, {"zero_optimization": {"stage": 0}}, None, False),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, None, None, True),  # stage not given: assume sharded optimizer state
+    ({"ACCELERATE_USE_FSDP": "false"}, None, None, False),
+    ({"ACCELERATE_USE_FSDP": "true"}, None, "FSDP", True),
 ])
-def test_sharded_weights_detection(monkeypatch, env, deepspeed, expected):
+def test_sharding_detection(monkeypatch, env, deepspeed, expected, optimizer):
     # transformers itself needs the deepspeed package to build arguments with it, so read the rule directly.
     from types import SimpleNamespace
 
-    from align.trainers.rl_args import RLArguments
+    from align.sharding import sharding
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    assert RLArguments.sharded_weights(SimpleNamespace(fsdp="", deepspeed=deepspeed)) == expected
+    shards = sharding(SimpleNamespace(fsdp="", deepspeed=deepspeed))
+    assert (shards.kind if shards.shards_weights else None) == expected
+    assert shards.shards_optimizer is optimizer
 
 
 def test_missing_reward_column_and_long_prompt(repo, tmp_path, testbed):
@@ -169,7 +174,7 @@ def test_grad_norm_monitor_fills_the_prompt_stats(repo, tmp_path, testbed):
     reads: G_i > 0 exactly for the prompts with an accepted rollout, and the logged count matches."""
     trainer = build_trainer(cfg(repo, tmp_path, grad_norm_monitor_steps=1, max_steps=3, num_generations=8))
     trainer.train()
-    records = {uid: trainer.stats.get(uid) for uid in trainer.stats.uids()}
+    records = {p["uid"]: trainer.stats.get(p["uid"]) for p in trainer.stats.state_dict()["prompts"]}
     assert len(records) == 12  # 3 rounds x 4 prompts
     for r in records.values():
         assert r["n_samples"] == 8 and r["accept_rate"] in {k / 8 for k in range(9)}

@@ -9,9 +9,9 @@ from datasets import Dataset
 
 from align.data.preference import PreferenceCollator, check_preference_rows, tokenize_preferences
 from align.errors import DataError
+from align.logps import completion_logps
 from align.testbed import tasks
 from align.testbed.tokenizer import train_tokenizer
-from align.logps import completion_logps
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def test_hdpo_scales_policy_not_reference():
     b = batch(ref_rejected_logps=-10.0)
     assert build("hdpo", beta=1.0, alpha=0.5)(b).losses.item() == pytest.approx(math.log1p(math.exp(-2.0)), abs=1e-6)
     assert build("dpo", beta=1.0)(b).losses.item() == pytest.approx(math.log1p(math.exp(-3.0)), abs=1e-6)
-    # At θ = ref the H-DPO logit is (α − 1)·β·(S_ref(y_w) − S_ref(y_l)), not 0 (METHODS §4 pitfall).
+    # At θ = ref the H-DPO logit is (α − 1)·β·(S_ref(y_w) − S_ref(y_l)), not 0 (docs/methods.md §4 pitfall).
     at_ref = batch(policy_chosen_logps=-11.0, policy_rejected_logps=-10.0, ref_rejected_logps=-10.0)
     logit = (0.5 - 1) * 1.0 * (-1.0)
     assert build("hdpo", beta=1.0, alpha=0.5)(at_ref).losses.item() == pytest.approx(math.log1p(math.exp(-logit)))

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from align.errors import ConfigError
-from align.monitors.entanglement import CASES, case_of, entanglement, pair_stats, select_subset, summarize
-from align.monitors.grad_norm import sequence_grads
 from align.logps import pack, token_logps
+from align.monitors.entanglement import CASES, case_of, entanglement, pair_stats, select_subset, summarize
+from align.monitors.gradients import sequence_grads
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_predicted_signs_match_one_small_sgd_step(policy, pairs):
 
 
 def test_shared_suffixes_entangle(policy):
-    """METHODS §12.1: long shared suffixes drive cos(g_w, g_l) towards 1 and take pairs out of the ideal case
+    """docs/methods.md §12.1: long shared suffixes drive cos(g_w, g_l) towards 1 and take pairs out of the ideal case
     (chosen up, rejected down) into a case where both move together; which one (both up, as Mistral on TL;DR,
     or both down, as Llama) depends on the model. 24 pairs (a + 1, a − 1, a × 2 for a = 1..8; rejected = the
     answer plus one), measured over every parameter on the testbed policy: single differing token cos median

@@ -1,0 +1,199 @@
+"""The one base of align's trainers: LoRA wrapping, the frozen reference, the rollout engine, resume state, the
+non-finite-loss stop.
+
+Each piece is one method (or function) so that a change to how it works (sharding, a new weight sync) is made
+once, for every trainer:
+
+* :func:`wrap_peft`: the LoRA adapter, its random init seeded by the run's seed;
+* :meth:`AlignTrainer.setup_reference` / :meth:`AlignTrainer.reference`: the frozen reference model, or the
+  policy with its adapter off;
+* :meth:`AlignTrainer.setup_rollout`: the rollout engine and the weight sync that keeps it on the policy;
+* resume state: a trainer with a ``state_file`` returns its counters from :meth:`AlignTrainer.resume_state`;
+  :class:`SaveStateCallback` writes them into every checkpoint and ``train(resume_from_checkpoint=...)`` hands
+  them back to :meth:`AlignTrainer.load_resume_state`;
+* :meth:`AlignTrainer.check_finite`: the one-line error that stops a run before a non-finite update;
+* :class:`RolloutTrainer`: the trainers whose batches are prompt rows answered by a rollout engine (RL, online):
+  each global prompt batch serves several optimizer steps (:class:`RepeatRoundSampler`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from contextlib import nullcontext
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from align.data.prompts import tokenize_prompts
+from align.errors import TrainingError
+from align.io import atomic_write_json
+from align.rollout import WeightSync, build_engine
+from align.trainers.metric_log import MetricsMixin
+
+
+def wrap_peft(model, peft_config, seed: int):
+    """``model`` with a LoRA adapter from ``peft_config`` (``model`` itself when None); the adapter's random init
+    follows the run's seed."""
+    if peft_config is None:
+        return model
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(seed)
+    return get_peft_model(model, peft_config)
+
+
+def rows_collator(batch: list[dict]) -> dict:
+    """The prompt rows themselves, uncollated: the trainer generates from them."""
+    return {"rows": batch}
+
+
+class RepeatRoundSampler(torch.utils.data.Sampler):
+    """Shuffled prompt indices, each global prompt batch repeated once per optimizer step of its round, so
+    every process's dataloader hands it the same prompts for the whole round (incomplete batches dropped)."""
+
+    def __init__(self, num_rows: int, global_batch: int, repeats: int, seed: int):
+        self.num_rows, self.global_batch, self.repeats, self.seed, self.epoch = num_rows, global_batch, repeats, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.num_rows // self.global_batch) * self.global_batch * self.repeats
+
+    def __iter__(self):
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        for s in range(0, self.num_rows - self.global_batch + 1, self.global_batch):
+            for _ in range(self.repeats):
+                yield from order[s : s + self.global_batch]
+
+
+class SaveStateCallback(TrainerCallback):
+    """Writes the trainer's resume state (:meth:`AlignTrainer.resume_state`) into every checkpoint, as
+    ``trainer.state_file``."""
+
+    def __init__(self, trainer: AlignTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            atomic_write_json(os.path.join(folder, self.trainer.state_file), self.trainer.resume_state())
+
+
+class AlignTrainer(MetricsMixin, Trainer):
+    """``transformers.Trainer`` with the set-up every align trainer shares. Subclasses wrap the model with
+    :func:`wrap_peft` first, then call this ``__init__`` (the ``Trainer``'s arguments), then set up what they
+    need: :meth:`setup_reference`, :meth:`setup_rollout`."""
+
+    state_file: str | None = None  # file name of the resume state in each checkpoint; None: nothing to keep
+
+    def __init__(self, model, args, **trainer_kwargs):
+        super().__init__(model=model, args=args, **trainer_kwargs)
+        self.is_peft = hasattr(model, "disable_adapter")
+        self.ref_model = None
+        self.engine = None
+        self.weight_sync = None
+        self._init_metrics()
+        if self.state_file is not None:
+            self.add_callback(SaveStateCallback(self))
+
+    @property
+    def policy(self):
+        """The policy being trained, unwrapped from any distributed wrapper."""
+        return self.accelerator.unwrap_model(self.model)
+
+    # --- the frozen reference ---------------------------------------------------------------------
+
+    def setup_reference(self, ref_model=None, needed: bool = True) -> None:
+        """``self.ref_model``: ``ref_model`` if given; else, when ``needed`` and the policy has no LoRA adapter to
+        switch off, a frozen copy of the initial policy; else None. Frozen, in eval mode, on the device."""
+        if ref_model is None and needed and not self.is_peft:
+            ref_model = copy.deepcopy(self.model)
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval().to(self.args.device)
+        self.ref_model = ref_model
+
+    def reference(self):
+        """(model, context) that computes or samples the reference policy: the frozen ``ref_model``, else the
+        policy with its LoRA adapter off, else (only before training moves it) the policy itself."""
+        if self.ref_model is not None:
+            return self.ref_model, nullcontext()
+        policy = self.policy
+        return policy, (policy.disable_adapter() if self.is_peft else nullcontext())
+
+    # --- rollout ----------------------------------------------------------------------------------
+
+    def setup_rollout(self, engine=None) -> None:
+        """``self.engine`` (``engine``, or the one ``args.rollout`` names) and ``self.weight_sync``, which pushes
+        the policy's weights to it before a generation when it holds its own copy."""
+        args = self.args
+        self.engine = engine or build_engine(args, self.model, self.processing_class,
+                                             is_main=self.accelerator.is_main_process)
+        self.weight_sync = WeightSync(self.engine, args.rollout, args.vllm_sync_steps, self.accelerator)
+
+    def close(self) -> None:
+        """Release the rollout engine (a colocated vLLM's memory); the trainer cannot generate after this."""
+        if self.engine is not None:
+            self.engine.close()
+
+    # --- state kept across resume -----------------------------------------------------------------
+
+    def resume_state(self) -> dict:
+        """What a resumed run needs beyond the Trainer's own checkpoint (JSON-serialisable)."""
+        raise NotImplementedError(f"{type(self).__name__} sets state_file but not resume_state()")
+
+    def load_resume_state(self, state: dict) -> None:
+        """Restore what :meth:`resume_state` returned."""
+        raise NotImplementedError(f"{type(self).__name__} sets state_file but not load_resume_state()")
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.state_file is not None and isinstance(resume_from_checkpoint, str):
+            path = os.path.join(resume_from_checkpoint, self.state_file)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as fh:
+                    self.load_resume_state(json.load(fh))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # --- the non-finite-loss stop -----------------------------------------------------------------
+
+    def check_finite(self, loss: torch.Tensor, what: str = "loss", detail: str = "") -> None:
+        """Stop before the update when ``loss`` is NaN or infinite: a one-line :class:`TrainingError` naming the
+        step (``detail``, e.g. ", batch rows [...]", follows it)."""
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite {what} ({loss.item()}) at step {self.state.global_step + 1}{detail}; "
+                                f"stopped before the update, checkpoints already in {self.args.output_dir!r} are kept")
+
+
+class RolloutTrainer(AlignTrainer):
+    """Base of the trainers whose batches are prompt rows answered by a rollout engine (RL, online): prompts are
+    tokenised when they are not yet, each global prompt batch serves :attr:`batch_repeats` optimizer steps, and
+    the Trainer's FLOP count (meaningless here) is skipped."""
+
+    batch_unit = "step"  # what one prompt batch is called in the too-small-dataset error
+    batch_repeats = 1  # optimizer steps each global prompt batch serves
+
+    def __init__(self, model, args, train_dataset, eval_dataset=None, processing_class=None, callbacks=None):
+        tok = processing_class
+        if "prompt_ids" not in train_dataset.column_names:
+            train_dataset = tokenize_prompts(train_dataset, tok, args.max_prompt_length, "train")
+        if eval_dataset is not None and "prompt_ids" not in eval_dataset.column_names:
+            eval_dataset = tokenize_prompts(eval_dataset, tok, args.max_prompt_length, "eval")
+        super().__init__(model, args, data_collator=rows_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=tok, callbacks=callbacks)
+        need = args.per_device_train_batch_size * self.accelerator.num_processes
+        if len(train_dataset) < need:
+            raise TrainingError(f"train dataset: {len(train_dataset)} prompts, fewer than one {self.batch_unit} needs "
+                                f"(per_device_train_batch_size x processes = {need})")
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        batch = self.args.per_device_train_batch_size * self.accelerator.num_processes
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return RepeatRoundSampler(len(ds), batch, self.batch_repeats, seed)
+
+    def floating_point_ops(self, inputs) -> int:
+        return 0

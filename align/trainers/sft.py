@@ -1,0 +1,68 @@
+"""Supervised fine-tuning (SFT) on prompt/completion, messages or text data, via TRL's ``SFTTrainer``.
+
+The library side of ``recipes/sft.py``: its config and the whole run, so the testbed's SFT warm-up
+(:mod:`align.testbed.build`) trains through the same code without depending on a recipe script. With
+prompt/completion rows the loss covers completion tokens only (TRL's default).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from trl import SFTConfig
+
+from align.args import CPUSaneDefaults, RecipeArguments
+from align.errors import ConfigError
+
+
+@dataclass
+class SFTArguments(RecipeArguments, CPUSaneDefaults, SFTConfig):
+    recipe_name = "sft"
+
+    def validate(self) -> None:
+        if self.packing and self.completion_only_loss:
+            raise ConfigError("packing / completion_only_loss: packed sequences cannot mask prompts; disable one")
+
+
+def train_sft(config: SFTArguments, callbacks: Callable[[], list] = list) -> dict:
+    """Train ``config``'s model on its data, save it to ``output_dir`` and evaluate when there is eval data; returns
+    the output folder and every metric. ``callbacks()`` is called once data and model are loaded (a recipe's
+    bookkeeping, e.g. :func:`align.recipe.start`) and gives the trainer callbacks."""
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from align.data.loading import load_train_eval
+    from align.data.validate import sft_layout
+    from align.modeling import load_model, load_tokenizer, lora_config
+
+    # 1. Data first: a bad row stops the run before any model is loaded.
+    train, evaluation = load_train_eval(config)
+    sft_layout(train, "train")
+    if evaluation is not None:
+        sft_layout(evaluation, "eval")
+
+    # 2. Model and tokenizer.
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    model = load_model(config.model_name_or_path, config.torch_dtype, config.attn_implementation,
+                       config.trust_remote_code)
+
+    # 3. Train, save (seeded first: a LoRA adapter's random init must follow the run's seed).
+    set_seed(config.seed)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=lora_config(config),
+        callbacks=callbacks(),
+    )
+    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    metrics = dict(result.metrics)
+    if evaluation is not None:
+        metrics.update(trainer.evaluate())
+    trainer.accelerator.wait_for_everyone()
+    return {"output_dir": os.path.abspath(config.output_dir), **metrics}
