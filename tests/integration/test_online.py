@@ -44,6 +44,7 @@ class Recorder:
         trainer.make_pairs = make_pairs
 
 
+@pytest.mark.slow
 def test_egpo_full_step_is_one_step_from_theta_t_with_midpoint_samples(repo, tmp_path, testbed):
     trainer = build_trainer(cfg(repo, tmp_path, learning_rate=1e-3, max_steps=4, egpo_variant="oipo1"))
     fresh = copy.deepcopy(trainer.model)  # θ_0, before any step
@@ -191,6 +192,7 @@ def test_logged_metrics(repo, tmp_path, testbed):
         assert key in steps[0]
 
 
+@pytest.mark.slow
 def test_egpo_resume_continues_the_same_run(repo, tmp_path, testbed):
     """Stop after one EG iteration (a checkpoint at step 2), resume: steps 3-4 repeat the uninterrupted run."""
     from align.recipes.online_dpo import run
@@ -213,6 +215,7 @@ def test_egpo_resume_continues_the_same_run(repo, tmp_path, testbed):
     ("xpo", {}),
     ("egpo", {}),
 ])
+@pytest.mark.slow
 def test_online_trainers_raise_the_win_rate_against_the_initial_policy(repo, tmp_path, testbed, method, overrides):
     """Under the verifier oracle the win rate of π against π₀ (independent samples, ties ½) is exactly
     ½ + ½·(p − p₀), p the mean probability of the canonical correct answer over all 219 held-out facts: a

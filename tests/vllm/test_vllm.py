@@ -283,7 +283,7 @@ def test_online_dpo_samples_the_pushed_policy_and_trains_as_with_hf(repo, tmp_pa
     from align.recipes.online_dpo import build_trainer
 
     model, tok, ids = policy
-    monkeypatch.setattr("align.trainers.online.build_engine", lambda *a, **kw: engine)
+    monkeypatch.setattr("align.trainers.base.build_engine", lambda *a, **kw: engine)
     try:
         trainer = build_trainer(online_cfg(repo, tmp_path, rollout="vllm"))
         calls = spy_on(monkeypatch, engine, lambda: trainer.policy)
@@ -472,7 +472,7 @@ def test_online_dpo_on_the_server_trains_as_on_the_colocated_engine(repo, tmp_pa
     remote_run.train()
     pushes = remote_run.engine.info["weights_version"] - version
     with monkeypatch.context() as m:
-        m.setattr("align.trainers.online.build_engine", lambda *a, **kw: engine)
+        m.setattr("align.trainers.base.build_engine", lambda *a, **kw: engine)
         try:
             local_run = build_trainer(online_cfg(repo, tmp_path / "local", rollout="vllm"))
             local_run.train()
