@@ -14,8 +14,17 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+from align.checks import (
+    STEP_RULES,
+    TRAINER_RULES,
+    apply_rules,
+    check_attn_implementation,
+    check_file_in_dir,
+    check_report_to,
+    check_writable_dir,
+)
 from align.errors import ConfigError
 from align.testbed.tasks import DEFAULT_TASKS, FORMATS, TASKS
 
@@ -108,6 +117,7 @@ class ModelArguments:
         check_model_path(self.model_name_or_path)
         if self.torch_dtype not in DTYPES:
             raise ConfigError(f"torch_dtype: must be one of {DTYPES}, got {self.torch_dtype!r}")
+        check_attn_implementation(self.attn_implementation)
 
 
 @dataclass
@@ -121,8 +131,20 @@ class LoRAArguments:
     lora_target_modules: list[str] | None = option(None, "Module names to adapt; default: every linear layer.")
 
     def validate(self) -> None:
-        if self.use_peft and self.lora_r < 1:
+        if not self.use_peft:  # a LoRA key without use_peft would silently train every weight instead
+            for f in fields(LoRAArguments):
+                value = getattr(self, f.name)
+                if f.name != "use_peft" and value != getattr(type(self), f.name, f.default):
+                    raise ConfigError(f"{f.name}: set to {value!r} but use_peft is false; add use_peft=true to train "
+                                      f"a LoRA adapter, or remove {f.name}")
+            return
+        if self.lora_r < 1:
             raise ConfigError(f"lora_r: must be >= 1 with use_peft, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha: must be > 0 (the adapter's scale is lora_alpha / lora_r), got "
+                              f"{self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
 
 
 @dataclass
@@ -169,44 +191,72 @@ class OutputArguments:
     overwrite_output_dir: bool = option(False, "Allow training into an output_dir that already holds checkpoints.")
     metrics_file: str = option("metrics.jsonl", "File in output_dir that receives every logged metric as JSON lines.")
 
+    def validate(self) -> None:
+        check_file_in_dir(self.metrics_file, "metrics_file")
+
 
 @dataclass
 class RecipeArguments(OutputArguments, DataArguments, LoRAArguments, ModelArguments):
     """The parts every recipe shares (model, LoRA, data, outputs). A recipe's config composes them with a trainer
     part (a TRL/transformers TrainingArguments subclass), so :meth:`validate` here holds the checks that need both:
-    evaluation against the eval split, and output_dir against resume_from_checkpoint."""
+    evaluation against the eval split, the LoRA targets against the model, and output_dir (writable, and against
+    resume_from_checkpoint)."""
 
     recipe_name = "recipe"  # set by each recipe's config class
 
     def validate(self) -> None:
         if str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no" and not self.dataset_test_split:
             raise ConfigError("eval_strategy: evaluation is on but dataset_test_split is not set")
+        if self.use_peft and self.lora_target_modules:
+            from align.modeling import check_lora_targets
+
+            check_lora_targets(self.model_name_or_path, self.lora_target_modules, self.trust_remote_code)
+        check_writable_dir(self.output_dir or os.path.join("outputs", self.recipe_name))  # check_output_dir's default
         self.check_output_dir()
 
     def check_output_dir(self) -> None:
-        """Default ``output_dir``; resolve ``resume_from_checkpoint``; protect a folder that holds checkpoints."""
+        """Default ``output_dir``; resolve ``resume_from_checkpoint`` (true: the newest complete checkpoint, see
+        :mod:`align.checkpoints`); protect a folder that holds checkpoints (``overwrite_output_dir``: see
+        :meth:`clear_previous_run`)."""
+        from align.checkpoints import check_checkpoint, resolve_resume
+
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", self.recipe_name)
         out = self.output_dir
         resume = self.resume_from_checkpoint
+        main = os.environ.get("RANK", "0") == "0"  # the process that reports and removes
         if resume and resume.lower() in ("true", "last", "latest"):
-            from transformers.trainer_utils import get_last_checkpoint
-
-            last = get_last_checkpoint(out) if os.path.isdir(out) else None
-            if last is None:
-                raise ConfigError(f"resume_from_checkpoint: no checkpoint-* folder in output_dir {out!r}")
-            self.resume_from_checkpoint = last
-        elif resume and resume.lower() not in ("false", "none", "") and not os.path.isdir(resume):
-            raise ConfigError(f"resume_from_checkpoint: folder {resume!r} does not exist")
+            self.resume_from_checkpoint = resolve_resume(out, announce=main)
+        elif resume and resume.lower() not in ("false", "none", ""):
+            check_checkpoint(resume)
         elif resume:
             self.resume_from_checkpoint = None
         if not os.path.isdir(out) or self.resume_from_checkpoint or self.overwrite_output_dir:
-            return
+            return  # overwrite: clear_previous_run() removes the old run when training is about to start
         if any(name.startswith("checkpoint-") for name in os.listdir(out)):
             raise ConfigError(
                 f"output_dir: {out!r} already holds checkpoints; resume with resume_from_checkpoint=true, "
                 "or pass overwrite_output_dir=true, or choose another output_dir"
             )
+
+
+    def clear_previous_run(self) -> None:
+        """``overwrite_output_dir`` (not resuming): remove the previous run's checkpoints and metrics file, so that
+        no later resume continues that run. Called by :func:`align.recipe.start` once every check has passed and
+        the model has loaded, so a refused config never costs the user a checkpoint. Main process only."""
+        from align.checkpoints import remove_checkpoints
+
+        out = self.output_dir
+        if (not self.overwrite_output_dir or self.resume_from_checkpoint or not os.path.isdir(out)
+                or os.environ.get("RANK", "0") != "0"):
+            return
+        removed = remove_checkpoints(out)
+        metrics = os.path.join(out, self.metrics_file)
+        if os.path.dirname(os.path.abspath(metrics)) == os.path.abspath(out) and os.path.isfile(metrics):
+            os.remove(metrics)
+            removed.append(self.metrics_file)
+        if removed:
+            print(f"overwrite_output_dir: removed the previous run's {', '.join(removed)} from {out!r}", flush=True)
 
 
 # --- the parts of every trainer that samples: prompt, generation; and the objective ---------------------
@@ -243,10 +293,12 @@ class GenerationArguments:
         for key in ("max_prompt_length", "max_completion_length", "generation_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature: must be > 0 for sampling, got {self.temperature}")
+        if not 0 < self.temperature < float("inf"):
+            raise ConfigError(f"temperature: must be > 0 and finite for sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k: must be >= 0 (0: no cut), got {self.top_k}")
 
 
 # Objective hyperparameters that are config keys; any other goes in ``objective_kwargs``.
@@ -264,7 +316,8 @@ class ObjectiveArguments:
     beta: float = option(0.1, "KL strength β (τ for ipo).")
     alpha: float | None = option(None, "hdpo: entropy coefficient α; scales the policy log-probs (1 = DPO).")
     eta: float | None = option(None, "rpo: weight η of the SFT term.")
-    sft_norm: str | None = option(None, "rpo: 'sum' (paper: −η·β·S_θ(y_w)) or 'mean' (+η·token-mean NLL).")
+    sft_norm: str | None = option(None, "rpo: 'sum' (paper: −η·β·S_θ(y_w)), 'mean' (+η·each answer's "
+                                    "token-mean NLL) or 'token' (+η·the batch's token-mean NLL, as TRL).")
     label_smoothing: float | None = option(None, "robust: label flip probability ε in [0, 0.5).")
     length_alpha: float | None = option(None, "lrdpo: weight of the length margin |y_w| − |y_l| (tokens).")
     objective_kwargs: dict = option({}, "Other hyperparameters for objectives added later, as a mapping.")
@@ -325,10 +378,16 @@ class CPUSaneDefaults:
             raise ConfigError("fp16 / bf16: choose at most one")
         if values.get("fp16") and not has_accelerator():
             raise ConfigError("fp16: needs a GPU; on the CPU use the default fp32 (or bf16=true)")
+        apply_rules(values, STEP_RULES)
 
     def validate(self) -> None:
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        apply_rules(self, TRAINER_RULES)
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("max_steps / num_train_epochs: one of them must be > 0")
+        if self.load_best_model_at_end and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+            raise ConfigError("load_best_model_at_end: needs evaluation to pick the best checkpoint; set eval_strategy "
+                              "(steps or epoch, matching save_strategy) and dataset_test_split, or remove it")
+        check_report_to(self.report_to)

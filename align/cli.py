@@ -62,15 +62,20 @@ def _quickstart(args) -> int:
 
 def _serve(args) -> int:
     from align.modeling import check_model_path, resolve_model_path
-    from align.rollout.server import serve
+    from align.rollout.serve_http import check_limits
+    from align.rollout.server import serve, serve_api_key
     from align.rollout.vllm_engine import check_max_length, check_tensor_parallel
 
+    api_key = serve_api_key(args.host, args.api_key)  # first: an exposed server without a key never starts
+    limits = {k: v for k in ("max_body_mb", "max_request_mb", "max_completions", "max_n", "read_timeout_s", "workers")
+              if (v := getattr(args, k)) is not None}
+    check_limits(limits)
     check_model_path(args.model, "--model")
     check_tensor_parallel(args.tensor_parallel_size, "--tensor-parallel-size")
     check_max_length(resolve_model_path(args.model), args.max_model_len, "--max-model-len", "max model length")
     serve(resolve_model_path(args.model), args.host, args.port, max_model_len=args.max_model_len,
           tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
-          dtype=args.dtype, seed=args.seed)
+          dtype=args.dtype, seed=args.seed, api_key=api_key, limits=limits)
     return 0
 
 
@@ -113,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", default="auto", help="weights dtype: auto (the CPU build picks bfloat16), float32, "
                      "bfloat16, float16; the trainer warns when it differs from the policy's")
     srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--api-key", default=None, help="shared key every request must send (Authorization: Bearer); "
+                     "default $ALIGN_SERVE_API_KEY, which keeps it out of `ps`; required unless --host is loopback")
+    srv.add_argument("--max-body-mb", type=float, default=None, help="largest weight push (default: the model's "
+                     "weights in float32, twice, + 64 MB)")
+    # defaults (in the help) are align.rollout.serve_http.ServeLimits's, not imported here: that would load torch
+    srv.add_argument("--max-request-mb", type=float, help="largest /generate body (default 16)")
+    srv.add_argument("--max-completions", type=int, help="most prompts, and most completions, in one /generate "
+                     "(default 16384)")
+    srv.add_argument("--max-n", type=int, help="most completions of one prompt in one /generate (default 1024)")
+    srv.add_argument("--read-timeout-s", type=float, help="time allowed for a request's line and headers, and the "
+                     "longest stall of a body or a write (default 30)")
+    srv.add_argument("--workers", type=int, help="requests answered at once, at least the number of trainer "
+                     "processes (default 32); 64 more connections may wait, others get 503")
     srv.set_defaults(func=_serve)
     return parser
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import os
 import shutil
 import textwrap
@@ -122,8 +123,10 @@ def _coerce(value: Any, tp: Any) -> Any:
         raise _Mismatch
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-            value = parsed
+            try:  # "[a,b]" is YAML; a broken one ("[add1,") is a type error naming the key, not a parser traceback
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            except yaml.YAMLError:
+                raise _Mismatch from None
         if not isinstance(value, (list, tuple)):
             raise _Mismatch
         item = args[0] if args else Any
@@ -182,12 +185,49 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
     return out
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML lets the last one win, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base loader reports it
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in YAML file ``path``; a one-line ConfigError naming the file when it is missing, unreadable, not
+    UTF-8, not valid YAML, gives a key twice, or is not a mapping."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config: file {str(path)!r} does not exist")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as err:
+        raise ConfigError(f"--config: cannot read {str(path)!r} ({err.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"--config: {str(path)!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe_load semantics
+    except _DuplicateKey as err:
+        raise ConfigError(f"--config: {str(path)!r}: {err}") from None
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0]
         raise ConfigError(f"--config: {str(path)!r} is not valid YAML ({first})") from None
@@ -227,6 +267,8 @@ def load_config(cls: type, config_path: str | os.PathLike | None = None, overrid
             raise ConfigError(
                 f"{key}: expected {_describe(types_[key])}{_allowed_hint(types_[key])}, got {value!r} (from {source})"
             ) from None
+        if _is_nan(kwargs[key]):  # float("nan") parses, and then compares False with every bound
+            raise ConfigError(f"{key}: must be a number, got {value!r} (from {source})")
     precheck = getattr(cls, "precheck", None)  # the trainer part's checks that must come before transformers' own
     if callable(precheck):
         precheck(kwargs)
@@ -237,6 +279,12 @@ def load_config(cls: type, config_path: str | os.PathLike | None = None, overrid
         raise ConfigError(f"invalid config: {msg}") from None
     validate_config(config)
     return config
+
+
+def _is_nan(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_is_nan(v) for v in value)
+    return isinstance(value, float) and math.isnan(value)
 
 
 def default_of(f: dataclasses.Field) -> Any:

@@ -63,8 +63,9 @@ def check_model_path(name: str, key: str = "model_name_or_path") -> None:
         source.check(name, rest, key)
         return
     if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise ConfigError(f"{key}: folder {name!r} has no config.json, so it is not a model folder")
+        from align.model_files import check_model_folder
+
+        check_model_folder(name, key)
         return
     local_looking = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
     if local_looking or not HUB_ID.match(name):
@@ -87,24 +88,78 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_failed(key: str, what: str, path: str, err: BaseException) -> ConfigError:
+    """The one-line error for a model or tokenizer that ``from_pretrained`` could not load (what the file checks of
+    :mod:`align.model_files` cannot see, e.g. tensors of the wrong shape or a broken tokenizer.json)."""
+    reason = " ".join(str(err).split())
+    return ConfigError(f"{key}: cannot load the {what} from {path!r} ({type(err).__name__}: {reason[:300]})")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, key: str = "model_name_or_path"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise load_failed(key, "tokenizer", path, err) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(name: str, torch_dtype: str = "float32", attn_implementation=None, trust_remote_code=False):
+def require_chat_template(tokenizer, what: str, key: str = "model_name_or_path") -> None:
+    """Conversational data (``what``: e.g. "the train dataset") needs the tokenizer's chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    raise ConfigError(f"{key}: the tokenizer of {tokenizer.name_or_path!r} has no chat template, and {what} is "
+                      "conversational (lists of messages); use a chat model, add a chat_template.jinja to its folder, "
+                      "or give standard (string) rows")
+
+
+def load_model(name: str, torch_dtype: str = "float32", attn_implementation=None, trust_remote_code=False,
+               key: str = "model_name_or_path"):
+    import pickle
+
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **kwargs)
+    path = resolve_model_path(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as err:
+        raise load_failed(key, "model", path, err) from None
+
+
+def check_lora_targets(name: str, targets: list[str], trust_remote_code: bool = False,
+                       key: str = "lora_target_modules") -> None:
+    """Every LoRA target names a layer of model ``name`` that LoRA can adapt (peft's rule: the module's name or its
+    last dotted parts), checked on the model built on the meta device, with no weights read. peft itself only
+    complains when no target matches at all, after the model has loaded."""
+    if list(targets) == ["all-linear"]:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError):
+        return  # loading the model reports what is wrong with it
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
+    layers = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    for target in targets:
+        if not any(n == target or n.endswith(f".{target}") for n in layers):
+            names = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))
+            raise ConfigError(f"{key}: {target!r} matches no layer of {name!r} that LoRA can adapt (layer names: "
+                              f"{names})")
 
 
 def load_policy_and_reference(config, want_reference: bool = True):
@@ -115,7 +170,7 @@ def load_policy_and_reference(config, want_reference: bool = True):
                 trust_remote_code=config.trust_remote_code)
     model = load_model(config.model_name_or_path, **load)
     named = want_reference and config.ref_model_name_or_path
-    return model, (load_model(config.ref_model_name_or_path, **load) if named else None)
+    return model, (load_model(config.ref_model_name_or_path, **load, key="ref_model_name_or_path") if named else None)
 
 
 def lora_config(args):
@@ -128,6 +183,7 @@ def lora_config(args):
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules or "all-linear",
+        target_modules=args.lora_target_modules if args.lora_target_modules not in (None, [], ["all-linear"])
+        else "all-linear",
         task_type="CAUSAL_LM",
     )

@@ -25,6 +25,7 @@ from align.config import config_help, load_config, to_dict
 from align.errors import AlignError, ConfigError
 from align.io import atomic_open
 from align.shipped import resolve_config
+from align.stopping import Stopped, after_train, signals_handled, stop_point
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,19 @@ def parse(recipe: Recipe, argv: Sequence[str]):
 
 
 def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
-    """Parse, validate and run; a bad input ends with ``error: <one line>`` and status 2."""
-    code = 0
-    try:
-        config = parse(recipe, sys.argv[1:] if argv is None else argv)
-        recipe.run(config)
-    except AlignError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2
+    """Parse, validate and run; a bad input ends with ``error: <one line>`` and status 2, a SIGTERM / SIGINT with
+    a clean stop (:mod:`align.stopping`), one line and status 128 + the signal's number."""
+    with signals_handled():
+        try:  # the outer try also catches a signal that arrives while an error is being printed
+            code = 0
+            try:
+                config = parse(recipe, sys.argv[1:] if argv is None else argv)
+                recipe.run(config)
+            except AlignError as err:
+                print(f"error: {err}", file=sys.stderr)
+                code = 2
+        except Stopped as stop:
+            code = stop.report()
     _end_processes(code)
     return code
 
@@ -134,6 +140,9 @@ def start(config) -> list:
     """Bookkeeping at the start of every run: print the batch, save the config, return the callbacks."""
     from align.metrics import JsonlMetricsCallback
 
+    clear = getattr(config, "clear_previous_run", None)  # overwrite_output_dir: only now that every check passed
+    if clear is not None:
+        clear()
     if is_main_process():
         describe = getattr(config, "describe", None)  # RL configs spell out their round instead
         print(describe(world_size()) if describe else describe_batch(config), flush=True)
@@ -143,10 +152,15 @@ def start(config) -> list:
 
 def train_and_save(trainer, config, **extra) -> dict:
     """Train (resuming when the config says so), save the final model to ``output_dir``, evaluate when there
-    is an eval dataset; returns the output folder and every metric (plus ``extra``)."""
+    is an eval dataset; returns the output folder and every metric (plus ``extra``). A run stopped by a signal
+    raises :class:`align.stopping.Stopped` instead: in the loop, with its checkpoint; after it, once the final model
+    is saved."""
     try:
         result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        after_train(trainer)  # stopped by a signal: the checkpoint is the output, no final save or evaluation
         trainer.save_model(config.output_dir)
+        stop_point(f"after training, with the final model saved in {config.output_dir}", trainer.args.device,
+                   trainer.is_world_process_zero())
         metrics = {**result.metrics}
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())

@@ -32,9 +32,7 @@ def build_trainer(config):
     from align.trainers.rl import RLTrainer
 
     # 1. Rewards and data, all checked before a model is loaded.
-    options = {"max_completion_length": config.max_completion_length,
-               "overlong_cache_length": config.overlong_cache_length}
-    reward_set = RewardSet(config.reward_funcs, config.reward_weights, options, config.on_reward_error)
+    reward_set = RewardSet.from_config(config)
     tokenizer, train, evaluation = load_prompt_data(config, reward_set.check_columns)
 
     # 2. Policy, and a separate reference only when one is named and the KL term is on.

@@ -66,7 +66,7 @@ def build_driver(config: IterativeRecipeConfig, callbacks=None):
 
     # 1. Oracle and prompts, all checked before a model is loaded or anything generated.
     options = {"max_completion_length": config.max_completion_length}
-    oracle = build_oracle(config.oracle, config.oracle_scale, options)
+    oracle = build_oracle(config.oracle, config.oracle_scale, options, config.reward_timeout_s)
     tokenizer, train, evaluation = load_prompt_data(
         config, lambda names, where: check_columns(oracle, names, where),
         (lambda ds: ds.map(_as_message)) if config.chat_prompt else None)

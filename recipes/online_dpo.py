@@ -35,7 +35,7 @@ def build_trainer(config, trainer_class=None):
 
     cls = trainer_class or {"online_dpo": OnlineDPOTrainer, "xpo": XPOTrainer, "egpo": EGPOTrainer}[config.method]
     # 1. Oracle and data, checked before a model is loaded.
-    oracle = build_oracle(config.oracle, config.oracle_scale)
+    oracle = build_oracle(config.oracle, config.oracle_scale, timeout_s=config.reward_timeout_s)
     tokenizer, train, evaluation = load_prompt_data(config, lambda names, where: check_columns(oracle, names, where))
 
     # 2. Policy, and a separate reference only when one is named (default: a frozen copy of the policy).

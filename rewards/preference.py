@@ -14,7 +14,10 @@ these implementations:
 * any ``module:function`` returning probabilities.
 
 Every oracle counts the pairs it has judged (``calls``; the trainers log it as ``oracle/calls``), and every
-answer is checked: a probability outside [0, 1] or NaN stops the run naming the oracle and the pair.
+answer is checked: a probability outside [0, 1] or NaN stops the run naming the oracle and the pair. An oracle
+that runs user code (a model, a ``module:function``, a reward or verifier that is not a registered name) gets
+``timeout_s`` seconds per call (the ``reward_timeout_s`` option, :mod:`align.timeouts`); one that has not
+answered by then stops the run naming the oracle and the prompt ids.
 :meth:`PreferenceOracle.best_worst` ranks K candidates by their mean win probability against the others
 (for a reward oracle, the reward order), as the iterative trainers need.
 """
@@ -31,14 +34,18 @@ import torch
 
 from align.errors import ConfigError, DataError, TrainingError
 from align.rewards.math import completion_text, extract_answer
+from align.timeouts import REWARD_TIMEOUT_S, DeadlineExceeded, call_with_deadline
 
 Texts = Sequence[Any]
 
 
 class PreferenceOracle(ABC):
-    """Base class: subclasses implement ``_prob(prompts, a, b, columns) -> [N] float tensor``."""
+    """Base class: subclasses implement ``_prob(prompts, a, b, columns) -> [N] float tensor``; those that run user
+    code set ``runs_user_code``, and their calls get ``timeout_s`` seconds (None: unbounded)."""
 
     name = "oracle"
+    runs_user_code = True
+    timeout_s: float | None = REWARD_TIMEOUT_S
 
     def __init__(self):
         self.calls = 0
@@ -47,12 +54,22 @@ class PreferenceOracle(ABC):
     def _prob(self, prompts: Texts, a: Texts, b: Texts, columns: dict[str, Sequence]) -> torch.Tensor:
         """P(a[i] ≻ b[i]) for every pair, unchecked."""
 
-    def __call__(self, prompts: Texts, a: Texts, b: Texts, columns: dict[str, Sequence] | None = None) -> torch.Tensor:
-        """P(a[i] ≻ b[i] | prompts[i]) for every i; ``columns`` are dataset columns aligned with the pairs."""
+    def __call__(self, prompts: Texts, a: Texts, b: Texts, columns: dict[str, Sequence] | None = None,
+                 ids: Sequence | None = None) -> torch.Tensor:
+        """P(a[i] ≻ b[i] | prompts[i]) for every i; ``columns`` are dataset columns aligned with the pairs; ``ids``
+        the pairs' prompt ids for error messages (default: the ``uid`` column, if any)."""
+        from align.rewards.registry import timeout_message
+
         n = len(a)
         if not (len(prompts) == len(b) == n):
             raise ValueError(f"oracle {self.name!r}: {len(prompts)} prompts, {n} first and {len(b)} second responses")
-        p = torch.as_tensor(self._prob(prompts, a, b, columns or {}), dtype=torch.float32).reshape(-1)
+        columns = columns or {}
+        try:
+            p = call_with_deadline(self._prob, self.timeout_s if self.runs_user_code else None, prompts, a, b, columns)
+        except DeadlineExceeded as e:
+            ids = columns.get("uid", ()) if ids is None else ids
+            raise TrainingError(timeout_message(f"oracle {self.name!r}", e.timeout_s, ids)) from None
+        p = torch.as_tensor(p, dtype=torch.float32).reshape(-1)
         if p.numel() != n:
             raise TrainingError(f"oracle {self.name!r} returned {p.numel()} probabilities for {n} pairs")
         bad = (~torch.isfinite(p)) | (p < 0) | (p > 1)
@@ -91,7 +108,8 @@ class RewardOracle(PreferenceOracle):
         super().__init__()
         if not scale > 0:
             raise ConfigError(f"oracle_scale: must be > 0, got {scale}")
-        self.rewards = RewardSet([reward], options=options)
+        self.rewards = RewardSet([reward], options=options, timeout_s=None)  # the oracle's call is bounded
+        self.runs_user_code = self.rewards.bounded[0]
         self.scale = scale
         self.name = f"reward:{self.rewards.names[0]}"
 
@@ -114,10 +132,11 @@ class VerifierOracle(PreferenceOracle):
     reward function (``accuracy`` by default)."""
 
     def __init__(self, verifier: str | Callable = "accuracy"):
-        from align.rewards.registry import resolve_reward
+        from align.rewards.registry import is_registered, resolve_reward
 
         super().__init__()
         self.fn = verifier if callable(verifier) else resolve_reward(verifier)
+        self.runs_user_code = not is_registered(verifier)
         self.name = f"verifier:{verifier if isinstance(verifier, str) else getattr(verifier, '__name__', 'fn')}"
 
     def _verdicts(self, completions, columns) -> torch.Tensor:
@@ -182,6 +201,7 @@ class CyclicOracle(PreferenceOracle):
     any with one; equal classes tie at ½. The symmetric game's only Nash equilibrium puts ⅓ on each class."""
 
     name = "cyclic"
+    runs_user_code = False
 
     @staticmethod
     def classes(completions: Texts) -> list[int | None]:
@@ -211,10 +231,18 @@ class FunctionOracle(PreferenceOracle):
 ORACLE_KINDS = ("verifier:<reward fn>", "reward:<reward spec>", "pairwise:<model path>", "cyclic", "module:function")
 
 
-def build_oracle(spec: str | PreferenceOracle, scale: float = 1.0, options: dict | None = None) -> PreferenceOracle:
-    """The oracle a config's ``oracle:`` names (one of :data:`ORACLE_KINDS`); a one-line ConfigError otherwise."""
+def build_oracle(spec: str | PreferenceOracle, scale: float = 1.0, options: dict | None = None,
+                 timeout_s: float | None = REWARD_TIMEOUT_S) -> PreferenceOracle:
+    """The oracle a config's ``oracle:`` names (one of :data:`ORACLE_KINDS`), its calls bounded by ``timeout_s``
+    (``reward_timeout_s``); a one-line ConfigError otherwise. An oracle object is returned as it is."""
     if isinstance(spec, PreferenceOracle):
         return spec
+    oracle = _build(spec, scale, options)
+    oracle.timeout_s = timeout_s
+    return oracle
+
+
+def _build(spec: str, scale: float, options: dict | None) -> PreferenceOracle:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"oracle: must be one of {', '.join(ORACLE_KINDS)}, got {spec!r}")
     spec = spec.strip()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from align.errors import ConfigError, DataError, TrainingError
 from align.rewards.length import accuracy_and_length, length_reward, overlong_reward
 from align.rewards.math import accuracy_reward, closeness_reward, format_reward
 from align.rewards.math_verify import math_verify_reward
+from align.timeouts import REWARD_TIMEOUT_S, DeadlineExceeded, call_with_deadline
 
 RewardFn = Callable[..., list[float]]
 
@@ -40,6 +42,7 @@ FACTORY_OPTIONS: dict[str, dict[str, str]] = {
 # Arguments the trainer supplies itself: never dataset columns.
 TRAINER_ARGS = frozenset({"completions", "prompts", "completion_ids", "completion_lengths", "prompt_ids"})
 ON_ERROR = ("raise", "zero")
+logger = logging.getLogger(__name__)
 
 
 def _known() -> str:
@@ -121,6 +124,21 @@ def _display_name(spec: Any, fn: Callable[..., Any]) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
+def is_registered(spec: Any) -> bool:
+    """True for the name of a registered reward (ours, run inline); False for user code (``module:function``, a
+    ``model:`` reward model, a callable), which runs under ``reward_timeout_s``."""
+    return isinstance(spec, str) and spec.strip() in REWARD_FUNCTIONS
+
+
+def timeout_message(what: str, timeout_s: float, prompt_ids: Sequence[Any]) -> str:
+    """The one line for a call that did not return in time: what it was, the option, and the prompts it scored."""
+    ids = list(dict.fromkeys(i for i in prompt_ids if i is not None))
+    shown = ", ".join(str(i) for i in ids[:8]) + (f", ... ({len(ids)} prompts)" if len(ids) > 8 else "")
+    where = f" (prompt id{'s' if len(ids) > 1 else ''} {shown})" if ids else ""
+    return (f"{what} did not return within reward_timeout_s={timeout_s:g}s{where}; it may hang, or need a larger "
+            "reward_timeout_s")
+
+
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -130,8 +148,11 @@ class RewardSet:
     """Weighted reward functions: ``total = Σ_k w_k r_k`` per completion, with per-function scores and error counts.
 
     ``specs`` are reward specs (see ``resolve_reward``) or callables; ``weights`` default to 1.0 each.
-    ``on_error="raise"`` turns a failing function (exception, wrong count, NaN/inf/None score) into a
+    ``on_error="raise"`` turns a failing function (exception, timeout, wrong count, NaN/inf/None score) into a
     ``TrainingError``; ``on_error="zero"`` scores the bad items 0.0 and counts them in ``errors``.
+    Every call of user code (not a registered name) gets ``timeout_s`` seconds (:mod:`align.timeouts`; ``None``:
+    unbounded, for a caller that bounds the call itself); a call that has not returned by then failed for the
+    whole batch.
     """
 
     def __init__(
@@ -140,6 +161,7 @@ class RewardSet:
         weights: Sequence[float] | None = None,
         options: dict[str, Any] | None = None,
         on_error: str = "raise",
+        timeout_s: float | None = REWARD_TIMEOUT_S,
     ):
         if isinstance(specs, str):
             specs = [specs]
@@ -164,6 +186,10 @@ class RewardSet:
         ]
         self.weights = [float(w) for w in weights]
         self.on_error = on_error
+        self.timeout_s = timeout_s
+        self.bounded = tuple(not is_registered(spec) for spec in specs)
+        self.specs = tuple(spec.strip() if isinstance(spec, str) else _display_name(spec, fn)
+                           for spec, fn in zip(specs, self.functions, strict=True))
         names: list[str] = []
         for spec, fn in zip(specs, self.functions, strict=True):
             base = name = _display_name(spec, fn)
@@ -172,6 +198,15 @@ class RewardSet:
                 name, k = f"{base}_{k}", k + 1
             names.append(name)
         self._names = tuple(names)
+
+    @classmethod
+    def from_config(cls, config) -> RewardSet:
+        """The set an RL config's keys name: ``reward_funcs``, ``reward_weights``, ``on_reward_error``,
+        ``reward_timeout_s`` and the options of the registered factories."""
+        options = {"max_completion_length": config.max_completion_length,
+                   "overlong_cache_length": config.overlong_cache_length}
+        return cls(config.reward_funcs, config.reward_weights, options, config.on_reward_error,
+                   config.reward_timeout_s)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -214,11 +249,17 @@ class RewardSet:
         total = torch.zeros(n, dtype=torch.float32)
         per_function: dict[str, torch.Tensor] = {}
         errors: dict[str, int] = {}
-        for name, fn, weight in zip(self.names, self.functions, self.weights, strict=True):
+        for k, (name, fn, weight) in enumerate(zip(self.names, self.functions, self.weights, strict=True)):
             scores = torch.zeros(n, dtype=torch.float32)
             bad = 0
             try:
-                values = fn(**kwargs)
+                values = call_with_deadline(fn, self.timeout_s if self.bounded[k] else None, **kwargs)
+            except DeadlineExceeded as e:
+                message = timeout_message(f"reward function {self.specs[k]!r}", e.timeout_s, prompt_ids)
+                if self.on_error == "raise":
+                    raise TrainingError(message) from None
+                logger.warning("%s: its %d completions score 0 (on_reward_error: zero)", message, n)
+                values, bad = None, n
             except Exception as e:  # a user function may fail any way
                 if self.on_error == "raise":
                     raise TrainingError(

@@ -29,6 +29,18 @@ def repo():
     return REPO
 
 
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any attempt to load weights fails the test: errors must come first."""
+    import align.modeling
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(align.modeling, "load_model", boom)
+    monkeypatch.setattr(align.modeling, "load_tokenizer", boom)
+
+
 FOLDER_MARKS = {"unit": ("unit",), "integration": ("integration",), "distributed": ("distributed", "slow"),
                 "vllm": ("vllm", "slow")}
 
@@ -44,6 +56,8 @@ def pytest_collection_modifyitems(config, items):
             continue
         for name in FOLDER_MARKS.get(folder, ()):
             item.add_marker(getattr(pytest.mark, name))
+        if folder == "vllm":  # under pytest-xdist (-n 2 --dist loadgroup): one worker, so one engine and one server
+            item.add_marker(pytest.mark.xdist_group("vllm"))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -6,6 +6,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from align.data.files import load_file
+from align.data.validate import mark_source
 from align.errors import ConfigError, DataError
 from align.modeling import HUB_ID, find_source, hub_offline
 
@@ -49,7 +51,7 @@ def check_dataset_name(name: str, key: str = "dataset_name") -> None:
 
 def load_split(args, split: str, limit: int | None, name: str | None = None):
     """Split ``split`` of ``name`` (default ``args.dataset_name``) as a ``datasets.Dataset``, at most
-    ``limit`` rows."""
+    ``limit`` rows, marked with its source (row errors name it, :func:`align.data.validate.source_named`)."""
     import datasets
 
     name = name or args.dataset_name
@@ -61,7 +63,8 @@ def load_split(args, split: str, limit: int | None, name: str | None = None):
         if name == args.dataset_name and split != args.dataset_train_split:
             raise DataError(f"dataset_name {name!r} is a single file, so it has no split {split!r} "
                             "(set eval_dataset_name for evaluation data)")
-        ds = datasets.load_dataset(DATA_EXTENSIONS[os.path.splitext(name)[1]], data_files=name, split="train")
+        key = "dataset_name" if name == args.dataset_name else "eval_dataset_name"
+        ds = load_file(name, DATA_EXTENSIONS[os.path.splitext(name)[1]], key)
     elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
         dd = datasets.load_from_disk(name)
         if split not in dd:
@@ -78,7 +81,7 @@ def load_split(args, split: str, limit: int | None, name: str | None = None):
         ds = dd[split]
     if limit is not None and len(ds) > limit:
         ds = ds.select(range(limit))
-    return ds
+    return mark_source(ds, name)
 
 
 def load_train_eval(args):

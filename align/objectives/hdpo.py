@@ -13,7 +13,7 @@ from align.objectives.base import ObjectiveOutput, preference_metrics, register,
 
 
 @register("hdpo", "Entropy-controllable DPO: alpha scales the policy log-probs (alpha=1 is DPO)",
-          "Entropy Controllable Direct Preference Optimization")
+          "Entropy Controllable Direct Preference Optimization", bounds={"alpha": "(0, inf)"})
 def hdpo(batch, *, beta: float = 0.1, alpha: float = 0.95) -> ObjectiveOutput:
     policy = batch["policy_chosen_logps"] - batch["policy_rejected_logps"]
     ref = batch["ref_chosen_logps"] - batch["ref_rejected_logps"]

@@ -7,7 +7,11 @@ per sequence ``[B]`` (see :mod:`align.objectives.advantages`).
   arXiv:2402.03300): −min(ρ·Â, clip(ρ, 1−ε, 1+ε_high)·Â), ρ = exp(log π_θ − log π_old); ε_high is
   DAPO's clip-higher (Yu et al. 2025, arXiv:2503.14476). RAFT++ is this loss with 0/1 advantages.
 * ``nll`` — −Â·log π_θ: plain RAFT (Dong et al. 2023, arXiv:2304.06767), SFT on accepted samples.
-* optional k3 KL to a reference, + β·(exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1) per token.
+* optional k3 KL to a reference (``kl_estimator``, registry :data:`KL_ESTIMATORS`): ``k3`` adds
+  β·k3 per token, k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1 (verl's ``low_var_kl``); ``k3_is``
+  adds β·ρ·k3 with the unclipped ρ = π_θ / π_old (TRL 1.16's default, ``use_bias_correction_kl=True``). Same
+  loss where ρ = 1, different gradients even there: per token β·(1 − π_ref/π_θ) against β·ρ·log(π_θ/π_ref)
+  (docs/methods.md §11).
 * optional per-token importance weights (``is_weights``) multiplying the token loss: truncated importance
   sampling (TIS, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training")
   when another engine (vLLM) sampled the tokens, see :func:`truncated_is_weights`.
@@ -33,12 +37,27 @@ from align.registry import Registry
 
 TOKEN_LOSSES = Registry("policy_loss")
 AGGREGATIONS = Registry("loss_type")
+KL_ESTIMATORS = Registry("kl_estimator")
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(π_θ ‖ π_ref) (Schulman 2020), ≥ 0, as GRPO adds it to the loss."""
     d = ref_logps - logps
     return torch.exp(d) - d - 1
+
+
+# --- KL estimators: fn(logps, ref_logps, old_logps | None) -> the per-token term that β multiplies [B, T] ---
+
+
+@KL_ESTIMATORS.register("k3", "β·k3 per token (align's default; verl's low_var_kl without the clamp)")
+def k3_term(logps, ref_logps, old_logps):
+    return k3_kl(logps, ref_logps)
+
+
+@KL_ESTIMATORS.register("k3_is", "β·ρ·k3 per token, ρ = π_θ/π_old (TRL's use_bias_correction_kl=True)")
+def k3_is_term(logps, ref_logps, old_logps):
+    old = logps.detach() if old_logps is None else old_logps
+    return torch.exp(logps - old) * k3_kl(logps, ref_logps)
 
 
 # --- token losses: fn(logps, adv [B, 1], old_logps | None, fmask, *, hyper) -> (token_loss [B, T], metrics) ---
@@ -95,6 +114,7 @@ def dr_grpo_mean(total, mask, b, num_tokens, max_completion_length):
 
 LOSS_TYPES = AGGREGATIONS.names()
 POLICY_LOSSES = TOKEN_LOSSES.names()
+KL_ESTIMATOR_NAMES = KL_ESTIMATORS.names()
 
 
 def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, *, num_sequences: float | None = None,
@@ -112,12 +132,13 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
                 policy: str = "clip", epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
                 loss_type: str = "dapo", num_sequences: float | None = None, num_tokens: float | None = None,
                 max_completion_length: int | None = None, is_weights: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                kl_estimator: str = "k3") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(scalar loss, metrics) for one batch of completions.
 
     ``logps``/``old_logps``/``ref_logps``: per-token log-probs [B, T] of the completion tokens under the
     policy being trained, the policy that sampled them (default: ``logps`` detached, ratio 1) and the
     reference (needed when ``beta`` > 0). ``is_weights`` [B, T] (detached) multiply the policy term per token.
+    ``kl_estimator`` (``k3`` or ``k3_is``) is the per-token KL term β multiplies; its token mean is the ``kl`` metric.
     ``mask`` [B, T] marks completion tokens that count (truncated
     completions already removed when ``mask_truncated_completions`` is on). Metrics are token means over
     this batch: ``clip_ratio/low`` (ρ < 1−ε with Â < 0), ``clip_ratio/high`` (ρ > 1+ε_high with Â > 0),
@@ -134,7 +155,7 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
     if beta:
         if ref_logps is None:
             raise ValueError("beta > 0 needs ref_logps")
-        kl = k3_kl(logps, ref_logps)
+        kl = KL_ESTIMATORS.get(kl_estimator).fn(logps, ref_logps, old_logps)
         token_loss = token_loss + beta * kl
         metrics["kl"] = (kl.detach() * fmask).sum() / fmask.sum().clamp(min=1)
     loss = aggregate(token_loss, mask, loss_type, num_sequences=num_sequences, num_tokens=num_tokens,

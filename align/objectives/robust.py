@@ -4,14 +4,12 @@ Feedback" (ICML 2024, arXiv:2403.00409). docs/methods.md §2.2.
     L = [−(1−ε)·log σ(βD) + ε·log σ(−βD)] / (1 − 2ε),   ε = label_smoothing (flip probability < 0.5)
 """
 
-from align.errors import ConfigError
 from align.objectives.base import ObjectiveOutput, log_ratios, preference_metrics, register, sigmoid_loss
 
 
-@register("robust", "Robust DPO for labels flipped with probability label_smoothing", "arXiv:2403.00409")
+@register("robust", "Robust DPO for labels flipped with probability label_smoothing", "arXiv:2403.00409",
+          bounds={"label_smoothing": "[0, 0.5)"})
 def robust(batch, *, beta: float = 0.1, label_smoothing: float = 0.1) -> ObjectiveOutput:
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ConfigError(f"label_smoothing: robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
     h_w, h_l = log_ratios(batch)
     z = beta * (h_w - h_l)
     eps = label_smoothing

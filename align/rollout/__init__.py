@@ -31,7 +31,8 @@ def build_engine(args, model, tokenizer, *, is_main: bool = True, max_len: int |
     from align.rollout.remote import ServerEngine
 
     engine = ServerEngine.for_policy(model, tokenizer, args.vllm_server_host, args.vllm_server_port,
-                                     args.vllm_timeout_s, push_weights=is_main)
+                                     args.vllm_timeout_s, push_weights=is_main,
+                                     request_timeout_s=args.vllm_request_timeout_s)
     engine.check(max_len)
     return engine
 

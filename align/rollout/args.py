@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from align.args import option
 from align.errors import ConfigError
+from align.timeouts import REQUEST_TIMEOUT_S, check_timeout
 
 ROLLOUTS = ("hf", "vllm", "vllm-server")
 
@@ -33,6 +34,10 @@ class RolloutArguments:
     vllm_timeout_s: float = option(60.0, "rollout: vllm-server: the longest silence of the server (it sends a "
                                          "heartbeat every 0.25 s while it generates or loads weights); then the run "
                                          "stops naming the server and what it waited for.")
+    vllm_request_timeout_s: float = option(REQUEST_TIMEOUT_S, "rollout: vllm-server: the longest one request (a "
+                                                              "generation, a weight push) may take in all, heartbeats "
+                                                              "or not; then the run stops naming the server, the "
+                                                              "request and this option. At least vllm_timeout_s.")
 
     def validate(self, world: int) -> None:
         """One-line ConfigErrors for rollout options that cannot work with ``world`` processes (before any model)."""
@@ -44,9 +49,14 @@ class RolloutArguments:
             raise ConfigError(f"vllm_sync_steps: must be >= 1, got {self.vllm_sync_steps}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        check_timeout("vllm_timeout_s", self.vllm_timeout_s)
         if self.vllm_timeout_s < 1:
             raise ConfigError(f"vllm_timeout_s: must be >= 1 (the server's heartbeats come every 0.25 s), got "
                               f"{self.vllm_timeout_s}")
+        check_timeout("vllm_request_timeout_s", self.vllm_request_timeout_s)
+        if self.vllm_request_timeout_s < self.vllm_timeout_s:
+            raise ConfigError(f"vllm_request_timeout_s: must be >= vllm_timeout_s ({self.vllm_timeout_s:g}), got "
+                              f"{self.vllm_request_timeout_s:g}")
         if not 0 < self.vllm_server_port < 65536:
             raise ConfigError(f"vllm_server_port: must be in 1..65535, got {self.vllm_server_port}")
         if self.rollout == "vllm":

@@ -2,60 +2,84 @@
 
 Every wait is bounded: each request runs with ``timeout_s`` on its socket (connect, send, each read; the
 server sends a heartbeat every 0.25 s while it works, so this bounds its silence, not the length of a
-generation), so a server that is down, dies mid-run or stops answering ends the run with a :class:`TrainingError`
-naming the server and what was being waited for, instead of hanging. Before training, :meth:`check`
+generation), and the whole request with ``request_timeout_s`` (checked between reads, so a server that keeps
+sending heartbeats but never its answer is given up on too), so a server that is down, dies mid-run, stops
+answering or never finishes ends the run with a :class:`ServerUnavailable` naming the server, what was being
+waited for and the option, instead of hanging. Before training, :meth:`check`
 (the health check) turns the same failures, and a server whose ``max_model_len`` is too short, into a
 one-line :class:`ConfigError`.
 
 With several trainer processes, every process sends its own groups to the server (the server serialises
 them; completions depend only on their seeds) and only the main process pushes weights; the trainer
 puts a barrier between the push and the next generation (see :class:`align.rollout.sync.WeightSync`).
+
+Every request carries ``Authorization: Bearer $ALIGN_SERVE_API_KEY`` when that variable is set (the key is read
+from the environment only, so it never lands in a saved config); a 401 is a one-line :class:`ConfigError` naming
+the variable. A body larger than the server's cap (sent with /health) is refused here, naming the server option.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import time
 import urllib.error
 import urllib.request
 
 from align.errors import ConfigError, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, eos_token_ids
+from align.rollout.serve_http import API_KEY_ENV, BODY_CAPS, MB
 from align.rollout.vllm_engine import merged, policy_weights, request_rows, to_rollouts
+from align.timeouts import REQUEST_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
 
 class ServerUnavailable(TrainingError):
-    """The rollout server did not answer (down, dead, or silent past the timeout)."""
+    """The rollout server did not answer (down, dead, silent past the timeout, or busy past the request's bound)."""
 
 
 class ServerEngine:
     """:class:`align.rollout.base.RolloutEngine` talking to ``align serve`` at ``host:port``."""
 
     def __init__(self, host: str, port: int, *, eos_ids: list[int], timeout_s: float = 300.0,
-                 push_weights: bool = True, dtype: str | None = None):
+                 push_weights: bool = True, dtype: str | None = None,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S):
         self.url = f"http://{host}:{port}"
         self.dtype = dtype
         self.eos_ids = list(eos_ids)
         self.timeout_s = timeout_s
+        self.request_timeout_s = request_timeout_s
         self.push_weights = push_weights
         self.info: dict = {}
+        key = os.environ.get(API_KEY_ENV)  # the server's shared key; from the environment only, never a config file
+        self.auth = {"Authorization": f"Bearer {key}"} if key else {}
 
     @classmethod
-    def for_policy(cls, model, tokenizer, host: str, port: int, timeout_s: float, push_weights: bool) -> ServerEngine:
+    def for_policy(cls, model, tokenizer, host: str, port: int, timeout_s: float, push_weights: bool,
+                   request_timeout_s: float = REQUEST_TIMEOUT_S) -> ServerEngine:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         return cls(host, port, eos_ids=eos_token_ids(model, tokenizer), timeout_s=timeout_s, push_weights=push_weights,
-                   dtype=dtype)
+                   dtype=dtype, request_timeout_s=request_timeout_s)
 
     def _call(self, path: str, what: str, body: bytes | None = None, content_type: str = "application/json") -> dict:
         req = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET",
-                                     headers={"Content-Type": content_type})
+                                     headers={"Content-Type": content_type, **self.auth})
+        limit = self.info.get("limits", {}).get(BODY_CAPS.get(path, ""))  # known after the health check
+        if body is not None and limit is not None and len(body) > limit * MB:
+            raise TrainingError(f"vllm-server {self.url}: {what} is {len(body) / MB:.3g} MB, more than the server "
+                                f"takes (align serve --{BODY_CAPS[path].replace('_', '-')} {limit:g})")
         try:
+            deadline = time.monotonic() + self.request_timeout_s
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                reply = json.loads(resp.read())  # blanks (heartbeats) while the server works, then the JSON
+                reply = json.loads(self._read(resp, what, deadline))
         except urllib.error.HTTPError as err:
+            if err.code == 401:
+                raise ConfigError(f"{API_KEY_ENV}: vllm-server {self.url} refused {what} (HTTP 401): "
+                                  f"{'the key is wrong' if self.auth else 'it needs a key'}; set {API_KEY_ENV} to "
+                                  "the key align serve was started with") from None
             detail = err.read().decode(errors="replace")[:300]
             raise TrainingError(f"vllm-server {self.url}: {what} failed with HTTP {err.code}: {detail}") from None
         except TimeoutError:
@@ -74,6 +98,19 @@ class ServerEngine:
         if "error" in reply:
             raise TrainingError(f"vllm-server {self.url}: {what} failed on the server: {reply['error'][:300]}")
         return reply
+
+    def _read(self, resp, what: str, deadline: float) -> bytes:
+        """The answer's body: blanks (heartbeats) while the server works, then the JSON; read as it comes, so the
+        request's deadline is checked at every heartbeat (each read still waits at most ``timeout_s``)."""
+        body = bytearray()
+        while chunk := resp.read1(65536):
+            body += chunk
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(f"vllm-server {self.url}: {what} took longer than vllm_request_timeout_s="
+                                        f"{self.request_timeout_s:g}s (the server kept sending heartbeats without "
+                                        "an answer); raise vllm_request_timeout_s for longer work, or restart the "
+                                        "server")
+        return bytes(body)
 
     def check(self, max_model_len: int) -> dict:
         """The health check before training: the server answers and can hold prompt + completion."""

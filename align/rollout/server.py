@@ -1,11 +1,15 @@
 """The rollout server: a vLLM engine in its own process (own GPUs or node), behind a small HTTP API.
 
-    align serve --model <folder or Hub id> [--host 0.0.0.0] [--port 8000] [--tensor-parallel-size N]
+    align serve --model <folder or Hub id> [--host 0.0.0.0 (needs a key)] [--port 8000] [--tensor-parallel-size N]
+
+The HTTP layer (:mod:`align.rollout.serve_http`) demands the shared key (``--api-key`` or ``$ALIGN_SERVE_API_KEY``;
+required off loopback), caps bodies, bounds reads and runs a fixed pool of worker threads.
 
 Endpoints (JSON unless said otherwise):
 
-* ``GET /health`` -> ``{"model", "max_model_len", "tensor_parallel_size", "dtype", "weights_version"}``; answered
-  without waiting for a generation in progress, so a trainer can tell a busy server from a dead one.
+* ``GET /health`` -> ``{"model", "max_model_len", "tensor_parallel_size", "dtype", "weights_version",
+  "limits"}``; answered without waiting for a generation in progress, so a trainer can tell a busy server from
+  a dead one.
 * ``POST /generate`` ``{"prompts", "rows", "seeds", "sampling", "eos_ids"}`` -> ``{"results": [[token
   ids, finish reason, log-probs], ...]}``: one completion per row, each with its own seed
   (:func:`align.rollout.vllm_engine.run_requests`, the same code the colocated engine runs).
@@ -15,7 +19,7 @@ Endpoints (JSON unless said otherwise):
   nodes and on GPUs (where it is slower than NCCL; see docs/rollout.md).
 
 While a generation or a weight load runs, the server writes a blank (JSON ignores leading whitespace) every
-``HEARTBEAT_S`` seconds before the JSON answer, so the trainer's timeout measures the server's silence, not
+``HEARTBEAT_S`` (0.25) seconds before the JSON answer, so the trainer's timeout measures the server's silence, not
 the length of the work: a slow generation is fine, a server that stops answering is not.
 
 Why our own server instead of TRL's ``vllm_serve``: every wait on the trainer side is a plain socket
@@ -25,18 +29,19 @@ the per-completion seeds of our protocol. One lock serialises the engine; ``/hea
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import logging
+import math
+import os
+import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from align.errors import ConfigError
 from align.rollout.base import SamplingParams
+from align.rollout.serve_http import API_KEY_ENV, MB, GuardedHTTPServer, ServeLimits
 from align.rollout.vllm_engine import run_requests, start_llm
 
 logger = logging.getLogger(__name__)
-HEARTBEAT_S = 0.25
 
 
 class RolloutServer:
@@ -67,71 +72,84 @@ class RolloutServer:
         return {"weights_version": self.info["weights_version"]}
 
 
-def _handler(server: RolloutServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt, *args):  # requests are logged at debug level, not to stderr
-            logger.debug(fmt, *args)
-
-        def _reply(self, code: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            if self.path == "/health":
-                self._reply(200, server.info)
-            else:
-                self._reply(404, {"error": f"no endpoint {self.path}"})
-
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            work = {"/generate": lambda: server.generate(json.loads(body)),
-                    "/weights": lambda: server.load_weights(body)}.get(self.path)
-            if work is None:
-                self._reply(404, {"error": f"no endpoint {self.path}"})
-                return
-            # headers now, then a blank every HEARTBEAT_S while the work runs, then the JSON (read to the close)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            with ThreadPoolExecutor(1) as pool:
-                future = pool.submit(work)
-                while not future.done():
-                    try:
-                        future.exception(timeout=HEARTBEAT_S)
-                    except TimeoutError:
-                        self.wfile.write(b" ")
-                        self.wfile.flush()
-            error = future.exception()
-            if error is not None:  # the trainer gets the reason instead of a dropped connection
-                logger.error("request %s failed: %r", self.path, error)
-                result = {"error": f"{type(error).__name__}: {error}"}
-            else:
-                result = future.result()
-            self.wfile.write(json.dumps(result).encode())
-
-    return Handler
-
-
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, **engine_kwargs) -> None:
-    """Take the port (a port in use fails at once, not after the load), load the model, then answer requests
-    until interrupted (requests that arrive during the load wait in the socket's backlog)."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is reachable only from this machine ("" and 0.0.0.0 are not)."""
     try:
-        httpd = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler, bind_and_activate=True)
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None) if host else []
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in found)
+
+
+def serve_api_key(host: str, given: str | None) -> str | None:
+    """The key the server demands: ``--api-key`` (``given``), else ``$ALIGN_SERVE_API_KEY``, else None, which only
+    a loopback ``host`` may go without (one-line :class:`ConfigError` otherwise)."""
+    key, where = (given, "--api-key") if given is not None else (os.environ.get(API_KEY_ENV) or None, API_KEY_ENV)
+    if key is not None and not (key.isascii() and key.isprintable() and key and " " not in key):
+        raise ConfigError(f"{where}: the key must be non-empty printable ASCII without spaces")
+    if key is None and not is_loopback(host):
+        raise ConfigError(f"--api-key: --host {host or '(every interface)'} is reachable from other machines, so a "
+                          f"shared key is required: set {API_KEY_ENV} (or pass --api-key) here and the same "
+                          f"{API_KEY_ENV} for the trainer")
+    return key
+
+
+def weights_cap_mb(model_path: str) -> float | None:
+    """A ``/weights`` body cap for ``model_path``'s weights: room for every weight in float32, twice (a trainer
+    sends tied weights under each name), plus 64 MiB; None when the weights are not in a local folder."""
+    folder = model_path if os.path.isdir(model_path) else None
+    if folder is None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(model_path, local_files_only=True, allow_patterns=["*.safetensors", "*.bin",
+                                                                                           "*.pt", "*.json"])
+        except Exception:  # not a Hub id, or not in the cache
+            return None
+    names = [n for n in sorted(os.listdir(folder)) if n.endswith((".safetensors", ".bin", ".pt"))]
+    if not names:
+        return None
+    size = 0
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors"):  # the header alone gives every tensor's element count
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as fh:
+                size += sum(8 * math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+        else:  # a pickle: at least 2 bytes a weight on disk
+            size += 4 * os.path.getsize(path)
+    return size / MB + 64
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
+          limits: dict | None = None, **engine_kwargs) -> None:
+    """Check the key (:func:`serve_api_key`) and ``limits`` (:class:`ServeLimits` fields; ``max_body_mb`` None or
+    absent: sized for the model by :func:`weights_cap_mb`), take the port (a port in use fails at once, not after
+    the load), load the model, then answer requests until interrupted (requests that arrive during the load wait
+    in the socket's backlog)."""
+    api_key = serve_api_key(host, api_key)
+    limits = dict(limits or {})
+    if limits.get("max_body_mb") is None:
+        limits["max_body_mb"] = weights_cap_mb(model)
+        if limits["max_body_mb"] is None:
+            raise ConfigError(f"--max-body-mb: cannot size the weights of {model!r} (no local weight files); pass "
+                              "--max-body-mb")
+    limits = ServeLimits(**limits)
+    try:
+        httpd = GuardedHTTPServer((host, port), limits, api_key)
     except OSError as err:
         raise ConfigError(f"--port: cannot listen on {host}:{port} ({err.strerror or err})") from None
-    server = RolloutServer(model, **engine_kwargs)
-    httpd.RequestHandlerClass = _handler(server)
-    print(f"align serve: {model} ready on http://{host}:{httpd.server_address[1]} "
-          f"(max_model_len {server.info['max_model_len']})", flush=True)
     try:
+        httpd.engine = RolloutServer(model, **engine_kwargs)
+        print(f"align serve: {model} ready on http://{host}:{httpd.server_address[1]} "
+              f"(max_model_len {httpd.engine.info['max_model_len']}, "
+              f"{'key required' if api_key else 'no key: loopback only'}, weights up to {limits.max_body_mb:g} MB)",
+              flush=True)
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -7,8 +7,9 @@ testbed sources>``)::
     policy/        the same model after a short SFT warm-up (:func:`align.trainers.sft.train_sft`)
     testbed.json   spec version, parameter count, build time, held-out accuracy before/after
 
-The folder is built under a temporary name and renamed into place, under a file lock, so parallel
-test processes share one build and a killed build never leaves a half-written testbed behind.
+The folder is built under a fresh temporary name beside it and renamed into place, under a file lock, so parallel
+test processes share one build and a killed build never leaves a half-written testbed behind. Only a testbed (or an
+empty folder) is ever replaced: a ``--dir`` / ``$ALIGN_TESTBED_DIR`` that holds anything else is refused.
 
 The build runs in a child process with pinned numerics (:data:`BUILD_ENV`: one thread, AVX2 kernels in ATen,
 oneDNN and MKL, no GPU). The warm-up is sensitive to rounding: left to the machine, the thread count and the CPU's
@@ -23,8 +24,11 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from align.errors import ConfigError
 
 SPEC_VERSION = 2
 # Pinned numerics of the build (see the module docstring); part of the spec hash.
@@ -88,24 +92,56 @@ def default_dir() -> Path:
 
 
 def ensure_testbed(root: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> Testbed:
-    """The cached testbed, building it first if it is missing (or ``force``)."""
+    """The cached testbed, building it first if it is missing (or ``force``). The build goes into a fresh sibling
+    folder that then takes ``root``'s place; a ``root`` that holds anything but a testbed is refused (ConfigError),
+    never deleted."""
     from filelock import FileLock
 
-    root = Path(root) if root else default_dir()
+    root = Path(os.path.abspath(root or default_dir()))  # "--dir ." has a name and a parent
+    if root.parent == root:
+        raise ConfigError(f"testbed folder {str(root)!r}: a filesystem root cannot hold the testbed; name a folder")
+    check_replaceable(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
         if (root / "testbed.json").is_file() and not force:
             return Testbed(root)
-        tmp = root.parent / f".{root.name}.building-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        check_replaceable(root)
+        for name in os.listdir(root.parent):  # our leftovers of killed builds
+            if name.startswith(f".{root.name}.building-"):
+                shutil.rmtree(root.parent / name, ignore_errors=True)
+        tmp = root.parent / f".{root.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        old = tmp.with_name(tmp.name + ".old")
         try:
             _build_in_child(tmp, progress)
-            if root.exists():
-                shutil.rmtree(root)
+            check_replaceable(root)  # still a testbed, empty or absent after the build
+            if root.exists() and not is_testbed(root):
+                root.rmdir()  # empty (rmdir refuses anything else): nothing to lose
+            elif root.exists():
+                os.replace(root, old)  # the previous testbed, removed once the new one is in place
             os.replace(tmp, root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return Testbed(root)
+
+
+def is_testbed(root: Path) -> bool:
+    """Whether folder ``root`` holds a testbed built here (a ``testbed.json`` that names its spec version)."""
+    try:
+        info = json.loads((root / "testbed.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "spec_version" in info
+
+
+def check_replaceable(root: Path) -> None:
+    """ConfigError unless ``root`` is absent, an empty folder or a testbed: a build never replaces anything else."""
+    if not root.exists() or is_testbed(root) or (root.is_dir() and not any(root.iterdir())):
+        return
+    what = "a folder" if root.is_dir() else "a file"
+    raise ConfigError(f"testbed folder {str(root)!r} (--dir / ALIGN_TESTBED_DIR) is {what} that holds no testbed; "
+                      "it is left untouched: name a new or empty folder")
 
 
 def held_out_accuracy(model, tokenizer, tasks=None, progress: bool = False) -> dict:

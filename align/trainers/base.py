@@ -8,9 +8,11 @@ once, for every trainer:
 * :meth:`AlignTrainer.setup_reference` / :meth:`AlignTrainer.reference`: the frozen reference model, or the
   policy with its adapter off;
 * :meth:`AlignTrainer.setup_rollout`: the rollout engine and the weight sync that keeps it on the policy;
-* resume state: a trainer with a ``state_file`` returns its counters from :meth:`AlignTrainer.resume_state`;
-  :class:`SaveStateCallback` writes them into every checkpoint and ``train(resume_from_checkpoint=...)`` hands
-  them back to :meth:`AlignTrainer.load_resume_state`;
+* checkpoints and resume state: every checkpoint is staged and renamed when complete
+  (:class:`align.checkpoints.AtomicCheckpoints`); a trainer with a ``state_file`` returns its counters from
+  :meth:`AlignTrainer.resume_state`, written into each checkpoint before the rename, and
+  ``train(resume_from_checkpoint=...)`` hands them back to :meth:`AlignTrainer.load_resume_state` (a checkpoint
+  without them is refused);
 * :meth:`AlignTrainer.check_finite`: the one-line error that stops a run before a non-finite update;
 * :class:`RolloutTrainer`: the trainers whose batches are prompt rows answered by a rollout engine (RL, online):
   each global prompt batch serves several optimizer steps (:class:`RepeatRoundSampler`).
@@ -24,12 +26,14 @@ import os
 from contextlib import nullcontext
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
+from align.checkpoints import AtomicCheckpoints, check_checkpoint, resolve_resume
 from align.data.prompts import tokenize_prompts
 from align.errors import TrainingError
 from align.io import atomic_write_json
 from align.rollout import WeightSync, build_engine
+from align.stopping import StopCallback
 from align.trainers.metric_log import MetricsMixin
 
 
@@ -70,20 +74,7 @@ class RepeatRoundSampler(torch.utils.data.Sampler):
                 yield from order[s : s + self.global_batch]
 
 
-class SaveStateCallback(TrainerCallback):
-    """Writes the trainer's resume state (:meth:`AlignTrainer.resume_state`) into every checkpoint, as
-    ``trainer.state_file``."""
-
-    def __init__(self, trainer: AlignTrainer):
-        self.trainer = trainer
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            atomic_write_json(os.path.join(folder, self.trainer.state_file), self.trainer.resume_state())
-
-
-class AlignTrainer(MetricsMixin, Trainer):
+class AlignTrainer(MetricsMixin, AtomicCheckpoints, Trainer):
     """``transformers.Trainer`` with the set-up every align trainer shares. Subclasses wrap the model with
     :func:`wrap_peft` first, then call this ``__init__`` (the ``Trainer``'s arguments), then set up what they
     need: :meth:`setup_reference`, :meth:`setup_rollout`."""
@@ -97,8 +88,7 @@ class AlignTrainer(MetricsMixin, Trainer):
         self.engine = None
         self.weight_sync = None
         self._init_metrics()
-        if self.state_file is not None:
-            self.add_callback(SaveStateCallback(self))
+        self.add_callback(StopCallback(self))  # SIGTERM / SIGINT: a checkpoint at the step's end, then stop
 
     @property
     def policy(self):
@@ -149,11 +139,20 @@ class AlignTrainer(MetricsMixin, Trainer):
         """Restore what :meth:`resume_state` returned."""
         raise NotImplementedError(f"{type(self).__name__} sets state_file but not load_resume_state()")
 
+    def save_checkpoint_extras(self, folder: str) -> None:
+        if self.state_file is not None:
+            atomic_write_json(os.path.join(folder, self.state_file), self.resume_state())
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if self.state_file is not None and isinstance(resume_from_checkpoint, str):
-            path = os.path.join(resume_from_checkpoint, self.state_file)
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as fh:
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest complete checkpoint in ``output_dir``,
+        and a checkpoint to resume must be complete, with this trainer's ``state_file`` (ConfigError otherwise)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = resolve_resume(self.args.output_dir, self.state_file,
+                                                    announce=self.is_world_process_zero())
+        if isinstance(resume_from_checkpoint, str):
+            check_checkpoint(resume_from_checkpoint, self.state_file)
+            if self.state_file is not None:
+                with open(os.path.join(resume_from_checkpoint, self.state_file), encoding="utf-8") as fh:
                     self.load_resume_state(json.load(fh))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 

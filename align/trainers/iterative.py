@@ -52,6 +52,8 @@ from align.args import GenerationArguments, PromptArguments, option
 from align.errors import ConfigError
 from align.io import atomic_write_text
 from align.rollout.args import RolloutArguments
+from align.stopping import RESUME, after_train, stop_point
+from align.timeouts import REWARD_TIMEOUT_HELP, REWARD_TIMEOUT_S, check_timeout
 
 DONE = "done"
 
@@ -71,6 +73,7 @@ class IterativeArguments(PromptArguments, GenerationArguments, RolloutArguments)
     oracle: str = option("verifier:accuracy", "Preference oracle: verifier:<fn>, reward:<reward spec> (e.g. "
                                               "reward:model:<path>), pairwise:<model path>, cyclic, module:function.")
     oracle_scale: float = option(1.0, "reward: oracles: P(a ≻ b) = σ((r(a) − r(b)) / oracle_scale).")
+    reward_timeout_s: float = option(REWARD_TIMEOUT_S, REWARD_TIMEOUT_HELP)
     apo_alpha: float | None = option(None, "APO momentum α in [0, 1): reference (1+α)·S_{π_t} − α·S_{π_{t−1}}; "
                                            "null: plain iterative DPO (reference S_{π_t}).")
     prompts_per_iteration: int | None = option(None, "Prompts per iteration, consecutive chunks of the train set "
@@ -86,6 +89,7 @@ class IterativeArguments(PromptArguments, GenerationArguments, RolloutArguments)
         """The iterative part's own keys, and the rollout keys they depend on (before any model or generation)."""
         if self.iterations < 1:
             raise ConfigError(f"iterations: must be >= 1, got {self.iterations}")
+        check_timeout("reward_timeout_s", self.reward_timeout_s)
         if self.samples_per_prompt < 2:
             raise ConfigError(f"samples_per_prompt: must be >= 2 to make a best/worst pair, got "
                               f"{self.samples_per_prompt}")
@@ -186,6 +190,7 @@ class IterativeDPO:
             raise ConfigError(f"iteration {t}: every prompt's {c.samples_per_prompt} samples tie under the oracle, "
                               "no pair to train on (raise samples_per_prompt or temperature)")
         trainer, output = self.train_round(t, pairs)
+        after_train(trainer)  # stopped by a signal inside the round: its checkpoint resumes it
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # a resumed round's too
         loss = sum(losses) / len(losses) if losses else output.training_loss  # no log within the round
         metrics = {"iteration": t, **stats, "train/loss": loss, "train/steps": trainer.state.global_step}
@@ -202,6 +207,9 @@ class IterativeDPO:
             atomic_write_text(os.path.join(folder, "metrics.json"), json.dumps(metrics, indent=1))
             atomic_write_text(os.path.join(folder, DONE), "")
         self.state.wait_for_everyone()
+        # A signal after the round's last stop point stops here, the iteration complete (a resume samples the next).
+        stop_point(f"after iteration {t}, complete in {folder}; {RESUME}", self.state.device,
+                   self.state.is_main_process)
         return metrics
 
     # --- 1-2. sample and judge --------------------------------------------------------------------
@@ -344,12 +352,14 @@ class IterativeDPO:
         return ds
 
     def train_round(self, t: int, pairs: list[dict]):
-        from transformers.trainer_utils import get_last_checkpoint
+        from align.checkpoints import newest_complete, resolve_resume
 
         args = self.round_config(t)
         trainer = self._trainer(self._load(self.start_path(t)), args, self.callbacks)
         trainer.train_dataset = self.reference_logps(t, trainer, self.train_dataset(pairs))
-        last = get_last_checkpoint(args.output_dir) if self.resume and os.path.isdir(args.output_dir) else None
+        last = None  # the round restarts when it has no complete checkpoint yet
+        if self.resume and newest_complete(args.output_dir)[0] is not None:
+            last = resolve_resume(args.output_dir, announce=self.state.is_main_process)
         return trainer, trainer.train(resume_from_checkpoint=last)
 
     # --- 5. evaluation ----------------------------------------------------------------------------

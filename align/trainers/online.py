@@ -34,11 +34,16 @@ from dataclasses import dataclass
 
 import torch
 
+from align.errors import TrainingError
 from align.logps import pack, token_logps
 from align.objectives import build
 from align.rollout import HFEngine, SamplingParams
 from align.trainers.base import RolloutTrainer, wrap_peft
 from align.trainers.online_args import OnlineArguments
+
+# A run stops when every pair of its first TIE_STEPS steps (or of all its steps, if fewer) tied under the oracle:
+# tied pairs weigh 0, so the loss is 0 and the run would "train" to the end learning nothing.
+TIE_STEPS = 4
 
 
 @dataclass
@@ -65,7 +70,7 @@ class OnlinePreferenceTrainer(RolloutTrainer):
         from align.rewards.preference import build_oracle, check_columns
 
         model = wrap_peft(model, peft_config, args.seed)
-        self.oracle = oracle or build_oracle(args.oracle, args.oracle_scale)
+        self.oracle = oracle or build_oracle(args.oracle, args.oracle_scale, timeout_s=args.reward_timeout_s)
         for split, ds in (("train", train_dataset), ("eval", eval_dataset)):
             if ds is not None:
                 check_columns(self.oracle, ds.column_names, f"{split} dataset")
@@ -77,6 +82,7 @@ class OnlinePreferenceTrainer(RolloutTrainer):
         self.hf_engine = self.engine if args.rollout == "hf" else HFEngine(model, processing_class,
                                                                           args.generation_batch_size)
         self.oracle_calls = 0
+        self.tied_steps = 0  # steps of this run so far without one preferred pair; None once a pair had a label
 
     def resume_state(self) -> dict:
         return {"oracle_calls": self.oracle_calls}
@@ -113,7 +119,7 @@ class OnlinePreferenceTrainer(RolloutTrainer):
         dec = self.processing_class.batch_decode
         columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids", "uid")}
         return self.oracle([r["prompt"] for r in rows], dec(a, skip_special_tokens=True),
-                           dec(b, skip_special_tokens=True), columns)
+                           dec(b, skip_special_tokens=True), columns, ids=[r["uid"] for r in rows])
 
     def labelled(self, rows, y, z, p: torch.Tensor) -> Pairs:
         """The pair (y, z) with the oracle's winner in the chosen slot; exact ties weigh 0."""
@@ -128,6 +134,26 @@ class OnlinePreferenceTrainer(RolloutTrainer):
         """Online DPO's pairs (methods override this): two policy samples, labelled by the oracle."""
         y, z = self.sample(rows, "a"), self.sample(rows, "b")
         return self.labelled(rows, y, z, self.judge(rows, y, z))
+
+    def check_preferences(self, pairs: Pairs) -> None:
+        """A TrainingError when no pair of the run's first :data:`TIE_STEPS` steps (all processes) got a preference:
+        the oracle says nothing about these samples, e.g. a constant judge or a column it reads being wrong."""
+        if self.tied_steps is None:
+            return
+        device = self.args.device
+        labelled = self.accelerator.reduce((pairs.weights > 0).sum().float().to(device), reduction="sum")
+        if labelled.item() > 0:
+            self.tied_steps = None
+            return
+        self.tied_steps += 1
+        run_steps = self.state.max_steps - (self.state.global_step + 1 - self.tied_steps)  # steps this run takes
+        if self.tied_steps >= min(TIE_STEPS, run_steps):
+            per_step = self.accelerator.reduce(torch.tensor(float(len(pairs.first)), device=device), reduction="sum")
+            raise TrainingError(
+                f"step {self.state.global_step + 1}: the oracle {self.oracle.name!r} gave no preference: every pair of "
+                f"this run's first {self.tied_steps} step(s) tied ({int(per_step.item())} pairs a step), so the loss "
+                "is 0 and nothing is learned; check the oracle and the dataset columns it reads"
+            )
 
     def prepare_update(self) -> None:
         """Called between sampling and the forward/backward of a step (EGPO restores θ_t here)."""
@@ -165,6 +191,7 @@ class OnlinePreferenceTrainer(RolloutTrainer):
         rows = inputs["rows"]
         calls = self.oracle.calls
         pairs = self.make_pairs(rows)
+        self.check_preferences(pairs)
         self.prepare_update()
         model.train()
         loss, metrics = self.pair_loss(model, pairs)

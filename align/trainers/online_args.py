@@ -25,6 +25,7 @@ from align.errors import ConfigError
 from align.rewards.preference import ORACLE_KINDS
 from align.rollout.args import RolloutArguments
 from align.sharding import sharding
+from align.timeouts import REWARD_TIMEOUT_HELP, REWARD_TIMEOUT_S, check_timeout
 
 EGPO_VARIANTS = ("oipo1", "oipo2")
 
@@ -59,6 +60,7 @@ class OnlineArguments(ObjectiveArguments, PromptArguments, GenerationArguments, 
     # --- preference oracle ---
     oracle: str = option("verifier:accuracy", f"Preference oracle P(y ≻ y′|x), one of {ORACLE_KINDS}.")
     oracle_scale: float = option(1.0, "reward: oracles: Bradley–Terry temperature, P = σ((r − r′) / scale).")
+    reward_timeout_s: float = option(REWARD_TIMEOUT_S, REWARD_TIMEOUT_HELP)
     # --- generation (the generation part's keys, with the online defaults) ---
     max_completion_length: int = option(64, "Max new tokens per completion.")
     temperature: float = option(1.0, "Sampling temperature of the pair (y, y′).")
@@ -78,20 +80,22 @@ class OnlineArguments(ObjectiveArguments, PromptArguments, GenerationArguments, 
         elif self.objective not in pair_objectives():
             raise ConfigError(f"objective: must be one of {tuple(pair_objectives())} for {self.method}, got "
                               f"{self.objective!r}")
-        if self.beta <= 0:
-            raise ConfigError(f"beta: must be > 0, got {self.beta}")
         if self.egpo_variant not in EGPO_VARIANTS:
             raise ConfigError(f"egpo_variant: must be one of {EGPO_VARIANTS}, got {self.egpo_variant!r}")
-        if not self.xpo_alpha or any(a < 0 for a in self.xpo_alpha):
-            raise ConfigError(f"xpo_alpha: needs one or more values >= 0, got {self.xpo_alpha}")
+        if not self.xpo_alpha or any(not 0 <= a < float("inf") for a in self.xpo_alpha):
+            raise ConfigError(f"xpo_alpha: needs one or more finite values >= 0, got {self.xpo_alpha}")
         if not 0.0 <= self.mixture_coef <= 1.0:
             raise ConfigError(f"mixture_coef: must be in [0, 1], got {self.mixture_coef}")
         if self.mixture_coef and self.method != "egpo":
             raise ConfigError(f"mixture_coef: only EGPO samples from a mixture, not {self.method}")
-        if self.oracle_scale <= 0:
-            raise ConfigError(f"oracle_scale: must be > 0, got {self.oracle_scale}")
+        if not 0 < self.oracle_scale < float("inf"):  # inf would make every pair a tie
+            raise ConfigError(f"oracle_scale: must be > 0 and finite, got {self.oracle_scale}")
+        check_timeout("reward_timeout_s", self.reward_timeout_s)
         if self.eval_num_samples < 1:
             raise ConfigError(f"eval_num_samples: must be >= 1, got {self.eval_num_samples}")
+        if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
+            raise ConfigError(f"eval_max_new_tokens: must be >= 1 (or null: max_completion_length), got "
+                              f"{self.eval_max_new_tokens}")
         if self.opponent_temperature <= 0:
             raise ConfigError(f"opponent_temperature: must be > 0 for sampling, got {self.opponent_temperature}")
         if self.ref_model_name_or_path:

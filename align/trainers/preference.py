@@ -5,7 +5,8 @@ the policy -> summed completion log-probs -> reference log-probs (precomputed on
 ``objective(batch)`` -> backward. The objective is any name in :mod:`align.objectives`.
 
 Reference log-probs come from, in order: the precomputed cache (default; computed once before training
-from the reference, kept in memory and in ``output_dir`` so a resumed run reuses it), a frozen
+from the reference, kept in memory and in ``output_dir`` so a resumed run reuses it; the file is keyed by the
+reference's weights and the data, never by a path), a frozen
 ``ref_model``, the base model with the LoRA adapter disabled, or a frozen copy of the initial policy.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import itertools
+import json
 import os
 from dataclasses import dataclass
 
@@ -85,6 +88,25 @@ class PreferenceArguments(ObjectiveArguments):
 class PreferenceConfig(PreferenceArguments, CPUSaneDefaults, TrainingArguments):
     """Standalone config for :class:`PreferenceTrainer`: the preference parts with the trainer part (recipes add
     model and data keys on top)."""
+
+
+def weights_fingerprint(model, skip_lora: bool = False) -> str:
+    """SHA-256 of what makes ``model`` compute what it computes: its config (less its path and version) and every
+    parameter and buffer held by this process (name, dtype, size, bytes; a sharded tensor's local part).
+    ``skip_lora``: leave out LoRA adapter tensors (for the base model under a disabled adapter)."""
+    config = getattr(model, "config", None)
+    config = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"} \
+        if config is not None else {}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if skip_lora and "lora_" in name:
+            continue
+        t = getattr(t, "ds_tensor", t)  # ZeRO-3: this process's partition
+        t = t.to_local() if hasattr(t, "to_local") else t  # FSDP2 DTensor: this process's shard
+        t = t.detach().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{t.numel()};".encode())
+        digest.update(t.view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()
 
 
 @functools.cache
@@ -188,11 +210,19 @@ class PreferenceTrainer(AlignTrainer):
         return logps[:half], logps[half:]
 
     def _cache_path(self, ds) -> str:
-        digest = hashlib.sha1()
+        """The reference cache of ``ds``, keyed by content: the reference's weights (:func:`weights_fingerprint`,
+        every process's part), the rows' token ids in order, max_length, the chat template and mixed precision; a
+        changed model at the same path, or changed data, never reads a stale cache."""
+        from accelerate.utils import gather_object
+
+        model, _ = self.reference()
+        lora_off = self.ref_model is None and self.is_peft  # the policy with its adapter off: the base weights
+        digest = hashlib.sha256("|".join(gather_object([weights_fingerprint(model, lora_off)])).encode())
         for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
             for ids in ds[key]:
                 digest.update(bytes(str(ids), "ascii"))
-        digest.update(str(self.args.ref_model_name_or_path or getattr(self.model, "name_or_path", "")).encode())
+        a, tok = self.args, self.processing_class
+        digest.update(json.dumps([a.max_length, getattr(tok, "chat_template", None), a.bf16, a.fp16]).encode())
         return os.path.join(self.args.output_dir, f"ref_logps-{digest.hexdigest()[:16]}.pt")
 
     def precompute_reference(self, ds, desc: str = "reference log-probs"):
@@ -205,7 +235,7 @@ class PreferenceTrainer(AlignTrainer):
             return ds
         path = self._cache_path(ds)
         if os.path.isfile(path):
-            table = torch.load(path)
+            table = torch.load(path, weights_only=True)
         else:
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
             mine = list(range(rank, len(ds), world))

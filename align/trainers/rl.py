@@ -35,9 +35,7 @@ class RLTrainer(RolloutTrainer):
         from align.rewards.registry import RewardSet
 
         model = wrap_peft(model, peft_config, args.seed)
-        options = {"max_completion_length": args.max_completion_length,
-                   "overlong_cache_length": args.overlong_cache_length}
-        self.rewards = reward_set or RewardSet(args.reward_funcs, args.reward_weights, options, args.on_reward_error)
+        self.rewards = reward_set or RewardSet.from_config(args)
         self.rewards.check_columns(train_dataset.column_names, "train dataset")
         if eval_dataset is not None:
             self.rewards.check_columns(eval_dataset.column_names, "eval dataset")
@@ -176,7 +174,7 @@ class RLTrainer(RolloutTrainer):
                                                           stacked("sampling_logps"), cmask, a.vllm_is_cap)
         loss, metrics = policy_loss(logps, adv, mask, old_logps=old, ref_logps=stacked("ref_logps"),
                                     policy=a.policy_loss, epsilon=a.epsilon, epsilon_high=a.epsilon_high, beta=a.beta,
-                                    loss_type=a.loss_type, is_weights=is_weights, **norm)
+                                    loss_type=a.loss_type, is_weights=is_weights, kl_estimator=a.kl_estimator, **norm)
         metrics.update(is_metrics)
         n_tok = float(cmask.sum())
         metrics["entropy"] = (entropy * cmask).sum() / max(n_tok, 1.0)

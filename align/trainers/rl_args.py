@@ -15,6 +15,7 @@ The batch knobs, named once (``describe()`` prints them with the effective numbe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from transformers import TrainingArguments
@@ -22,10 +23,11 @@ from transformers import TrainingArguments
 from align.args import CPUSaneDefaults, GenerationArguments, PromptArguments, option
 from align.errors import ConfigError
 from align.objectives.advantages import ADVANTAGES, SCALES
-from align.objectives.policy import LOSS_TYPES, POLICY_LOSSES
+from align.objectives.policy import KL_ESTIMATOR_NAMES, LOSS_TYPES, POLICY_LOSSES
 from align.rollout.args import RolloutArguments
 from align.sampling.allocators import ALLOCATORS as ALLOCATOR_REGISTRY
 from align.sharding import sharding
+from align.timeouts import REWARD_TIMEOUT_HELP, REWARD_TIMEOUT_S, check_timeout
 
 ALLOCATORS = ALLOCATOR_REGISTRY.names()
 
@@ -47,6 +49,8 @@ class RLArguments(PromptArguments, GenerationArguments, RolloutArguments):
     epsilon: float = option(0.2, "Clip range ε (lower).")
     epsilon_high: float | None = option(None, "Upper clip range (DAPO clip-higher, e.g. 0.28); default ε.")
     beta: float = option(0.0, "k3 KL coefficient to the reference (0: no reference model is kept).")
+    kl_estimator: str = option("k3", f"KL term per token, one of {KL_ESTIMATOR_NAMES}: k3 (+β·k3) or k3_is "
+                                     "(+β·ρ·k3, ρ = π_θ/π_old: TRL's default use_bias_correction_kl=True).")
     accept_threshold: float = option(0.5, "A rollout is accepted (RAFT advantage 1, GVM acceptance) when its total "
                                           "reward exceeds this.")
     mask_truncated_completions: bool = option(False, "Leave completions cut at max_completion_length out of the loss "
@@ -68,6 +72,7 @@ class RLArguments(PromptArguments, GenerationArguments, RolloutArguments):
     on_reward_error: str = option("raise", "A reward function that raises or returns NaN: raise (stop the step, "
                                            "naming the function and prompt) or zero (score 0, counted in "
                                            "rewards/<name>/errors).")
+    reward_timeout_s: float = option(REWARD_TIMEOUT_S, REWARD_TIMEOUT_HELP)
     overlong_cache_length: int = option(0, "overlong reward: the soft-punishment zone before max_completion_length.")
     # --- allocation ---
     allocator: str = option("uniform", f"How many rollouts each prompt gets, one of {ALLOCATORS}.")
@@ -102,11 +107,13 @@ class RLArguments(PromptArguments, GenerationArguments, RolloutArguments):
     def validate(self) -> None:
         """The RL part's own keys, and the generation and rollout keys they depend on."""
         choices = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "loss_type": LOSS_TYPES,
+                   "kl_estimator": KL_ESTIMATOR_NAMES,
                    "scale_rewards": SCALES, "allocator": ALLOCATORS,
                    "on_reward_error": ("raise", "zero")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: must be one of {allowed}, got {getattr(self, key)!r}")
+        check_timeout("reward_timeout_s", self.reward_timeout_s)
         positive = ("num_generations", "num_minibatches", "num_iterations", "micro_batch_size", "gvm_samples",
                     "gvm_interval")
         for key in positive:
@@ -133,6 +140,23 @@ class RLArguments(PromptArguments, GenerationArguments, RolloutArguments):
                               f"{self.overlong_cache_length}")
         if self.rollout != "hf" and self.vllm_is_cap is not None and self.vllm_is_cap < 1:
             raise ConfigError(f"vllm_is_cap: must be >= 1 (None turns the correction off), got {self.vllm_is_cap}")
+        if not math.isfinite(self.accept_threshold):
+            raise ConfigError(f"accept_threshold: must be a finite number, got {self.accept_threshold}")
+        if not (math.isfinite(self.gvm_alpha) and self.gvm_alpha >= 0) or not math.isfinite(self.gvm_beta):
+            raise ConfigError(f"gvm_alpha / gvm_beta: need a finite gvm_alpha >= 0 and a finite gvm_beta, got "
+                              f"{self.gvm_alpha} / {self.gvm_beta}")
+        if self.eval_num_samples < 0:
+            raise ConfigError(f"eval_num_samples: must be >= 0 (0: greedy only), got {self.eval_num_samples}")
+        if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
+            raise ConfigError(f"eval_max_new_tokens: must be >= 1 (or null: max_completion_length), got "
+                              f"{self.eval_max_new_tokens}")
+        if self.ref_model_name_or_path:
+            if not self.beta:
+                raise ConfigError("ref_model_name_or_path: set, but beta is 0, so there is no KL term and no "
+                                  "reference; set beta > 0, or remove it")
+            from align.modeling import check_model_path
+
+            check_model_path(self.ref_model_name_or_path, "ref_model_name_or_path")
 
 
 @dataclass

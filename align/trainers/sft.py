@@ -7,7 +7,6 @@ prompt/completion rows the loss covers completion tokens only (TRL's default).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +23,8 @@ class SFTArguments(RecipeArguments, CPUSaneDefaults, SFTConfig):
     def validate(self) -> None:
         if self.packing and self.completion_only_loss:
             raise ConfigError("packing / completion_only_loss: packed sequences cannot mask prompts; disable one")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length: must be >= 2 (or null: no truncation), got {self.max_length}")
 
 
 def train_sft(config: SFTArguments, callbacks: Callable[[], list] = list) -> dict:
@@ -33,9 +34,12 @@ def train_sft(config: SFTArguments, callbacks: Callable[[], list] = list) -> dic
     from transformers import set_seed
     from trl import SFTTrainer
 
+    from align.checkpoints import with_atomic_checkpoints
     from align.data.loading import load_train_eval
     from align.data.validate import sft_layout
     from align.modeling import load_model, load_tokenizer, lora_config
+    from align.recipe import train_and_save
+    from align.stopping import StopCallback
 
     # 1. Data first: a bad row stops the run before any model is loaded.
     train, evaluation = load_train_eval(config)
@@ -50,19 +54,15 @@ def train_sft(config: SFTArguments, callbacks: Callable[[], list] = list) -> dic
 
     # 3. Train, save (seeded first: a LoRA adapter's random init must follow the run's seed).
     set_seed(config.seed)
-    trainer = SFTTrainer(
+    trainer = with_atomic_checkpoints(SFTTrainer)(  # checkpoints renamed into place when complete
         model=model,
         args=config,
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=lora_config(config),
-        callbacks=callbacks(),
+        callbacks=[*callbacks(), StopCallback()],  # SIGTERM / SIGINT: a checkpoint at the step's end, then stop
     )
-    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    metrics = dict(result.metrics)
-    if evaluation is not None:
-        metrics.update(trainer.evaluate())
+    out = train_and_save(trainer, config)
     trainer.accelerator.wait_for_everyone()
-    return {"output_dir": os.path.abspath(config.output_dir), **metrics}
+    return out

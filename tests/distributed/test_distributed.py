@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from ports import free_port
 from safetensors.torch import load_file
 
 COMMON = ["--config", "configs/dpo/testbed.yaml", "max_steps=4", "logging_steps=1", "save_strategy=no",
@@ -19,16 +20,17 @@ def run_dpo(repo, out, processes: int, per_device: int, extra=()):
     if processes > 1:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     "configs/accelerate/cpu2.yaml", "--num_processes", str(processes), "--main_process_port",
-                    "29533", "recipes/dpo.py"]
+                    str(free_port()), "recipes/dpo.py"]
     cmd = [*launcher, *COMMON, f"output_dir={out}", f"per_device_train_batch_size={per_device}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
-    refs = [p for p in out.iterdir() if p.name.startswith("ref_logps-")]
+    # the train table (128 rows) is the larger of the two caches (the file names are content hashes)
+    refs = sorted((p for p in out.iterdir() if p.name.startswith("ref_logps-")), key=lambda p: -p.stat().st_size)
     weights = out / ("adapter_model.safetensors" if "use_peft=true" in extra else "model.safetensors")
-    return proc, losses, load_file(str(weights)), torch.load(refs[0])
+    return proc, losses, load_file(str(weights)), torch.load(refs[0], weights_only=True)
 
 
 MONITOR = ("entanglement_steps=2", "entanglement_probe_size=8", "entanglement_params=[lm_head,last_block]",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from ports import free_port
 from safetensors.torch import load_file
 
 COMMON = ["--config", "configs/egpo/testbed.yaml", "max_steps=4", "logging_steps=1", "save_strategy=no",
@@ -22,7 +23,7 @@ def run_egpo(repo, out, processes: int, per_device: int):
     if processes > 1:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     "configs/accelerate/cpu2.yaml", "--num_processes", str(processes), "--main_process_port",
-                    "29541", "recipes/egpo.py"]
+                    str(free_port()), "recipes/egpo.py"]
     cmd = [*launcher, *COMMON, f"output_dir={out}", f"per_device_train_batch_size={per_device}"]
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=900)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from ports import free_port
 from safetensors.torch import load_file
 
 COMMON = ["--config", "configs/grpo/testbed.yaml", "max_steps=4", "logging_steps=1", "save_strategy=no",
@@ -24,7 +25,7 @@ def run_grpo(repo, out, processes: int, per_device: int, extra=()):
     if processes > 1:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     "configs/accelerate/cpu2.yaml", "--num_processes", str(processes), "--main_process_port",
-                    "29537", "recipes/grpo.py"]
+                    str(free_port()), "recipes/grpo.py"]
     cmd = [*launcher, *COMMON, f"output_dir={out}", f"per_device_train_batch_size={per_device}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=900)

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from ports import free_port
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -218,7 +219,7 @@ def test_two_processes_make_the_same_pairs_as_one(repo, testbed, tmp_path):
               "max_eval_samples=8", "eval_num_samples=2", "max_steps=4", "max_completion_length=12", "logging_steps=1",
               "disable_tqdm=true", "dataloader_drop_last=true"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu2.yaml",
-              "--num_processes", "2", "--main_process_port", "29541"]
+              "--num_processes", "2", "--main_process_port", str(free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, cmd in (("one", [sys.executable]), ("two", launch)):
         batch = 8 if name == "one" else 4

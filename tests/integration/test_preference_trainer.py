@@ -187,7 +187,7 @@ def test_rpo_keeps_chosen_logps_above_dpo(repo, tmp_path, dpo_run):
 def test_precomputed_and_live_reference_agree(repo, tmp_path, testbed, use_peft):
     """Precomputed reference log-probs and live ones (frozen copy, or LoRA adapter disabled) give the same
     losses to 1e-5 after training has moved the policy away from the reference."""
-    kw = dict(max_steps=3, use_peft=use_peft, lora_r=4, learning_rate=1e-3)
+    kw = dict(max_steps=3, use_peft=use_peft, learning_rate=1e-3, **({"lora_r": 4} if use_peft else {}))
     pre = trained(repo, tmp_path / "pre", precompute_ref_logps=True, **kw)
     live = trained(repo, tmp_path / "live", precompute_ref_logps=False, **kw)
     assert "ref_chosen_logps" in pre.eval_dataset.column_names

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ if importlib.util.find_spec("vllm") is None:
                 allow_module_level=True)
 
 import torch  # noqa: E402
+from ports import free_port  # noqa: E402
 
 from align.args import validate_config  # noqa: E402
 from align.config import load_config  # noqa: E402
@@ -393,12 +393,6 @@ def test_online_and_iterative_rollout_options_fail_at_config(repo, tmp_path, tes
 
 
 # --- server engine --------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(repo, testbed, port: int) -> subprocess.Popen:
