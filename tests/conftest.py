@@ -8,6 +8,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# Under pytest-xdist (the README's `-n 2`) each worker, and every process it launches, computes on one thread: two
+# workers with torch's default of one OpenMP thread per core oversubscribe the cores, and spinning OpenMP threads
+# then slow every test several-fold.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 from pathlib import Path  # noqa: E402
 
@@ -64,3 +70,10 @@ def pytest_sessionfinish(session, exitstatus):
     # An empty selection (-k that matches nothing) is not a failure of the suite.
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
         session.exitstatus = pytest.ExitCode.OK
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # see OMP_NUM_THREADS above; torch may already be imported
+        import torch
+
+        torch.set_num_threads(1)
