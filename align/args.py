@@ -363,6 +363,11 @@ class CPUSaneDefaults:
     report_to: str | list[str] | None = option("none", "Loggers to report to (wandb, tensorboard, trackio, ...).")
     logging_steps: float = option(10.0, "Log every this many optimizer steps.")
     dataloader_pin_memory: bool = option(False, "Pin host memory in data loaders (helps GPU input, costs on CPU).")
+    logits_block_size: int = option(512, "Tokens per block through the output head and log-softmax, never the full "
+                                          "[batch, tokens, vocab] logits (docs/architecture.md); 0 = off.")
+    max_tokens_per_micro_batch: int = option(16384, "Token budget (padded length x sequences) of each forward of "
+                                                    "the no-gradient log-prob passes: the DPO-family reference "
+                                                    "precompute and the RL old / reference log-probs.")
     ddp_find_unused_parameters: bool | None = option(
         False, "DDP: look for parameters without gradients each step (costly; every recipe here uses all of them).")
     use_cpu: bool = field(
@@ -381,7 +386,8 @@ class CPUSaneDefaults:
         apply_rules(values, STEP_RULES)
 
     def validate(self) -> None:
-        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "max_tokens_per_micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         apply_rules(self, TRAINER_RULES)

@@ -35,6 +35,7 @@ TRAINER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: 0 <= v < SEED_LIMIT, "in [0, 2**32)"),
     "data_seed": (lambda v: v is None or 0 <= v < SEED_LIMIT, "in [0, 2**32) or null"),
     "dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
+    "logits_block_size": (lambda v: v >= 0, ">= 0 (0 = off)"),
 }
 # Checked on the raw values, before transformers' __post_init__ reports them less clearly (a negative warmup_steps
 # is "warmup_steps must be an integer or a float" there).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+from align.args import CPUSaneDefaults
 from align.rewards.math import extract_answer, is_correct
 
 
@@ -102,10 +103,12 @@ def accuracy(model, tokenizer, rows, max_new_tokens: int = 32, batch_size: int =
     return result
 
 
-def answer_probability(model, tokenizer, rows, batch_size: int = 64) -> dict:
+def answer_probability(model, tokenizer, rows, batch_size: int = 64,
+                       block_size: int = CPUSaneDefaults.logits_block_size) -> dict:
     """Mean probability the policy gives the canonical correct completion ``Answer: <n>`` (then end of turn)
     of each row: the policy's expected accuracy at temperature 1 without sampling noise (it leaves out the
-    rare correct answers in another format). Returns ``answer_probability`` and ``answer_probability/<task>``."""
+    rare correct answers in another format). Returns ``answer_probability`` and ``answer_probability/<task>``.
+    ``block_size``: tokens per block through the lm head (:func:`align.logps.token_logps`; 0: all at once)."""
     import torch
 
     from align.logps import pack, token_logps
@@ -122,7 +125,7 @@ def answer_probability(model, tokenizer, rows, batch_size: int = 64) -> dict:
             ids, attn, cmask, width = pack(prompts[s : s + batch_size], answers[s : s + batch_size],
                                            tokenizer.pad_token_id, model.device)
             with torch.no_grad():
-                logps = token_logps(model, ids, attn, width)
+                logps = token_logps(model, ids, attn, width, block_size=block_size)
             probs += (logps * cmask).sum(-1).exp().tolist()
     finally:
         model.train(was_training)

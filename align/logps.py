@@ -1,9 +1,18 @@
-"""Log-probs and entropies of tokens: the one place they are computed from logits (training losses, monitors,
-evaluation)."""
+"""Log-probs and entropies of tokens: the one place they are computed (training losses, reference and old
+log-probs, monitors, evaluation).
+
+From a model (:func:`token_logps`, :func:`sequence_logps`) the scored positions' hidden states go through the
+output head ``block_size`` tokens at a time (:mod:`align.lm_head`), never as full ``[batch, tokens, vocab]``
+logits; ``block_size=0``, or a head that cannot be split (one warning), computes the full logits as before.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from align.lm_head import LOGITS_BLOCK_SIZE, chunked_logps, head_input, split_head, unwrap, warn_unchunked
 
 
 def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor):
@@ -55,15 +64,61 @@ def pack(prompts, completions, pad_id: int, device=None):
     return ids, attn, cmask, width
 
 
-def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
-                with_entropy: bool = False):
-    """Per-token log-probs ``[B, C]`` of the completion tokens of a :func:`pack` batch (and their per-token
-    entropies, detached, when ``with_entropy``). Only the completion positions go through the lm head."""
-    c = input_ids.shape[1] - prompt_width
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=c + 1)
-    logits = out.logits[:, -(c + 1) : -1].float()
+@functools.cache
+def _takes_logits_to_keep(model_class) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def keeps_logits(model) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (the head then sees only the scored positions)."""
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return _takes_logits_to_keep(type(base))
+
+
+def last_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, with_entropy: bool = False,
+               block_size: int = LOGITS_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs ``[B, k]`` of the last ``k`` tokens of each row, and their entropies (detached; None without
+    ``with_entropy``), from one forward. ``block_size`` tokens at a time through the head (0: full logits)."""
+    k = min(k, input_ids.shape[1] - 1)
+    kwargs = {"logits_to_keep": k + 1} if keeps_logits(model) else {}
+    targets = input_ids[:, -k:]
+    head, reason = split_head(model) if block_size > 0 else (None, None)
+    if reason:
+        warn_unchunked(reason)
+    if head is not None:
+        with head_input(head) as seen:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        if len(seen) == 1:
+            return chunked_logps(seen[0][:, -(k + 1) : -1], head, targets, block_size, with_entropy)
+        warn_unchunked(f"the model called its output head {len(seen)} times in one forward, not once")
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    logits = out.logits[:, -(k + 1) : -1].float()
     log_norm = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, input_ids[:, prompt_width:].unsqueeze(-1)).squeeze(-1) - log_norm
-    if not with_entropy:
-        return logps
-    return logps, token_entropy(logits, log_norm)
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    return logps, (token_entropy(logits, log_norm) if with_entropy else None)
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                with_entropy: bool = False, block_size: int = LOGITS_BLOCK_SIZE):
+    """Per-token log-probs ``[B, C]`` of the completion tokens of a :func:`pack` batch (and their per-token
+    entropies, detached, when ``with_entropy``). Only the completion positions go through the lm head,
+    ``block_size`` tokens at a time (0: all at once)."""
+    logps, entropy = last_logps(model, input_ids, attention_mask, input_ids.shape[1] - prompt_width, with_entropy,
+                                block_size)
+    return (logps, entropy) if with_entropy else logps
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                   block_size: int = LOGITS_BLOCK_SIZE):
+    """:func:`completion_logps` of ``model``'s logits on a batch whose completions may start at different
+    columns (``completion_mask [B, T]``): only the positions from the earliest completion token on go through
+    the head, ``block_size`` tokens at a time (0: all at once)."""
+    k = input_ids.shape[1] - int(completion_mask.float().argmax(-1).min())  # from the earliest completion token
+    logps, entropy = last_logps(model, input_ids, attention_mask, k, True, block_size)
+    mask = completion_mask[:, -logps.shape[1] :].to(logps.dtype)
+    with torch.no_grad():
+        mean_entropy = (entropy * mask).sum() / mask.sum().clamp(min=1)
+    return (logps * mask).sum(-1), mask.sum(-1), mean_entropy

@@ -33,12 +33,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_children(script: str, settings, repeats: int, child_args: list[str], better) -> dict[tuple[str, str], dict]:
-    """Runs ``script --child TOOL SETTING *child_args`` for TRL then align, ``repeats`` times each, and keeps
-    per (tool, setting) the result that ``better(new, old)`` prefers. A child prints ``RESULT <json>``."""
+def run_children(script: str, settings, repeats: int, child_args: list[str], better,
+                 tools=("trl", "align")) -> dict[tuple[str, str], dict]:
+    """Runs ``script --child TOOL SETTING *child_args`` for each of ``tools`` in order, ``repeats`` times each, and
+    keeps per (tool, setting) the result that ``better(new, old)`` prefers. A child prints ``RESULT <json>``."""
     results: dict[tuple[str, str], dict] = {}
     for setting in settings:
-        for tool in ("trl", "align"):
+        for tool in tools:
             for _ in range(repeats):
                 proc = subprocess.run([sys.executable, script, "--child", tool, setting, *child_args],
                                       capture_output=True, text=True)

@@ -12,8 +12,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 # workers with torch's default of one OpenMP thread per core oversubscribe the cores, and spinning OpenMP threads
 # then slow every test several-fold.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["MKL_NUM_THREADS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"  # (not MKL_NUM_THREADS: vLLM's CPU attention then disagrees on threads)
 
 from pathlib import Path  # noqa: E402
 
@@ -33,6 +32,18 @@ def testbed():
 @pytest.fixture(scope="session")
 def repo():
     return REPO
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny forwards: they only lose to thread hand-offs on a shared 2-core
+    machine (idle OpenMP threads cost up to 20x on a busy one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

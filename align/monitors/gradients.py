@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+from align.args import CPUSaneDefaults
 from align.errors import ConfigError
 
 
@@ -45,13 +46,15 @@ def only_trainable(model, params):
 
 
 def sequence_grads(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
-                   params: Sequence[torch.nn.Parameter], chunk: int = 8):
+                   params: Sequence[torch.nn.Parameter], chunk: int = 8,
+                   block_size: int = CPUSaneDefaults.logits_block_size):
     """Yields ``(∇_params S_θ(completion | prompt) flattened into one fp32 vector, S_θ)`` for each (prompt,
     completion) pair, in order: one forward per chunk, one ``autograd.grad`` per sequence (exact; the
     sequences of a chunk do not interact). Parameters outside ``params`` get no gradient. Consume it whole or
     close it: the model's training mode and ``requires_grad`` flags are restored when it finishes.
     ``chunk``: sequences per forward; each ``autograd.grad`` walks the chunk's whole graph, so keep it small
-    for deep subsets (embeddings) and larger for output-layer ones."""
+    for deep subsets (embeddings) and larger for output-layer ones. ``block_size``: tokens per block through the
+    lm head (:func:`align.logps.token_logps`)."""
     from align.logps import pack, token_logps
 
     params = list(params)
@@ -62,7 +65,7 @@ def sequence_grads(model, prompts: Sequence[Sequence[int]], completions: Sequenc
         with only_trainable(model, params), torch.enable_grad():
             for s in range(0, len(prompts), chunk):
                 ids, attn, cmask, width = pack(prompts[s : s + chunk], completions[s : s + chunk], pad_id, device)
-                seq = (token_logps(model, ids, attn, width) * cmask).sum(-1)
+                seq = (token_logps(model, ids, attn, width, block_size=block_size) * cmask).sum(-1)
                 for b in range(seq.shape[0]):
                     yield flat_grad(seq[b], params, retain_graph=b < seq.shape[0] - 1), float(seq[b].detach())
     finally:

@@ -5,6 +5,11 @@ draw from ``softmax(logits / T)``. The noise of each completion comes from its o
 :func:`align.rollout.base.sample_seed`), so a completion is the same whichever prompts share its batch or
 process; ``generate`` then runs greedy on the noised scores. Top-k and top-p cut the distribution
 before the noise is added. The sampling log-probs returned are those of the cut, tempered distribution.
+
+Memory: the sampler (:class:`GumbelSampler`, the last logits processor) knows the token it makes win at each
+step, so it keeps only that token's log-prob, one number per row and step; ``generate`` runs without
+``output_logits`` and no ``[rows, steps, vocab]`` tensor is ever built (at Qwen's 151,936-token vocabulary one fp32
+copy of that is ~5 GB at 8 x 1,024 tokens).
 """
 
 from __future__ import annotations
@@ -30,19 +35,37 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-class _GumbelNoise:
-    """A logits processor: tempered, filtered logits plus per-row Gumbel noise (one generator per row)."""
+class GumbelSampler:
+    """The last logits processor: picks each step's token and records its log-prob.
+
+    With ``temperature > 0``: tempered, filtered scores plus per-row Gumbel noise (one generator per row), so
+    ``generate``'s greedy argmax is an exact draw; with ``temperature == 0``: the scores unchanged (greedy). Either
+    way it records, per step, the winning token of each row (``tokens``) and its log-prob under the distribution
+    sampled from (``logps``: log_softmax of the tempered, filtered scores it received), ``[rows]`` each."""
 
     def __init__(self, sampling: SamplingParams, seeds: Sequence[int]):
         self.sampling = sampling
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds] if sampling.temperature > 0 else []
+        self.tokens: list[torch.Tensor] = []
+        self.logps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         s = self.sampling
-        scores = filter_logits(scores.float() / s.temperature, s.top_k, s.top_p)
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
-        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-        return scores + gumbel
+        scores = scores.float()
+        if s.temperature > 0:
+            scores = filter_logits(scores / s.temperature, s.top_k, s.top_p)
+        logps = scores.log_softmax(-1)
+        if s.temperature > 0:
+            u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
+            scores = scores + -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+        token = scores.argmax(-1)  # what generate's greedy step picks from the scores returned
+        self.tokens.append(token)
+        self.logps.append(logps.gather(-1, token.unsqueeze(-1)).squeeze(-1))
+        return scores
+
+    def recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens, logps)``, ``[rows, steps]`` each, on the CPU."""
+        return torch.stack(self.tokens, 1).cpu(), torch.stack(self.logps, 1).cpu()
 
 
 class HFEngine:
@@ -59,10 +82,6 @@ class HFEngine:
     def extra_processors(self, input_ids, attention_mask) -> list:
         """Logits processors that change the distribution sampled from, run before the noise (none here)."""
         return []
-
-    def sampling_logits(self, gen, processors) -> torch.Tensor:
-        """The logits of the distribution sampled from, per generated step: here the model's own."""
-        return torch.stack(gen.logits, 1)
 
     def sync_weights(self, model) -> None:  # generates with the training model itself
         self.model = model
@@ -96,19 +115,19 @@ class HFEngine:
             p = list(prompts[i])
             ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[r, width - len(p) :] = 1
+        # generate fills every field left None from the model's generation_config: a model's repetition penalty or
+        # minimum length would change the distribution sampled from, so they are set to "off" here
         config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False, eos_token_id=self.eos_ids,
-                                  pad_token_id=self.pad_id, bos_token_id=None, output_logits=True,
-                                  return_dict_in_generate=True)
+                                  pad_token_id=self.pad_id, bos_token_id=None, repetition_penalty=1.0,
+                                  encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+                                  renormalize_logits=False, remove_invalid_values=False)
         processors = LogitsProcessorList(self.extra_processors(ids.to(device), mask.to(device)))
-        if sampling.temperature > 0:
-            processors.append(_GumbelNoise(sampling, [sample_seed(sampling.seed, keys[i], k) for i, k in rows]))
+        sampler = GumbelSampler(sampling, [sample_seed(sampling.seed, keys[i], k) for i, k in rows])
+        processors.append(sampler)
         gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                   logits_processor=processors)
-        new = gen.sequences[:, width:].cpu()
-        logits = self.sampling_logits(gen, processors).float().cpu()  # [rows, steps, vocab], before the noise
-        if sampling.temperature > 0:
-            logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
-        logps = logits.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        new = gen[:, width:].cpu()
+        picked, logps = sampler.recorded()
         eos = torch.tensor(self.eos_ids)
         for r, (i, k) in enumerate(rows):
             tokens = new[r].tolist()
@@ -117,6 +136,8 @@ class HFEngine:
             out.prompt_index.append(i)
             out.sample_index.append(k)
             out.prompt_ids.append(list(prompts[i]))
+            if picked[r, :length].tolist() != tokens[:length]:  # a processor after the sampler changed the pick
+                raise RuntimeError(f"HFEngine: generate chose tokens the sampler did not pick (row {r})")
             out.completion_ids.append(tokens[:length])
             out.finish_reason.append("length" if stop is None else "stop")
             out.sampling_logps.append(logps[r, :length].tolist())

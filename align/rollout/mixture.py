@@ -8,6 +8,8 @@ with the same per-completion random streams as :class:`~align.rollout.hf.HFEngin
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from align.rollout.hf import HFEngine
@@ -15,7 +17,8 @@ from align.rollout.hf import HFEngine
 
 class _ReferenceMixer:
     """A logits processor: mixes the policy's next-token log-probs with the reference model's, which it runs
-    incrementally (its own KV cache) on the same left-padded batch. Keeps the mixed log-probs of each step."""
+    incrementally (its own KV cache) on the same left-padded batch. Keeps nothing per step: the sampler after it
+    records the sampled token's mixed log-prob."""
 
     def __init__(self, ref_model, coef: float, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         self.ref, self.coef = ref_model, coef
@@ -23,7 +26,7 @@ class _ReferenceMixer:
         self.width = input_ids.shape[1]
         self.past = None
         self.seen = 0
-        self.history: list[torch.Tensor] = []
+        self.keeps_logits = "logits_to_keep" in inspect.signature(ref_model.forward).parameters
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -31,13 +34,12 @@ class _ReferenceMixer:
         ones = torch.ones((rows, length - self.width), dtype=self.prompt_mask.dtype, device=input_ids.device)
         mask = torch.cat([self.prompt_mask, ones], 1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = {"logits_to_keep": 1} if self.keeps_logits else {}  # the prompt's logits are never needed
         out = self.ref(input_ids=input_ids[:, self.seen:], attention_mask=mask, position_ids=positions[:, self.seen:],
-                       past_key_values=self.past, use_cache=True)
+                       past_key_values=self.past, use_cache=True, **keep)
         self.past, self.seen = out.past_key_values, length
         mixed = (1 - self.coef) * scores.float().log_softmax(-1) + self.coef * out.logits[:, -1].float().log_softmax(-1)
-        mixed = mixed.log_softmax(-1)
-        self.history.append(mixed)
-        return mixed
+        return mixed.log_softmax(-1)
 
 
 class MixtureEngine(HFEngine):
@@ -52,6 +54,3 @@ class MixtureEngine(HFEngine):
 
     def extra_processors(self, input_ids, attention_mask) -> list:
         return [_ReferenceMixer(self.ref_model, self.coef, input_ids, attention_mask)]
-
-    def sampling_logits(self, gen, processors) -> torch.Tensor:
-        return torch.stack(processors[0].history, 1)

@@ -162,7 +162,7 @@ class OnlinePreferenceTrainer(RolloutTrainer):
 
     def _sequence_logps(self, model, prompts, completions) -> tuple[torch.Tensor, torch.Tensor]:
         ids, attn, cmask, width = pack(prompts, completions, self.pad_id, self.args.device)
-        logps = token_logps(model, ids, attn, width)
+        logps = token_logps(model, ids, attn, width, block_size=self.args.logits_block_size)
         return (logps * cmask).sum(-1), cmask.sum(-1).float()
 
     def pair_loss(self, model, pairs: Pairs) -> tuple[torch.Tensor, dict]:

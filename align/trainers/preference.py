@@ -12,9 +12,7 @@ reference's weights and the data, never by a path), a frozen
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import itertools
 import json
 import os
@@ -27,7 +25,8 @@ from align.args import CPUSaneDefaults, ObjectiveArguments, option
 from align.data.preference import PreferenceCollator, tokenize_preferences
 from align.errors import ConfigError
 from align.io import atomic_save
-from align.logps import completion_logps
+from align.logps import sequence_logps
+from align.microbatch import token_budget_batches
 from align.monitors.entanglement import ACTIONS, SUBSETS
 from align.objectives import build, registry
 from align.trainers.base import AlignTrainer, wrap_peft
@@ -109,9 +108,12 @@ def weights_fingerprint(model, skip_lora: bool = False) -> str:
     return digest.hexdigest()
 
 
-@functools.cache
-def _takes_logits_to_keep(model_class) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+def pair_sizes(ds, rows) -> list[tuple[int]]:
+    """Each of ``rows``' padded size segment for :func:`align.microbatch.token_budget_batches`: its longer
+    sequence (prompt + chosen or prompt + rejected), as :class:`PreferenceCollator` pads them."""
+    sub = ds.select(rows).select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    return [(len(p) + max(len(c), len(r)),) for p, c, r in zip(sub["prompt_ids"], sub["chosen_ids"],
+                                                                 sub["rejected_ids"], strict=True)]
 
 
 class PreferenceTrainer(AlignTrainer):
@@ -183,22 +185,10 @@ class PreferenceTrainer(AlignTrainer):
     # --- reference log-probs ----------------------------------------------------------------------
 
     def _sequence_logps(self, model, inputs):
-        """One forward of [chosen; rejected]; logits only from the first completion position on (no
-        lm_head work on the prompt part shared by every row), when the model supports ``logits_to_keep``."""
-        ids, mask = inputs["input_ids"], inputs["completion_mask"]
-        kwargs = {}
-        if self._keeps_logits(model):
-            first = int(mask.float().argmax(-1).min())  # earliest completion token in the batch
-            keep = ids.shape[1] - first + 1
-            kwargs["logits_to_keep"] = keep
-            ids, mask = ids[:, -keep:], mask[:, -keep:]
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **kwargs)
-        return completion_logps(out.logits, ids, mask)
-
-    def _keeps_logits(self, model) -> bool:
-        base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        return _takes_logits_to_keep(type(base))
+        """One forward of [chosen; rejected]; only the positions from the first completion token on go through
+        the lm head (none of the prompt part shared by every row), ``logits_block_size`` tokens at a time."""
+        return sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
+                              self.args.logits_block_size)
 
     @torch.no_grad()
     def reference_logps(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +217,9 @@ class PreferenceTrainer(AlignTrainer):
 
     def precompute_reference(self, ds, desc: str = "reference log-probs"):
         """``ds`` with ``ref_chosen_logps``/``ref_rejected_logps`` columns, computed once (sharded across
-        processes, gathered) and cached in ``output_dir``."""
+        processes, gathered) and cached in ``output_dir``. The forwards run on micro-batches of at most
+        ``max_tokens_per_micro_batch`` padded tokens, pairs of similar length together
+        (:func:`align.microbatch.token_budget_batches`)."""
         from accelerate.utils import gather_object
         from tqdm.auto import tqdm
 
@@ -239,16 +231,20 @@ class PreferenceTrainer(AlignTrainer):
         else:
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
             mine = list(range(rank, len(ds), world))
-            size = self.args.per_device_eval_batch_size
+            batches = [[mine[j] for j in b] for b in token_budget_batches(pair_sizes(ds, mine),
+                                                                          self.args.max_tokens_per_micro_batch, 2)]
+            # every process runs as many forwards (sharded weights gather in each): the short ones redo one row
+            extra = max(gather_object([len(batches)])) - len(batches) if world > 1 else 0
             collate = self.data_collator
             local = []
             was_training = self.model.training
             self.model.eval()
-            for s in tqdm(range(0, len(mine), size), desc=desc, disable=not self.is_world_process_zero()):
-                idx = mine[s : s + size]
-                batch = {k: v.to(self.args.device) for k, v in collate([ds[i] for i in idx]).items()}
+            runs = batches + [None] * extra
+            for idx in tqdm(runs, desc=desc, disable=not self.is_world_process_zero()):
+                batch = {k: v.to(self.args.device) for k, v in collate([ds[i] for i in (idx or [0])]).items()}
                 c, r = self.reference_logps(batch)
-                local.extend(zip(idx, c.tolist(), r.tolist(), strict=True))
+                if idx is not None:
+                    local.extend(zip(idx, c.tolist(), r.tolist(), strict=True))
             self.model.train(was_training)
             table = torch.zeros(len(ds), 2, dtype=torch.float64)
             for i, c, r in gather_object(local):

@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from align.logps import pack, token_logps
+from align.microbatch import longest_first
 from align.objectives.policy import AGGREGATIONS, TOKEN_LOSSES, policy_loss, truncated_is_weights
 from align.sampling import PromptStats
 from align.trainers.base import RolloutTrainer, wrap_peft
@@ -108,6 +109,8 @@ class RLTrainer(RolloutTrainer):
         scale = float(world)
         if AGGREGATIONS.get(a.loss_type).info.get("per_micro_batch"):  # bnpo: averaged over every micro-batch
             scale /= max(sum(micro_counts), 1)
+        else:  # a sum over micro-batches with whole-batch constants: grouping by length changes no number
+            local = [local[j] for j in longest_first([(len(s.prompt_ids), s.length) for s in local])]
         model.train()
         total = torch.zeros((), device=a.device)
         sums: dict[str, float] = {}
@@ -154,7 +157,7 @@ class RLTrainer(RolloutTrainer):
         a = self.args
         ids, attn, cmask, width = pack([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk], self.pad_id,
                                        a.device)
-        logps, entropy = token_logps(model, ids, attn, width, with_entropy=True)
+        logps, entropy = token_logps(model, ids, attn, width, with_entropy=True, block_size=a.logits_block_size)
         mask = cmask & torch.tensor([mask_of.get(id(s), True) for s in chunk], device=a.device)[:, None]
 
         def stacked(attr):

@@ -10,6 +10,8 @@ The batch knobs, named once (``describe()`` prints them with the effective numbe
 * ``num_minibatches`` × ``num_iterations`` (μ) — optimizer updates per round: the round's rollouts are
   split into ``num_minibatches`` mini-batches, and the whole set is passed over μ times.
 * ``micro_batch_size`` — sequences per forward/backward (memory only; the gradient is the same).
+* ``max_tokens_per_micro_batch`` (the trainer part) — padded tokens per forward of the no-gradient old /
+  reference log-prob passes.
 * ``gradient_accumulation_steps`` must stay 1: one optimizer step is one mini-batch.
 """
 

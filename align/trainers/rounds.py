@@ -29,6 +29,7 @@ from accelerate.utils import gather_object
 
 from align.errors import TrainingError
 from align.logps import pack, token_logps
+from align.microbatch import token_budget_batches
 from align.monitors.grad_norm import sequence_grad_norms
 from align.monitors.gradients import select_parameters
 from align.objectives.advantages import ESTIMATORS
@@ -213,19 +214,23 @@ class RoundBuilder:
     def _precompute_logps(self, local: list[Sample]) -> None:
         """Old log-probs of the samples the policy moves under before their use, and reference log-probs
         (β > 0). With one iteration, mini-batch 0 is used on the very weights that generated it, so its old
-        log-probs are the live ones detached (what a stored copy would hold, without the extra forward)."""
+        log-probs are the live ones detached (what a stored copy would hold, without the extra forward).
+        Forwards run on micro-batches of at most ``max_tokens_per_micro_batch`` padded tokens and
+        ``micro_batch_size`` samples, samples of similar length together
+        (:func:`align.microbatch.token_budget_batches`)."""
         a = self.args
         policy = self.policy()
         old = [s for s in local if a.updates_per_round > 1 and (a.num_iterations > 1 or s.minibatch > 0)]
-        passes = [(old, "old_logps", lambda *batch: token_logps(policy, *batch))]
+        passes = [(old, "old_logps", lambda *batch: token_logps(policy, *batch, block_size=a.logits_block_size))]
         if a.beta:
             passes.append((local, "ref_logps", self._ref_logps))
         was_training = policy.training
         policy.eval()
         try:
             for samples, attr, fn in passes:
-                for s0 in range(0, len(samples), a.micro_batch_size):
-                    chunk = samples[s0 : s0 + a.micro_batch_size]
+                sizes = [(len(s.prompt_ids), len(s.completion_ids)) for s in samples]
+                for batch in token_budget_batches(sizes, a.max_tokens_per_micro_batch, max_items=a.micro_batch_size):
+                    chunk = [samples[j] for j in batch]
                     ids, attn, _, width = pack([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk],
                                                self.pad_id, a.device)
                     for s, row in zip(chunk, fn(ids, attn, width)):
@@ -236,7 +241,7 @@ class RoundBuilder:
     def _ref_logps(self, ids, attn, width) -> torch.Tensor:
         model, context = self.reference()
         with context:
-            return token_logps(model, ids, attn, width)
+            return token_logps(model, ids, attn, width, block_size=self.args.logits_block_size)
 
 
 def round_metrics(counts: list[int], samples: list[Sample]) -> dict[str, float]:

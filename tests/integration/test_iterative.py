@@ -22,12 +22,8 @@ SMALL = dict(max_train_samples=16, max_eval_samples=8, eval_num_samples=2, max_s
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tiny forwards only lose to thread hand-offs on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(single_thread):
+    """Tiny models: one intra-op thread (see the conftest fixture)."""
 
 
 def config(repo, out, name="testbed-ilr-dpo.yaml", **over):

@@ -287,10 +287,10 @@ def test_recipe_run_writes_model_and_metrics(repo, tmp_path, testbed):
 
 
 def test_logits_to_keep_path_equals_full_logits(repo, tmp_path, testbed):
-    from align.logps import completion_logps
+    from align.logps import completion_logps, keeps_logits
 
     trainer = build_trainer(cfg(repo, tmp_path, max_steps=1))
-    assert trainer._keeps_logits(trainer.model)
+    assert keeps_logits(trainer.model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     with torch.no_grad():
         fast, fast_len, fast_ent = trainer._sequence_logps(trainer.model, batch)

@@ -27,6 +27,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 from align.rollout import WeightSync
 from align.stopping import RESUME, StopCallback, Stopped, after_train, signals_handled, stop_point
 
+# the subprocess imports this module (its reward functions) and `ports` from tests/
+TESTS_PATH = os.pathsep.join((str(Path(__file__).parent), str(Path(__file__).parents[1])))
 TIMEOUT = 600  # seconds any one run may take before the test calls it a hang (the CPU may be shared)
 COMMON = ["logging_steps=1", "dataset_test_split=null", "disable_tqdm=true"]
 DPO = ["dpo", "--config", "configs/dpo/testbed.yaml", "max_train_samples=128", "per_device_train_batch_size=4",
@@ -272,7 +274,7 @@ def gated_constant(completions, **_):
 def test_second_signal_exits_at_once_without_saving(repo, tmp_path, testbed):
     """Step 2 is held in its reward function: the first SIGTERM is announced, the second ends the process there."""
     args = [*GRPO, "max_steps=4", "num_minibatches=1", "reward_funcs=[test_signals:gated_constant]"]
-    run = Run(repo, tmp_path, "run", args, env={"PYTHONPATH": str(Path(__file__).parent)})
+    run = Run(repo, tmp_path, "run", args, env={"PYTHONPATH": TESTS_PATH})
     run.wait_for_step(1)
     run.proc.send_signal(signal.SIGTERM)
     run.wait_until(lambda: "align: SIGTERM received" in run.text(), "the first signal announced")

@@ -130,7 +130,8 @@ def test_a_registered_toy_allocator_is_the_one_the_round_builder_uses(monkeypatc
     a = SimpleNamespace(allocator="every_other", advantage="grpo", scale_rewards="none", accept_threshold=0.5,
                         grad_norm_monitor_steps=None, num_generations=2, max_completion_length=4, temperature=1.0,
                         top_p=1.0, top_k=0, seed=0, num_minibatches=1, num_iterations=1, updates_per_round=1,
-                        beta=0.0, micro_batch_size=4, device="cpu")
+                        beta=0.0, micro_batch_size=4, max_tokens_per_micro_batch=16384, logits_block_size=512,
+                        device="cpu")
     tok = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: ["x" * len(i) for i in ids])
     builder = RoundBuilder(a, SimpleNamespace(process_index=0, num_processes=1), Engine(), lambda policy, step: 0.0,
                            rewards, tok, [], 0, policy=lambda: torch.nn.Linear(1, 1), reference=None, step=lambda: 0)
