@@ -121,7 +121,8 @@ def test_hdpo_alpha_scales_the_pairs_log_ratios(repo, tmp_path, tie_pairs_file):
     On preference-free pairs (tie_pairs, both orders of every pair in each full-batch step) DPO's optimum is
     the reference itself and H-DPO's sets α·(S_θ(a) − S_θ(b)) = S_ref(a) − S_ref(b), so the log-prob gap
     between the two samples of a pair must grow for α = 0.5, stay for α = 1 and shrink for α = 2. Measured
-    (mean |gap| over the reference's, 20 full-batch steps at lr 1e-4): 1.89 / 0.994 / 0.504, close to 1/α.
+    (mean |gap| over the reference's): 20 full-batch steps at lr 1e-4, 1.89 / 0.994 / 0.504 (Intel build); 10
+    steps at lr 2e-4 (half the CI time), 1.73 / 0.980 / 0.507 (AMD build, 2026-12-01); close to 1/α.
 
     Held-out entropy does not follow on these pairs (α = 0.5 lowers both samples of a pair and the freed mass
     raises entropy, ``python scripts/hdpo_entropy.py --pairs tie``); it does on preference pairs, next test."""
@@ -130,7 +131,7 @@ def test_hdpo_alpha_scales_the_pairs_log_ratios(repo, tmp_path, tie_pairs_file):
     for alpha in (0.5, 1.0, 2.0):
         trainer = trained(repo, tmp_path / str(alpha), objective="hdpo", alpha=alpha, beta=1.0, dataset_name=str(path),
                           dataset_test_split=None, max_train_samples=None, per_device_train_batch_size=n,
-                          max_steps=20, learning_rate=1e-4, logging_steps=20)
+                          max_steps=10, learning_rate=2e-4, logging_steps=10)
         ds = trainer.train_dataset  # tokenised, with the precomputed reference log-probs
         ref = (torch.tensor(ds["ref_chosen_logps"]) - torch.tensor(ds["ref_rejected_logps"])).abs()
         ratio[alpha] = float(pair_gaps(trainer.model, ds, trainer.processing_class.pad_token_id).mean() / ref.mean())
