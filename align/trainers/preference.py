@@ -12,6 +12,7 @@ reference's weights and the data, never by a path), a frozen
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -199,15 +200,19 @@ class PreferenceTrainer(AlignTrainer):
         half = inputs["row_id"].shape[0]
         return logps[:half], logps[half:]
 
-    def _cache_path(self, ds) -> str:
-        """The reference cache of ``ds``, keyed by content: the reference's weights (:func:`weights_fingerprint`,
-        every process's part), the rows' token ids in order, max_length, the chat template and mixed precision; a
-        changed model at the same path, or changed data, never reads a stale cache."""
+    def reference_fingerprint(self) -> str:
+        """:func:`weights_fingerprint` of the reference as it is now, every process's part (a collective)."""
         from accelerate.utils import gather_object
 
         model, _ = self.reference()
         lora_off = self.ref_model is None and self.is_peft  # the policy with its adapter off: the base weights
-        digest = hashlib.sha256("|".join(gather_object([weights_fingerprint(model, lora_off)])).encode())
+        return "|".join(gather_object([weights_fingerprint(model, lora_off)]))
+
+    def _cache_path(self, ds, fingerprint) -> str:
+        """The reference cache of ``ds``, keyed by content: the reference's weights (``fingerprint()``, see
+        :meth:`reference_fingerprint`), the rows' token ids in order, max_length, the chat template and mixed
+        precision; a changed model at the same path, or changed data, never reads a stale cache."""
+        digest = hashlib.sha256(fingerprint().encode())
         for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
             for ids in ds[key]:
                 digest.update(bytes(str(ids), "ascii"))
@@ -215,17 +220,18 @@ class PreferenceTrainer(AlignTrainer):
         digest.update(json.dumps([a.max_length, getattr(tok, "chat_template", None), a.bf16, a.fp16]).encode())
         return os.path.join(self.args.output_dir, f"ref_logps-{digest.hexdigest()[:16]}.pt")
 
-    def precompute_reference(self, ds, desc: str = "reference log-probs"):
+    def precompute_reference(self, ds, desc: str = "reference log-probs", fingerprint=None):
         """``ds`` with ``ref_chosen_logps``/``ref_rejected_logps`` columns, computed once (sharded across
         processes, gathered) and cached in ``output_dir``. The forwards run on micro-batches of at most
         ``max_tokens_per_micro_batch`` padded tokens, pairs of similar length together
-        (:func:`align.microbatch.token_budget_batches`)."""
+        (:func:`align.microbatch.token_budget_batches`). ``fingerprint``: a callable giving the reference's
+        fingerprint when the caller shares one between passes (default :meth:`reference_fingerprint`)."""
         from accelerate.utils import gather_object
         from tqdm.auto import tqdm
 
         if ds is None or "ref_chosen_logps" in ds.column_names:
             return ds
-        path = self._cache_path(ds)
+        path = self._cache_path(ds, fingerprint or self.reference_fingerprint)
         if os.path.isfile(path):
             table = torch.load(path, weights_only=True)
         else:
@@ -255,9 +261,11 @@ class PreferenceTrainer(AlignTrainer):
         return ds.add_column("ref_rejected_logps", table[:, 1].tolist())
 
     def _prepare_reference(self):
-        if self.args.precompute_ref_logps:
-            self.train_dataset = self.precompute_reference(self.train_dataset)
-            self.eval_dataset = self.precompute_reference(self.eval_dataset, "reference log-probs (eval)")
+        if self.args.precompute_ref_logps:  # one fingerprint (a hash of every weight) for both passes
+            fingerprint = functools.cache(self.reference_fingerprint)
+            self.train_dataset = self.precompute_reference(self.train_dataset, fingerprint=fingerprint)
+            self.eval_dataset = self.precompute_reference(self.eval_dataset, "reference log-probs (eval)",
+                                                          fingerprint=fingerprint)
 
     def train(self, *args, **kwargs):
         self._prepare_reference()
