@@ -15,30 +15,31 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
+from align.checkpoints import clear_previous_run
 from align.checks import (
     STEP_RULES,
     TRAINER_RULES,
     apply_rules,
     check_attn_implementation,
     check_file_in_dir,
+    check_logits_block_size,
+    check_padding_free,
     check_report_to,
     check_writable_dir,
 )
 from align.errors import ConfigError
+from align.hub_args import HubArguments
+from align.options import option
+from align.precision import apply_master_weights
+from align.sharding import check_launch, has_accelerator
 from align.testbed.tasks import DEFAULT_TASKS, FORMATS, TASKS
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 # The parts, in --help and validation order; a part not named here comes just before the trainer.
 PARTS = ("model", "data", "LoRA", "outputs", "prompt", "generation", "rollout", "objective", "RL", "online",
          "iterative", "preference", "trainer")
-
-
-def option(default, help_: str, **kw):
-    """A config field with its ``--help`` text; a list or dict default is copied for every instance."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help_}, **kw)
-    return field(default=default, metadata={"help": help_}, **kw)
 
 
 def _rank(title: str) -> float:
@@ -87,12 +88,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-
-
 # --- the recipe parts: model, data, LoRA, outputs -----------------------------------------------------
 
 
@@ -105,7 +100,9 @@ class ModelArguments:
         "Model to train: a local HF folder, a Hub id, or `testbed:base` (random tiny model) / `testbed:policy` "
         "(the tiny model after its SFT warm-up), built locally on first use.",
     )
-    torch_dtype: str = option("float32", f"Weights dtype when loading the model, one of {DTYPES}.")
+    torch_dtype: str = option("float32", f"Compute dtype, one of {DTYPES} (half: float32 weights, see pure_bf16).")
+    pure_bf16: bool = option(False, "Keep a half torch_dtype's weights and updates in it (else float32 weights under "
+                                    "autocast; LoRA's frozen base stays half): updates below ~2^-8 of a weight vanish.")
     attn_implementation: str | None = option(None, "Attention kernel passed to from_pretrained (e.g. sdpa, eager).")
     trust_remote_code: bool = option(False, "Allow custom modelling code from the model's repository.")
 
@@ -241,22 +238,8 @@ class RecipeArguments(OutputArguments, DataArguments, LoRAArguments, ModelArgume
 
 
     def clear_previous_run(self) -> None:
-        """``overwrite_output_dir`` (not resuming): remove the previous run's checkpoints and metrics file, so that
-        no later resume continues that run. Called by :func:`align.recipe.start` once every check has passed and
-        the model has loaded, so a refused config never costs the user a checkpoint. Main process only."""
-        from align.checkpoints import remove_checkpoints
-
-        out = self.output_dir
-        if (not self.overwrite_output_dir or self.resume_from_checkpoint or not os.path.isdir(out)
-                or os.environ.get("RANK", "0") != "0"):
-            return
-        removed = remove_checkpoints(out)
-        metrics = os.path.join(out, self.metrics_file)
-        if os.path.dirname(os.path.abspath(metrics)) == os.path.abspath(out) and os.path.isfile(metrics):
-            os.remove(metrics)
-            removed.append(self.metrics_file)
-        if removed:
-            print(f"overwrite_output_dir: removed the previous run's {', '.join(removed)} from {out!r}", flush=True)
+        """``overwrite_output_dir``: :func:`align.checkpoints.clear_previous_run`, called by `align.recipe.start`."""
+        clear_previous_run(self)
 
 
 # --- the parts of every trainer that samples: prompt, generation; and the objective ---------------------
@@ -350,7 +333,7 @@ class ObjectiveArguments:
 
 
 @dataclass
-class CPUSaneDefaults:
+class CPUSaneDefaults(HubArguments):
     """The trainer part: the TRL/transformers training arguments a recipe config extends, with defaults that
     differ from TRL's: fp32 and no gradient checkpointing (bf16 is ~20x slower on a CPU and checkpointing costs
     ~40%), no external loggers, readable logging on tiny runs. A config lists this before the TRL config so these
@@ -363,8 +346,13 @@ class CPUSaneDefaults:
     report_to: str | list[str] | None = option("none", "Loggers to report to (wandb, tensorboard, trackio, ...).")
     logging_steps: float = option(10.0, "Log every this many optimizer steps.")
     dataloader_pin_memory: bool = option(False, "Pin host memory in data loaders (helps GPU input, costs on CPU).")
-    logits_block_size: int = option(512, "Tokens per block through the output head and log-softmax, never the full "
-                                          "[batch, tokens, vocab] logits (docs/architecture.md); 0 = off.")
+    logits_block_size: int | Literal["auto"] = option(
+        "auto", "Tokens per block through the output head and log-softmax, never the full [batch, tokens, vocab] "
+                "logits (docs/architecture.md); auto = up to 512 tokens and 2**25 logits (128 MiB fp32) a block, "
+                "0 = off; at most the longest sequence (max_length, or max_prompt_length + max_completion_length).")
+    padding_free: bool = option(False, "Forwards without padding: each micro-batch's sequences packed into one row, "
+                                       "position_ids restarting per sequence (sdpa, eager, flex or flash-attention; "
+                                       "docs/architecture.md).")
     max_tokens_per_micro_batch: int = option(16384, "Token budget (padded length x sequences) of each forward of "
                                                     "the no-gradient log-prob passes: the DPO-family reference "
                                                     "precompute and the RL old / reference log-probs.")
@@ -379,6 +367,7 @@ class CPUSaneDefaults:
     @classmethod
     def precheck(cls, values: dict) -> None:
         """Checks on the raw values, before transformers' own ``__post_init__`` reports them less clearly."""
+        apply_master_weights(values)  # torch_dtype bfloat16: float32 weights, bf16 autocast (unless pure_bf16)
         if values.get("fp16") and values.get("bf16"):
             raise ConfigError("fp16 / bf16: choose at most one")
         if values.get("fp16") and not has_accelerator():
@@ -391,9 +380,12 @@ class CPUSaneDefaults:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         apply_rules(self, TRAINER_RULES)
+        check_logits_block_size(self)
+        check_padding_free(self)
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("max_steps / num_train_epochs: one of them must be > 0")
         if self.load_best_model_at_end and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
             raise ConfigError("load_best_model_at_end: needs evaluation to pick the best checkpoint; set eval_strategy "
                               "(steps or epoch, matching save_strategy) and dataset_test_split, or remove it")
         check_report_to(self.report_to)
+        check_launch(self)  # the launcher's FSDP / DeepSpeed against this run (align/sharding.py)

@@ -181,3 +181,21 @@ def with_atomic_checkpoints(trainer_class: type) -> type:
     """``trainer_class`` (a ``transformers.Trainer`` subclass, e.g. TRL's ``SFTTrainer``) with
     :class:`AtomicCheckpoints` mixed in."""
     return type(trainer_class.__name__, (AtomicCheckpoints, trainer_class), {})
+
+
+def clear_previous_run(config) -> None:
+    """``overwrite_output_dir`` (not resuming): remove the previous run's checkpoints and metrics file from
+    ``config.output_dir``, so that no later resume continues that run. Called by :func:`align.recipe.start` once
+    every check has passed and the model has loaded, so a refused config never costs the user a checkpoint. Main
+    process only."""
+    out = config.output_dir
+    if (not config.overwrite_output_dir or config.resume_from_checkpoint or not os.path.isdir(out)
+            or os.environ.get("RANK", "0") != "0"):
+        return
+    removed = remove_checkpoints(out)
+    metrics = os.path.join(out, config.metrics_file)
+    if os.path.dirname(os.path.abspath(metrics)) == os.path.abspath(out) and os.path.isfile(metrics):
+        os.remove(metrics)
+        removed.append(config.metrics_file)
+    if removed:
+        print(f"overwrite_output_dir: removed the previous run's {', '.join(removed)} from {out!r}", flush=True)

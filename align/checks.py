@@ -35,7 +35,7 @@ TRAINER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: 0 <= v < SEED_LIMIT, "in [0, 2**32)"),
     "data_seed": (lambda v: v is None or 0 <= v < SEED_LIMIT, "in [0, 2**32) or null"),
     "dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
-    "logits_block_size": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "logits_block_size": (lambda v: v == "auto" or v >= 0, ">= 0 (0 = off) or auto"),
 }
 # Checked on the raw values, before transformers' __post_init__ reports them less clearly (a negative warmup_steps
 # is "warmup_steps must be an integer or a float" there).
@@ -65,11 +65,13 @@ def apply_rules(values: Mapping[str, Any] | object, rules: Mapping[str, tuple[Ca
 
 def check_report_to(report_to) -> None:
     """Every logger named is one transformers knows and one that is installed (else Trainer fails after the model
-    has loaded)."""
+    has loaded); the message says how to install it (align's trackers: :func:`align.tracking.install_command`)."""
     from transformers.integrations.integration_utils import (
         INTEGRATION_TO_CALLBACK,
         get_available_reporting_integrations,
     )
+
+    from align.tracking import PINS, install_command, is_installed
 
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     for name in names:
@@ -78,8 +80,52 @@ def check_report_to(report_to) -> None:
         if name not in INTEGRATION_TO_CALLBACK:
             raise ConfigError(f"report_to: unknown logger {name!r} (known: {', '.join(INTEGRATION_TO_CALLBACK)}, "
                               "none, all)")
-        if name not in get_available_reporting_integrations():
-            raise ConfigError(f"report_to: {name!r} is not installed (pip install {name}), or use report_to=none")
+        if not (is_installed(name) if name in PINS else name in get_available_reporting_integrations()):
+            raise ConfigError(f"report_to: {name!r} is not installed ({install_command(name)}), or use "
+                              "report_to=none")
+
+
+# Attention implementations that keep sequences packed into one row apart by their restarting ``position_ids`` alone
+# (``padding_free``): transformers builds a block-diagonal causal mask for sdpa / eager / flex
+# (masking_utils.find_packed_sequence_indices, used when there is no attention mask) and flash-attention runs its
+# variable-length kernel on a single packed row.
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def packed_attention(impl: str | None) -> str | None:
+    """The implementation transformers runs for ``impl``: it drops the ``paged|`` prefix of every kernel but eager."""
+    return impl.removeprefix("paged|") if impl and impl != "paged|eager" else impl
+
+
+def longest_sequence(config) -> tuple[int, str] | None:
+    """The longest sequence (tokens) ``config`` lets a run score, and the keys that say so: its ``max_length``, or
+    ``max_prompt_length + max_completion_length`` (the larger where a config has both); None if nothing bounds it."""
+    found = []
+    if getattr(config, "max_length", None) is not None:
+        found.append((config.max_length, f"max_length {config.max_length}"))
+    prompt, completion = getattr(config, "max_prompt_length", None), getattr(config, "max_completion_length", None)
+    if prompt is not None and completion is not None:
+        found.append((prompt + completion, f"max_prompt_length {prompt} + max_completion_length {completion}"))
+    return max(found, key=lambda f: f[0]) if found else None
+
+
+def check_logits_block_size(config) -> None:
+    """An explicit ``logits_block_size`` no larger than the longest sequence the config allows (``auto``, the
+    default, sizes its blocks by the vocabulary and is one block when a pass scores fewer tokens: never refused)."""
+    value = config.logits_block_size
+    longest = longest_sequence(config)
+    if value != "auto" and longest is not None and value > longest[0]:
+        raise ConfigError(f"logits_block_size: {value} is larger than the longest sequence, {longest[0]} tokens "
+                          f"({longest[1]}); use at most {longest[0]}, auto or 0 (off)")
+
+
+def check_padding_free(config) -> None:
+    """``padding_free`` with an ``attn_implementation`` that keeps packed sequences apart (the model's own default,
+    when the key is unset, is checked once the model is loaded: :func:`align.logps.check_packable`)."""
+    impl = getattr(config, "attn_implementation", None)
+    if getattr(config, "padding_free", False) and impl is not None and packed_attention(impl) not in PACKED_ATTENTION:
+        raise ConfigError(f"padding_free: attn_implementation {impl!r} cannot keep packed sequences apart (supported: "
+                          f"{', '.join(PACKED_ATTENTION)}); use one of them, or padding_free=false")
 
 
 def check_attn_implementation(name: str | None) -> None:

@@ -14,9 +14,14 @@ from align.quickstart import PAIR_PROMPTS
 
 
 def _train(args) -> int:
+    from align.launch import relaunch, split_launcher_flags
     from align.recipe import get_recipe, main
 
-    return main(get_recipe(args.recipe), args.rest)
+    recipe = get_recipe(args.recipe)
+    flags, rest = split_launcher_flags(args.rest)  # --accelerate_config FILE [--num_processes N]: align/launch.py
+    if flags:
+        relaunch(recipe.run.__module__, flags, rest)
+    return main(recipe, rest)
 
 
 def _recipes(args) -> int:
@@ -60,6 +65,22 @@ def _quickstart(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from align.plots import plot_command
+
+    paths = plot_command(args.output_dir)
+    print(f"{len(paths)} plot(s) in {os.path.join(args.output_dir, 'plots')}: "
+          f"{', '.join(os.path.basename(p) for p in paths) or '-'}")
+    return 0
+
+
+def _push(args) -> int:
+    from align.hub import push_saved
+
+    push_saved(args.output_dir, args.repo_id, private=args.private, merged=args.merged, revision=args.revision)
+    return 0
+
+
 def _serve(args) -> int:
     from align.modeling import check_model_path, resolve_model_path
     from align.rollout.serve_http import check_limits
@@ -84,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"align {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
-    train = sub.add_parser("train", help="run a recipe: align train <recipe> --config FILE|NAME [key=value ...]",
-                           add_help=False)
+    train = sub.add_parser("train", help="run a recipe: align train <recipe> --config FILE|NAME [key=value ...] "
+                           "[--accelerate_config FILE [--num_processes N]]: under accelerate launch", add_help=False)
     train.add_argument("recipe", help="recipe name (see: align recipes)")
     train.add_argument("rest", nargs=argparse.REMAINDER,
                        help="--config FILE or a shipped config's name (e.g. testbed), key=value overrides, --help")
@@ -107,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--pair-prompts", type=int, default=PAIR_PROMPTS,
                        help="training prompts the policy answers to make the preference pairs (fewer: a smoke run)")
     quick.set_defaults(func=_quickstart)
+
+    plot = sub.add_parser("plot", help="draw a run's plots (finished or in progress) into OUTPUT_DIR/plots/")
+    plot.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output_dir (holds its metrics.jsonl)")
+    plot.set_defaults(func=_plot)
+
+    push = sub.add_parser("push", help="push a saved run to the Hub (e.g. after a failed push): align push "
+                                       "OUTPUT_DIR REPO_ID (docs/hub.md)")
+    push.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output_dir (holds its align_config.yaml)")
+    push.add_argument("repo_id", metavar="REPO_ID", help="Hub repository: name or namespace/name")
+    push.add_argument("--private", action="store_true", default=None, help="create the repository private")
+    push.add_argument("--merged", action="store_true", help="LoRA: also push the adapter merged into its base "
+                      "model, in merged/")
+    push.add_argument("--revision", metavar="BR", default=None, help="branch to push to (created when missing)")
+    push.set_defaults(func=_push)
 
     srv = sub.add_parser("serve", help="a vLLM rollout server for rollout: vllm-server (align/rollout/server.py)")
     srv.add_argument("--model", required=True, help="model folder, Hub id or testbed:policy (the policy's start)")

@@ -32,6 +32,7 @@ import yaml
 
 from align.args import part_of, part_order, validate_config
 from align.errors import ConfigError
+from align.options import to_dict  # noqa: F401  (align.config.to_dict: the saved config)
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -314,16 +315,3 @@ def config_help(cls: type, width: int | None = None) -> str:
         lines += textwrap.wrap(text, width=max(width, 40), initial_indent="  ", subsequent_indent="      ",
                                break_on_hyphens=False)
     return "\n".join(lines[1:])
-
-
-def to_dict(config) -> dict[str, Any]:
-    """The config's init fields as plain YAML-safe values (for saving next to outputs)."""
-    out = {}
-    for f in dataclasses.fields(config):
-        if not f.init:
-            continue
-        v = getattr(config, f.name)
-        if isinstance(v, enum.Enum):
-            v = v.value
-        out[f.name] = v if isinstance(v, (str, int, float, bool, list, dict, type(None))) else str(v)
-    return out

@@ -15,3 +15,8 @@ class DataError(AlignError):
 
 class TrainingError(AlignError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+class HubError(AlignError):
+    """A push to the Hugging Face Hub failed (no network, no token, refused, server down); the message names the
+    repository and the cause, and the run's local output is intact."""

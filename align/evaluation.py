@@ -39,9 +39,9 @@ def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batc
     up to and including eos), in nats.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from align.logps import token_entropy
+    from align.progress import bar
 
     texts = prompt_texts(tokenizer, prompts)
     side = tokenizer.padding_side
@@ -50,9 +50,10 @@ def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batc
     model.eval()
     out: list[str] = []
     ent_sum, ent_count = 0.0, 0
+    per_prompt = max(num_samples, 1)
+    stage = bar(desc, len(texts) * per_prompt, "completions", show=progress)
     try:
-        starts = range(0, len(texts), batch_size)
-        for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        for s in range(0, len(texts), batch_size):
             enc = tokenizer(texts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
             with torch.no_grad():
@@ -75,7 +76,9 @@ def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batc
                 alive = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # positions up to the first eos
                 ent_sum += (entropy * alive).sum().item()
                 ent_count += int(alive.sum().item())
+            stage.advance(len(new))
     finally:
+        stage.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return (out, ent_sum / max(ent_count, 1)) if with_entropy else out
@@ -153,30 +156,37 @@ def sequence_entropy(model, tokenizer, rows, num_samples: int = 8, max_new_token
 
 
 def win_rate(policy, baseline, tokenizer, rows, oracle, num_samples: int = 4, max_new_tokens: int = 32,
-             temperature: float = 1.0, seed: int = 1234, batch_size: int = 64, baseline_context=None) -> dict:
+             temperature: float = 1.0, seed: int = 1234, batch_size: int = 64, baseline_context=None,
+             progress: bool = False) -> dict:
     """Win rate of ``policy`` against ``baseline`` under a preference ``oracle`` (:mod:`rewards.preference`).
 
     Each model draws ``num_samples`` completions per row (HF engine, the same per-completion random streams
     for both, so the comparison is paired and deterministic for a seed); the k-th sample of the policy is
     judged against the k-th of the baseline. Returns ``win_rate`` (mean P(policy ≻ baseline), ties ½),
     ``policy_length`` / ``baseline_length`` (mean completion tokens) and ``oracle_calls`` (pairs judged).
-    ``baseline_context``: a context the baseline samples under (e.g. a LoRA model's ``disable_adapter()``)."""
+    ``baseline_context``: a context the baseline samples under (e.g. a LoRA model's ``disable_adapter()``);
+    ``progress``: bars for the sampling and the oracle's judging (:mod:`align.progress`)."""
     from contextlib import nullcontext
 
+    from align.progress import bar
     from align.rollout import HFEngine, SamplingParams
 
     rows = list(rows)
     prompts = prompt_token_ids(tokenizer, rows)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     outs = []
-    for model, ctx in ((policy, nullcontext()), (baseline, baseline_context or nullcontext())):
-        with ctx:
-            outs.append(HFEngine(model, tokenizer, batch_size).generate(prompts, [num_samples] * len(rows), sampling))
+    with bar("win rate: sampling (policy, baseline)", 2 * num_samples * len(rows), "completions", show=progress):
+        for model, ctx in ((policy, nullcontext()), (baseline, baseline_context or nullcontext())):
+            with ctx:  # the HF engine ticks the bar per batch
+                outs.append(HFEngine(model, tokenizer, batch_size).generate(prompts, [num_samples] * len(rows),
+                                                                            sampling))
     texts = [tokenizer.batch_decode(o.completion_ids, skip_special_tokens=True) for o in outs]
     index = outs[0].prompt_index
     columns = {k: [rows[i][k] for i in index] for k in rows[0] if k not in ("prompt", "prompt_ids")} if rows else {}
     before = oracle.calls
-    p = oracle([rows[i]["prompt"] for i in index], texts[0], texts[1], columns)
+    with bar(f"win rate: oracle {oracle.name!r}", len(index), "pairs", show=progress) as judging:
+        p = oracle([rows[i]["prompt"] for i in index], texts[0], texts[1], columns)
+        judging.finish()
 
     def mean_len(o):
         return sum(map(len, o.completion_ids)) / max(len(o), 1)

@@ -1,11 +1,10 @@
-"""Metrics on disk: every logged dict as a JSON line, and a PNG of the training curves."""
+"""Metrics on disk: every logged dict as a JSON line (the plots drawn from them: :mod:`align.plots`)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections import defaultdict
 
 from transformers import TrainerCallback
 
@@ -58,38 +57,3 @@ def read_jsonl(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
-
-def plot_metrics(records: list[dict], path: str, keys: list[str] | None = None, title: str = "") -> list[str]:
-    """Plot each numeric metric against ``step`` in its own panel; returns the keys plotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for r in records:
-        for k, v in r.items():
-            if k in ("step", "epoch") or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                continue
-            series[k].append((r["step"], v))
-    keys = [k for k in (keys or sorted(series)) if len(series.get(k, ())) >= 2]
-    if not keys:
-        return []
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, k in zip(axes.flat, keys, strict=False):
-        xs, ys = zip(*series[k], strict=True)
-        ax.plot(xs, ys, marker="." if len(xs) < 40 else None)
-        ax.set_title(k, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return keys

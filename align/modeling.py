@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from align.errors import ConfigError
+from align.precision import warn_vanishing_updates, weights_dtype
+from align.sharding import share_rank0_weights
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # Name prefix -> the module that registers it (its model and dataset sources) when imported.
@@ -131,9 +133,24 @@ def load_model(name: str, torch_dtype: str = "float32", attn_implementation=None
         kwargs["attn_implementation"] = attn_implementation
     path = resolve_model_path(name)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as err:
         raise load_failed(key, "model", path, err) from None
+    return share_rank0_weights(model)  # FSDP's RAM-efficient loading left zeros outside local rank 0
+
+
+def process_device():
+    """This process's device: what accelerate gave it (its local rank's GPU under ``accelerate launch``, the CPU with
+    ``use_cpu``), from the state the run's TrainingArguments made; the GPU or the CPU when there is none yet."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def place_frozen(model):
+    """A frozen model loaded outside the trainer (a reward model, a pairwise judge): rank 0's weights in every
+    process (:func:`align.sharding.share_rank0_weights`), no gradients, eval mode, on :func:`process_device`."""
+    return share_rank0_weights(model).requires_grad_(False).eval().to(process_device())
 
 
 def check_lora_targets(name: str, targets: list[str], trust_remote_code: bool = False,
@@ -164,11 +181,14 @@ def check_lora_targets(name: str, targets: list[str], trust_remote_code: bool = 
 
 def load_policy_and_reference(config, want_reference: bool = True):
     """The policy from ``model_name_or_path`` and, when ``ref_model_name_or_path`` is set (and wanted), a separate
-    reference, both with the config's dtype, attention implementation and ``trust_remote_code``; else ``None``
-    (the trainer then uses a frozen copy, the adapter-off base model, or precomputed log-probs)."""
-    load = dict(torch_dtype=config.torch_dtype, attn_implementation=config.attn_implementation,
+    reference, both in the weights dtype (:func:`align.precision.weights_dtype`: float32 master weights for a half
+    ``torch_dtype`` unless ``pure_bf16`` or LoRA; a warning when the learning rate is too small for half weights),
+    with the config's attention implementation and ``trust_remote_code``; else ``None`` (the trainer then uses a
+    frozen copy, the adapter-off base model, or precomputed log-probs)."""
+    load = dict(torch_dtype=weights_dtype(config), attn_implementation=config.attn_implementation,
                 trust_remote_code=config.trust_remote_code)
     model = load_model(config.model_name_or_path, **load)
+    warn_vanishing_updates(model, config, is_main=os.environ.get("RANK", "0") == "0")
     named = want_reference and config.ref_model_name_or_path
     return model, (load_model(config.ref_model_name_or_path, **load, key="ref_model_name_or_path") if named else None)
 

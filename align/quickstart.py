@@ -50,8 +50,9 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
                pair_prompts: int = PAIR_PROMPTS) -> dict:
     """Run the three stages into ``output_dir``; ``align_steps`` and ``pair_prompts`` shorten a smoke run."""
     from align.config import load_config
-    from align.metrics import plot_metrics, read_jsonl
+    from align.metrics import read_jsonl
     from align.modeling import load_model, load_tokenizer
+    from align.plots import plot_metrics
     from align.recipe import get_recipe
     from align.shipped import shipped_config
     from align.testbed.build import default_dir, ensure_testbed, held_out_accuracy

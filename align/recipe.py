@@ -14,6 +14,7 @@ import pkgutil
 import shutil
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,37 +80,79 @@ def parse(recipe: Recipe, argv: Sequence[str]):
 
 
 def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
-    """Parse, validate and run; a bad input ends with ``error: <one line>`` and status 2, a SIGTERM / SIGINT with
-    a clean stop (:mod:`align.stopping`), one line and status 128 + the signal's number."""
+    """Parse, validate and run, then :func:`finish_run` on the main process; a bad input ends with
+    ``error: <one line>`` and status 2, a SIGTERM / SIGINT with a clean stop (:mod:`align.stopping`), one line and
+    status 128 + the signal's number."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    distributed = False
     with signals_handled():
         try:  # the outer try also catches a signal that arrives while an error is being printed
             code = 0
             try:
-                config = parse(recipe, sys.argv[1:] if argv is None else argv)
-                recipe.run(config)
+                config = parse(recipe, argv)
+                started = time.monotonic()
+                result = recipe.run(config)
+                wall_time_s = time.monotonic() - started
+                distributed = _leave_group(barrier=True)  # every rank is done: a long push keeps no rank waiting
+                if is_main_process():
+                    from align.run_info import run_info
+
+                    finish_run(config.output_dir, config, result, run_info(recipe.name, argv, config, result,
+                                                                           wall_time_s))
             except AlignError as err:
                 print(f"error: {err}", file=sys.stderr)
                 code = 2
         except Stopped as stop:
             code = stop.report()
-    _end_processes(code)
+    _end_processes(code, distributed)
     return code
 
 
-def _end_processes(code: int) -> None:
-    """Under ``accelerate launch`` (a process group is up): wait for every rank (after a clean run), tear the group
-    down, flush, and leave with ``os._exit``. A rank left to ordinary interpreter shutdown sometimes aborted after
-    its run had finished and saved (``terminate called without an active exception``, status -6: a C++ thread
-    still joinable at exit), turning a good run red at random; everything is written and closed by here."""
-    import logging
+def finish_run(output_dir: str, config, result: dict, run_info: dict) -> str | None:
+    """The end of every run, on the main process, once the final model is saved and evaluated: the plots
+    (:func:`align.plots.write_plots`), the model card (:func:`align.card.write_model_card`) and, with
+    ``push_to_hub``, the push (:func:`align.hub.push_run`; its :class:`~align.errors.HubError` propagates). A plot or
+    card that fails costs one warning line, never the trained model. Returns the push's commit URL, if any."""
+    from align.card import write_model_card
+    from align.plots import write_plots
 
+    for what, write in (("plots", lambda: write_plots(output_dir)),
+                        ("model card", lambda: write_model_card(output_dir, config, result, run_info))):
+        try:
+            write()
+        except Exception as err:  # noqa: BLE001 -- the model is saved; a broken figure or card must not fail the run
+            print(f"warning: the {what} of {output_dir!r} could not be written ({type(err).__name__}: "
+                  f"{' '.join(str(err).split())[:200]}); the trained model is saved", file=sys.stderr, flush=True)
+    if getattr(config, "push_to_hub", False):
+        from align.hub import push_run
+
+        return push_run(output_dir, config)
+    return None
+
+
+def _leave_group(barrier: bool) -> bool:
+    """Under ``accelerate launch`` (a process group is up): wait for every rank when ``barrier``, then tear the group
+    down; returns whether there was one."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return
-    if code == 0:
+        return False
+    if barrier:
         dist.barrier()
     dist.destroy_process_group()
+    return True
+
+
+def _end_processes(code: int, distributed: bool = False) -> None:
+    """A process of a process group (up still, or already left after a clean run: ``distributed``) tears it down
+    after waiting for every rank (after a clean run), flushes, and leaves with ``os._exit``. A rank left to ordinary
+    interpreter shutdown sometimes aborted after its run had finished and saved (``terminate called without an
+    active exception``, status -6: a C++ thread still joinable at exit), turning a good run red at random;
+    everything is written and closed by here."""
+    import logging
+
+    if not (_leave_group(barrier=code == 0) or distributed):
+        return
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -128,11 +171,14 @@ def is_main_process() -> bool:
 
 
 def save_config(config) -> str:
-    """Write the resolved config next to the outputs (main process only, atomically)."""
+    """Write the resolved config next to the outputs (main process only, atomically), without its secrets
+    (``hub_token``, ...: :func:`align.hub_args.public_config`)."""
+    from align.hub_args import public_config
+
     path = os.path.join(config.output_dir, "align_config.yaml")
     if is_main_process():
         with atomic_open(path) as fh:
-            yaml.safe_dump(to_dict(config), fh, sort_keys=True)
+            yaml.safe_dump(public_config(to_dict(config)), fh, sort_keys=True)
     return path
 
 
@@ -152,9 +198,13 @@ def start(config) -> list:
 
 def train_and_save(trainer, config, **extra) -> dict:
     """Train (resuming when the config says so), save the final model to ``output_dir``, evaluate when there
-    is an eval dataset; returns the output folder and every metric (plus ``extra``). A run stopped by a signal
-    raises :class:`align.stopping.Stopped` instead: in the loop, with its checkpoint; after it, once the final model
-    is saved."""
+    is an eval dataset; returns the output folder, every metric (plus ``extra``) and the datasets' ``rows``
+    (:func:`row_counts`). A run stopped by a signal raises :class:`align.stopping.Stopped` instead: in the loop,
+    with its checkpoint; after it, once the final model is saved. The ``report_to`` trackers are one run, the
+    evaluation included (:func:`align.tracking.attach`), closed at the end."""
+    from align.tracking import attach
+
+    tracking = attach(trainer)
     try:
         result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
         after_train(trainer)  # stopped by a signal: the checkpoint is the output, no final save or evaluation
@@ -165,6 +215,19 @@ def train_and_save(trainer, config, **extra) -> dict:
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())
     finally:
+        tracking.close()
         if hasattr(trainer, "close"):  # a rollout engine with its own memory (vLLM)
             trainer.close()
-    return {"output_dir": os.path.abspath(config.output_dir), **metrics, **{k: v() for k, v in extra.items()}}
+    return {"output_dir": os.path.abspath(config.output_dir), **metrics, **{k: v() for k, v in extra.items()},
+            "rows": row_counts(trainer.train_dataset, trainer.eval_dataset)}
+
+
+def row_counts(train, evaluation=None) -> dict:
+    """The rows of the train and eval datasets a run used (None where unknown), for the model card."""
+    def rows(ds):
+        try:
+            return len(ds)
+        except TypeError:  # an iterable dataset
+            return None
+
+    return {"train": rows(train), "eval": None if evaluation is None else rows(evaluation)}

@@ -1,15 +1,34 @@
-"""Whether this run shards the weights or the optimizer state across processes: the one rule every config asks.
+"""Sharded and multi-process runs: which sharding a run asks for, whether accelerate really runs it, and the passes
+that run on the weights outside the sharded wrapper (before ``accelerator.prepare``).
 
-FSDP shards both; DeepSpeed ZeRO-1/2 shard the optimizer state (ZeRO-2 also gradients), ZeRO-3 the weights too;
-ZeRO-0 shards nothing. Read from what ``accelerate launch`` puts in the environment and from the ``fsdp`` /
-``deepspeed`` training arguments, before any process group or model exists.
+* :func:`sharding`: whether the run shards the weights or the optimizer state across processes: FSDP shards both;
+  DeepSpeed ZeRO-1/2 shard the optimizer state (ZeRO-2 also gradients), ZeRO-3 the weights too; ZeRO-0 shards
+  nothing. Read from what ``accelerate launch`` puts in the environment and from the ``fsdp`` / ``deepspeed``
+  training arguments, before any process group or model exists.
+* :func:`check_launch`: the launcher against the run, before any model loads. accelerate 1.15 never builds its FSDP
+  or DeepSpeed plugin on the CPU (``use_cpu``): FSDP and ZeRO-0/1/2 then run as plain DDP (a warning, once: the
+  numbers are DDP's, :func:`cpu_fallback_warning`); ZeRO-3 is refused (transformers has already partitioned the
+  weights with ``zero.Init`` by then, so DDP would train the partitions). Trainers that cannot run under a sharding
+  are refused in one line naming both (:data:`REFUSED`).
+* :func:`share_rank0_weights`: ``fsdp_cpu_ram_efficient_loading`` makes transformers load the real weights on local
+  rank 0 only and zeros everywhere else, for FSDP to broadcast at ``prepare``; every pass align runs before that
+  (reference log-probs, a frozen reference copy, sampling, a reward model) would read the zeros, so the loaders
+  broadcast rank 0's tensors into the others first.
+* :func:`full_weights`: a pass before ``prepare`` computes with the full weights: under ZeRO-3 each process holds
+  a slice of every weight outside the DeepSpeed engine, so each module's weights are gathered for its forward and
+  freed after (one module's at a time); a model FSDP has left on the CPU until ``prepare`` visits the GPU for the
+  pass.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+from align.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -19,18 +38,18 @@ class Sharding:
     shards_optimizer: bool
 
 
-def _on(name: str) -> bool:
+def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true")
 
 
 def sharding(args) -> Sharding:
     """How ``args`` (a config with ``fsdp`` and ``deepspeed`` keys) and the launcher's environment shard this run."""
-    if _on("ACCELERATE_USE_FSDP") or args.fsdp:
+    if env_flag("ACCELERATE_USE_FSDP") or args.fsdp:
         return Sharding("FSDP", True, True)
     ds = args.deepspeed
-    if not (_on("ACCELERATE_USE_DEEPSPEED") or ds):
+    if not (env_flag("ACCELERATE_USE_DEEPSPEED") or ds):
         return Sharding(None, False, False)
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") if _on("ACCELERATE_USE_DEEPSPEED") else ""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") if env_flag("ACCELERATE_USE_DEEPSPEED") else ""
     if isinstance(ds, str) and os.path.isfile(ds):
         with open(ds, encoding="utf-8") as fh:
             ds = json.load(fh)
@@ -39,3 +58,177 @@ def sharding(args) -> Sharding:
     if not stage:
         return Sharding("DeepSpeed", False, True)  # stage unknown: assume the optimizer state is sharded
     return Sharding(f"ZeRO-{stage}", stage == "3", stage != "0")
+
+
+def has_accelerator() -> bool:
+    """Whether this machine has a GPU (CUDA or XPU) for accelerate to run on."""
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def runs_on_cpu(args) -> bool:
+    """Whether accelerate runs this job on the CPU: ``use_cpu`` (the config's, or the launcher's ``use_cpu: true``),
+    or no accelerator at all. accelerate 1.15 builds its FSDP and DeepSpeed plugins only for accelerator devices."""
+    return bool(getattr(args, "use_cpu", False)) or env_flag("ACCELERATE_USE_CPU") or not has_accelerator()
+
+
+def cpu_fallback_warning(kind: str) -> str:
+    """The warning for a sharding ``kind`` ("FSDP", "ZeRO-2", ...) that accelerate runs as plain DDP on the CPU."""
+    engine = "FSDP" if kind == "FSDP" else "DeepSpeed"
+    return (f"warning: distributed_type: {kind} was asked for, but accelerate 1.15 does not run {engine} on the CPU "
+            "(use_cpu): this run is plain data parallel (DDP), every process holding the whole model and optimizer "
+            f"state. The numbers are DDP's, which are {kind}'s up to float rounding (docs/architecture.md, Sharding); "
+            "the memory saving is not there.")
+
+
+# (trainer, sharding) pairs that cannot run yet, and why: refused in one line before any model loads. The trainer is
+# the recipe's name; ZeRO-3 means weights partitioned outside the DeepSpeed engine by zero.Init at load.
+ZERO3_REFERENCE = ("keeps a frozen reference copied from the policy outside the DeepSpeed engine, whose ZeRO-3 "
+                   "partitions no forward can gather")
+REFUSED = {
+    "online_dpo": ("ZeRO-3", ZERO3_REFERENCE),
+    "xpo": ("ZeRO-3", ZERO3_REFERENCE),
+    "egpo": ("ZeRO-3", ZERO3_REFERENCE),
+    "iterative_dpo": ("ZeRO-3", "samples and scores with models it loads outside the DeepSpeed engine in every "
+                                "iteration, and starts a DeepSpeed engine per round"),
+}
+ZERO3_ADVICE = "launch with configs/accelerate/zero2.yaml (or zero1.yaml, ddp.yaml, fsdp2.yaml)"
+
+
+def refusal(args, shards: Sharding) -> str | None:
+    """The one line refusing this trainer under ``shards``, or None when it runs."""
+    name = getattr(args, "recipe_name", None)
+    refused = REFUSED.get(name)
+    if refused and shards.kind == refused[0]:
+        return f"distributed_type: {name} does not run under {shards.kind} yet (it {refused[1]}); {ZERO3_ADVICE}"
+    if shards.kind == "ZeRO-3" and getattr(args, "precompute_ref_logps", True) is False and not getattr(
+            args, "use_peft", False):
+        return (f"precompute_ref_logps: false under ZeRO-3 keeps a frozen reference copied from the policy outside the "
+                f"DeepSpeed engine, whose partitions no forward can gather; set precompute_ref_logps: true (or "
+                f"use_peft: true), or {ZERO3_ADVICE}")
+    return None
+
+
+def check_launch(args) -> None:
+    """The launcher's sharding against this run, before any model loads (see the module's notes): a one-line
+    ConfigError for what cannot run; :func:`cpu_fallback_warning` once (main process) for a sharding run as DDP."""
+    shards = sharding(args)
+    if shards.kind is None:
+        return
+    if runs_on_cpu(args):
+        if shards.kind == "ZeRO-3":
+            raise ConfigError(
+                "distributed_type: DeepSpeed (ZeRO-3) was asked for, but accelerate 1.15 runs DeepSpeed on "
+                "accelerators only: on the CPU (use_cpu) it would fall back to plain DDP after transformers had "
+                "already partitioned the weights for ZeRO-3; launch on GPUs, or on the CPU with "
+                "configs/accelerate/zero2.yaml or cpu2.yaml")
+        if os.environ.get("RANK", "0") == "0":
+            print(cpu_fallback_warning(shards.kind), file=sys.stderr, flush=True)
+        return
+    line = refusal(args, shards)
+    if line:
+        raise ConfigError(line)
+
+
+def check_in_effect(args, accelerator) -> None:
+    """After the Trainer has built its accelerator: a sharding asked for but not in effect that
+    :func:`check_launch` did not foresee (its CPU case is already reported) is an error, not a quiet DDP run."""
+    shards = sharding(args)
+    if shards.kind is None or runs_on_cpu(args):
+        return
+    actual = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    wanted = "FSDP" if shards.kind == "FSDP" else "DEEPSPEED"
+    if actual != wanted:
+        from align.errors import TrainingError
+
+        raise TrainingError(f"distributed_type: {shards.kind} was asked for, but accelerate runs {actual}: the run "
+                            "would not be sharded; check the accelerate config and that its processes see a GPU each")
+
+
+# --- weights every process needs before prepare ---------------------------------------------------------------
+
+
+def rank0_loads_alone() -> bool:
+    """Whether transformers loaded the real weights on local rank 0 only (FSDP's ``fsdp_cpu_ram_efficient_loading``
+    in a process group of several), leaving zeros in the other processes: transformers' own rule."""
+    import torch.distributed as dist
+
+    return (env_flag("ACCELERATE_USE_FSDP") and env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
+            and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def share_rank0_weights(model):
+    """``model`` with rank 0's parameters and buffers broadcast into every process, one tensor at a time, when
+    :func:`rank0_loads_alone`; else ``model`` unchanged. A backend that cannot send CPU tensors (NCCL alone) gets
+    each one through this process's GPU."""
+    if not rank0_loads_alone():
+        return model
+    import torch
+    import torch.distributed as dist
+
+    cpu_ok = "gloo" in str(dist.get_backend()).lower() or "mpi" in str(dist.get_backend()).lower()
+    device = None if cpu_ok or not torch.cuda.is_available() else torch.device("cuda", torch.cuda.current_device())
+    for t in [*model.parameters(), *model.buffers()]:
+        if device is None or t.device.type != "cpu":
+            dist.broadcast(t.data, src=0)
+        else:
+            moved = t.data.to(device)
+            dist.broadcast(moved, src=0)
+            t.data.copy_(moved.cpu())
+    return model
+
+
+@contextmanager
+def full_weights(model, device=None):
+    """Forwards of ``model`` with its full weights on ``device``, outside any sharded wrapper (a pass before
+    ``prepare``): under ZeRO-3 (parameters partitioned by ``zero.Init`` and no DeepSpeed engine's hooks on the model
+    yet) each module gathers its own parameters for its forward and partitions them again after; a model whose
+    placement FSDP / DeepSpeed postponed to ``prepare`` (on the CPU while ``device`` is a GPU) moves to ``device`` for
+    the pass and back after; anything else runs as it is."""
+    params = list(model.parameters())
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if partitioned and not any(hasattr(m, "ds_id") for m in model.modules()):
+        with _gather_per_module(model):
+            yield model
+        return
+    elsewhere = device is not None and not partitioned and any(p.device != device for p in params)
+    if not elsewhere:
+        yield model
+        return
+    home = params[0].device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
+@contextmanager
+def _gather_per_module(model):
+    import deepspeed
+
+    open_ = {}
+
+    def before(module, _inputs):
+        ctx = deepspeed.zero.GatheredParameters([p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")])
+        ctx.__enter__()
+        open_.setdefault(id(module), []).append(ctx)
+
+    def after(module, _inputs, _output):
+        stack = open_.get(id(module))
+        if stack:
+            stack.pop().__exit__(None, None, None)
+
+    handles = []
+    for module in model.modules():
+        if any(hasattr(p, "ds_id") for p in module.parameters(recurse=False)):
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for stack in open_.values():  # a forward that raised: partition what it left gathered
+            while stack:
+                stack.pop().__exit__(None, None, None)

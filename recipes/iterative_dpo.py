@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from align.args import RecipeArguments
 from align.errors import ConfigError
-from align.recipe import Recipe, main, start
-from align.trainers.iterative import IterativeArguments
+from align.recipe import Recipe, main, row_counts, start
+from align.trainers.iterative_args import IterativeArguments
 from align.trainers.preference import PreferenceConfig
 
 
@@ -81,8 +81,10 @@ def _as_message(row):
 
 
 def run(config: IterativeRecipeConfig, callbacks=None) -> dict:
-    records = build_driver(config, callbacks).run()
-    return {"output_dir": os.path.abspath(config.output_dir), "iterations": records}
+    driver = build_driver(config, callbacks)
+    records = driver.run()
+    return {"output_dir": os.path.abspath(config.output_dir), "iterations": records,
+            "rows": row_counts(driver.train, driver.evaluation)}
 
 
 RECIPE = Recipe("iterative_dpo", "Iterative preference training: sample K, oracle best/worst, a DPO/lrdpo round per "

@@ -50,6 +50,10 @@ class RewardModel:
                 kwargs["dtype"] = dtype
             model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(path))
+            if device is None:  # rank 0's weights in every process, on this process's device (not the CPU)
+                from align.modeling import place_frozen
+
+                model = place_frozen(model)
         if tokenizer is None:
             raise ValueError("RewardModel: a model needs its tokenizer")
         if getattr(model.config, "num_labels", 1) != 1:

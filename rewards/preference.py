@@ -174,7 +174,12 @@ class PairwiseModelOracle(PreferenceOracle):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.requires_grad_(False).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None:  # rank 0's weights in every process, on this process's device
+            from align.modeling import place_frozen
+
+            place_frozen(self.model)
+        else:
+            self.model.requires_grad_(False).to(device)
         self.batch_size = batch_size
         self.name = f"pairwise:{path}"
 

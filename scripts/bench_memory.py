@@ -1,7 +1,8 @@
 """Benchmark: peak memory and throughput at Qwen2.5's vocabulary (151,936): align vs TRL, DPO and GRPO updates.
 
     python scripts/bench_memory.py [--vocab 151936] [--hidden 256] [--layers 2] [--tokens 1024] [--steps 4]
-                                   [--batch 2] [--which dpo,grpo] [--compute-bound] [--json OUT]
+                                   [--batch 2] [--which dpo,grpo] [--compute-bound] [--ragged]
+                                   [--tools trl,align,align-unchunked] [--json OUT]
 
 The model is a config-built Llama (``--hidden``, ``--layers``, MLP 4 x hidden, untied head) with a
 ``--vocab``-token output head and random weights, saved once to a temp folder; the text side is the testbed
@@ -9,16 +10,20 @@ tokenizer (384 tokens), whose ids are all valid for the larger vocabulary. ``--c
 1,024 and 4 layers (~67M non-embedding parameters) to measure throughput where the body, not the head,
 dominates.
 
-Each (tool, update) runs in its own child process (so peak RSS is that run's own), one after the other:
-``trl`` (TRL 1.16), ``align`` (its defaults: ``logits_block_size`` blocks through the head) and
-``align-unchunked`` (``logits_block_size=0``: the full ``[batch, tokens, vocab]`` logits, as before issue 18).
-All at identical settings: fp32, bf16 off, no gradient checkpointing, learning rate and beta the same.
+Each (tool, update) runs in its own child process (so peak RSS is that run's own), one after the other, for each
+of ``--tools``: ``trl`` (TRL 1.16), ``align`` (its defaults: ``logits_block_size: auto`` blocks through the head),
+``align-unchunked`` (``logits_block_size=0``: the full ``[batch, tokens, vocab]`` logits, as before issue 18),
+``align-padding-free`` (``padding_free=true``) and ``align-block-N`` (``logits_block_size=N``). All at identical
+settings: fp32, bf16 off, no gradient checkpointing, learning rate and beta the same. ``--ragged``: completions of
+different lengths (each drawn from ``--tokens``/4 .. ``--tokens``; DPO: the rejected ones), so batches pad.
 
 * ``dpo``: ``trainer.train()`` of align's PreferenceTrainer / TRL's DPOTrainer, one pair a step
   (a 64-token prompt, chosen and rejected completions of ``--tokens`` tokens each), reference log-probs
   precomputed by both, one pair per forward of that pass (TRL ``precompute_ref_batch_size=1``, align
   ``max_tokens_per_micro_batch`` = one pair). tokens/s: non-padding tokens of both sequences of every pair
-  over the wall time of ``train()`` (the reference pass included, for both).
+  over the wall time of building the trainer and ``train()`` (tokenisation and the reference pass included, for
+  both: TRL runs its reference pass when the trainer is built, align at the start of ``train()``); s/step: the
+  mean time of the steps after the first.
 * ``grpo``: the update part only (TRL's GRPOTrainer cannot train without generating): ``--batch`` completions
   of ``--tokens`` tokens after 64-token prompts, random ids, advantages +-1, beta 0, ``dapo`` loss,
   old log-probs = the policy's own (ratio 1). Timed per step: the forward with per-token log-probs and
@@ -48,6 +53,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 PROMPT_TOKENS, BETA, LR = 64, 0.1, 1e-5
 TOOLS = ("trl", "align", "align-unchunked")
+ALIGN_TOOLS = ("align", "align-unchunked", "align-padding-free")  # and align-block-<N>
 COMPUTE_BOUND = {"hidden": 1024, "layers": 4}
 
 
@@ -87,17 +93,35 @@ def random_ids(rng: random.Random, tokenizer, n: int) -> list[int]:
     return [rng.choice(pool) for _ in range(n)]
 
 
-def preference_rows(tokenizer, pairs: int, tokens: int):
-    """``pairs`` rows of random text: a ~64-token prompt and ~``tokens``-token chosen and rejected completions."""
+def lengths(rng: random.Random, n: int, tokens: int, ragged: bool) -> list[int]:
+    """``n`` completion lengths: ``tokens`` each, or drawn from ``tokens // 4 .. tokens`` with ``ragged``."""
+    return [rng.randint(tokens // 4, tokens) if ragged else tokens for _ in range(n)]
+
+
+def align_options(tool: str) -> dict:
+    """The config keys an align tool sets (its log-prob options; see the module docstring)."""
+    if tool == "align-unchunked":
+        return {"logits_block_size": 0}
+    if tool == "align-padding-free":
+        return {"padding_free": True}
+    if tool.startswith("align-block-"):
+        return {"logits_block_size": int(tool.removeprefix("align-block-"))}
+    return {}
+
+
+def preference_rows(tokenizer, pairs: int, tokens: int, ragged: bool = False):
+    """``pairs`` rows of random text: a ~64-token prompt and ~``tokens``-token chosen and rejected completions (with
+    ``ragged``, rejected ones of ``tokens // 4 .. tokens``)."""
     from datasets import Dataset
 
     rng = random.Random(0)
     text = lambda n: tokenizer.decode(random_ids(rng, tokenizer, n))  # noqa: E731
-    return Dataset.from_list([{"prompt": text(PROMPT_TOKENS), "chosen": text(tokens), "rejected": text(tokens)}
-                              for _ in range(pairs)])
+    rejected = lengths(random.Random(1), pairs, tokens, ragged)
+    return Dataset.from_list([{"prompt": text(PROMPT_TOKENS), "chosen": text(tokens), "rejected": text(n)}
+                              for n in rejected])
 
 
-def dpo_child(tool: str, path: str, steps: int, tokens: int) -> dict:
+def dpo_child(tool: str, path: str, steps: int, tokens: int, ragged: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,7 +129,7 @@ def dpo_child(tool: str, path: str, steps: int, tokens: int) -> dict:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    rows = preference_rows(tokenizer, steps, tokens)
+    rows = preference_rows(tokenizer, steps, tokens, ragged)
     max_length = PROMPT_TOKENS + tokens + 16
     tok = tokenize_preferences(rows, tokenizer, max_length)
     n_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(tok["prompt_ids"], tok["chosen_ids"],
@@ -117,6 +141,7 @@ def dpo_child(tool: str, path: str, steps: int, tokens: int) -> dict:
                   gradient_checkpointing=False, use_cpu=not torch.cuda.is_available())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     timer = step_timer()
+    t0 = time.perf_counter()
     if tool == "trl":
         from trl import DPOConfig, DPOTrainer
 
@@ -126,12 +151,10 @@ def dpo_child(tool: str, path: str, steps: int, tokens: int) -> dict:
     else:
         from align.trainers import PreferenceConfig, PreferenceTrainer
 
-        block = {"logits_block_size": 0} if tool == "align-unchunked" else {}
-        config = PreferenceConfig(**common, **block, precompute_ref_logps=True,
+        config = PreferenceConfig(**common, **align_options(tool), precompute_ref_logps=True,
                                   max_tokens_per_micro_batch=2 * max_length)
         trainer = PreferenceTrainer(model, config, rows, processing_class=tokenizer, callbacks=[timer])
     base = peak_memory_mib()
-    t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
     s_per_step = (timer.times[-1] - timer.times[0]) / (len(timer.times) - 1) if len(timer.times) > 1 else wall
@@ -139,15 +162,15 @@ def dpo_child(tool: str, path: str, steps: int, tokens: int) -> dict:
             "base_mib": base}
 
 
-def grpo_batch(tokenizer, batch: int, tokens: int):
+def grpo_batch(tokenizer, batch: int, tokens: int, ragged: bool = False):
     """Prompts, completions (token id lists) and advantages (+-1) of one GRPO update."""
     rng = random.Random(0)
     prompts = [random_ids(rng, tokenizer, PROMPT_TOKENS) for _ in range(batch)]
-    completions = [random_ids(rng, tokenizer, tokens) for _ in range(batch)]
+    completions = [random_ids(rng, tokenizer, n) for n in lengths(random.Random(1), batch, tokens, ragged)]
     return prompts, completions, [1.0 if i % 2 == 0 else -1.0 for i in range(batch)]
 
 
-def trl_update(model, tokenizer, batch: int, tokens: int, device):
+def trl_update(model, tokenizer, batch: int, tokens: int, device, ragged: bool = False):
     """TRL's ``GRPOTrainer._compute_loss`` + backward on one batch, as a function of no arguments."""
     import torch
     from datasets import Dataset
@@ -163,28 +186,33 @@ def trl_update(model, tokenizer, batch: int, tokens: int, device):
     trainer = GRPOTrainer(model=model, reward_funcs=zero_reward, args=config,
                           train_dataset=Dataset.from_list([{"prompt": "1 + 1 ="}] * batch), processing_class=tokenizer)
     trainer.current_gradient_accumulation_steps = 1
-    prompts, completions, adv = grpo_batch(tokenizer, batch, tokens)
+    prompts, completions, adv = grpo_batch(tokenizer, batch, tokens, ragged)
+    width = max(len(c) for c in completions)  # right-padded, as TRL's generation returns them
+    mask = [[1] * len(c) + [0] * (width - len(c)) for c in completions]
     inputs = {"prompt_ids": torch.tensor(prompts, device=device),
               "prompt_mask": torch.ones(batch, PROMPT_TOKENS, dtype=torch.long, device=device),
-              "completion_ids": torch.tensor(completions, device=device),
-              "completion_mask": torch.ones(batch, tokens, dtype=torch.long, device=device),
+              "completion_ids": torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in completions],
+                                             device=device),
+              "completion_mask": torch.tensor(mask, device=device),
               "advantages": torch.tensor(adv, device=device),
-              "num_items_in_batch": torch.tensor(float(batch * tokens), device=device)}
+              "num_items_in_batch": torch.tensor(float(sum(map(sum, mask))), device=device)}
     trainer.model.train()
     return lambda: trainer._compute_loss(trainer.model, inputs).backward()
 
 
-def align_update(model, tokenizer, batch: int, tokens: int, device, block_size: int | None):
-    """align's per-token log-probs with entropies + ``policy_loss`` + backward, as a function of no arguments."""
+def align_update(model, tokenizer, batch: int, tokens: int, device, options: dict, ragged: bool = False):
+    """align's per-token log-probs with entropies + ``policy_loss`` + backward, as a function of no arguments;
+    ``options``: the tool's config keys (:func:`align_options`)."""
     import torch
 
     from align.logps import pack, token_logps
     from align.objectives.policy import policy_loss
 
-    prompts, completions, adv = grpo_batch(tokenizer, batch, tokens)
+    prompts, completions, adv = grpo_batch(tokenizer, batch, tokens, ragged)
     ids, attn, cmask, width = pack(prompts, completions, tokenizer.pad_token_id, device)
     advantages = torch.tensor(adv, device=device)
-    kwargs = {} if block_size is None else {"block_size": block_size}
+    kwargs = {"block_size": options.get("logits_block_size", "auto"), "padding_free": options.get("padding_free",
+                                                                                                    False)}
     model.train()
 
     def update():
@@ -197,7 +225,7 @@ def align_update(model, tokenizer, batch: int, tokens: int, device, block_size: 
     return update
 
 
-def grpo_child(tool: str, path: str, steps: int, tokens: int, batch: int) -> dict:
+def grpo_child(tool: str, path: str, steps: int, tokens: int, batch: int, ragged: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -206,9 +234,9 @@ def grpo_child(tool: str, path: str, steps: int, tokens: int, batch: int) -> dic
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     if tool == "trl":
-        update = trl_update(model, tokenizer, batch, tokens, device)
+        update = trl_update(model, tokenizer, batch, tokens, device, ragged)
     else:
-        update = align_update(model, tokenizer, batch, tokens, device, 0 if tool == "align-unchunked" else None)
+        update = align_update(model, tokenizer, batch, tokens, device, align_options(tool), ragged)
     base = peak_memory_mib()
     times = []
     for _ in range(steps + 1):  # the first (warm-up: allocation, first-call set-up) is not timed
@@ -219,29 +247,29 @@ def grpo_child(tool: str, path: str, steps: int, tokens: int, batch: int) -> dic
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     s_per_step = sum(times[1:]) / steps
-    n_tokens = batch * (PROMPT_TOKENS + tokens)
+    n_tokens = sum(PROMPT_TOKENS + len(c) for c in grpo_batch(tokenizer, batch, tokens, ragged)[1])
     return {"tokens_per_s": n_tokens / s_per_step, "s_per_step": s_per_step, "wall_s": sum(times), "tokens": n_tokens,
             "base_mib": base}
 
 
 def child(tool: str, which: str, args) -> dict:
     if which == "dpo":
-        r = dpo_child(tool, args.model_dir, args.steps, args.tokens)
+        r = dpo_child(tool, args.model_dir, args.steps, args.tokens, args.ragged)
     else:
-        r = grpo_child(tool, args.model_dir, args.steps, args.tokens, args.batch)
+        r = grpo_child(tool, args.model_dir, args.steps, args.tokens, args.batch, args.ragged)
     import torch
 
     return {**r, "tool": tool, "which": which, "peak_mib": peak_memory_mib(),
             "memory": "GPU allocated" if torch.cuda.is_available() else "RSS"}
 
 
-def print_table(results: dict, which: list[str], header: str) -> None:
+def print_table(results: dict, which: list[str], header: str, tools=TOOLS) -> None:
     print(f"\n{header}")
     print(f"{'update':<6} {'tool':<16} {'base MiB':>9} {'peak MiB':>9} {'peak-base':>10} {'tokens/s':>9} {'s/step':>8} "
           f"{'peak/TRL':>9} {'tok/s/TRL':>10}")
     for w in which:
         t = results[("trl", w)]
-        for tool in TOOLS:
+        for tool in tools:
             r = results[(tool, w)]
             grown = r["peak_mib"] - r["base_mib"]
             print(f"{w:<6} {tool:<16} {r['base_mib']:>9.0f} {r['peak_mib']:>9.0f} {grown:>10.0f} "
@@ -261,6 +289,10 @@ def main() -> None:
     parser.add_argument("--compute-bound", action="store_true",
                         help=f"hidden {COMPUTE_BOUND['hidden']}, {COMPUTE_BOUND['layers']} layers (overrides both)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per (tool, update); the lowest peak is kept")
+    parser.add_argument("--ragged", action="store_true", help="completions of different lengths (batches pad)")
+    parser.add_argument("--tools", default=",".join(TOOLS),
+                        help="comma-separated: trl (first, the ratios' base), align, align-unchunked, "
+                             "align-padding-free, align-block-<N>")
     parser.add_argument("--json", metavar="OUT", help="also write the settings and results to this JSON file")
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, metavar=("TOOL", "WHICH"), help=argparse.SUPPRESS)
@@ -272,6 +304,11 @@ def main() -> None:
         parser.error(f"--batch: an even number >= 2 (completions with advantages +1 and -1), got {args.batch}")
     if min(args.vocab, args.hidden, args.layers, args.tokens, args.steps) < 1:
         parser.error("--vocab, --hidden, --layers, --tokens and --steps must be >= 1")
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if not tools or tools[0] != "trl" or any(t not in ALIGN_TOOLS and not (t.startswith("align-block-") and
+                                                                        t.removeprefix("align-block-").isdigit())
+                                             for t in tools[1:]):
+        parser.error(f"--tools: trl, then any of {', '.join(ALIGN_TOOLS)}, align-block-<N>; got {args.tools!r}")
     if args.compute_bound:
         args.hidden, args.layers = COMPUTE_BOUND["hidden"], COMPUTE_BOUND["layers"]
     if args.child:
@@ -283,20 +320,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="align-bench-memory-") as folder:
         body = build_model(folder, args.vocab, args.hidden, args.layers)  # outside the measured children
         child_args = ["--model-dir", folder, "--tokens", str(args.tokens), "--steps", str(args.steps),
-                      "--batch", str(args.batch)]
+                      "--batch", str(args.batch), *(["--ragged"] if args.ragged else [])]
         results = run_children(__file__, which, args.repeats, child_args,
-                               better=lambda new, old: new["peak_mib"] < old["peak_mib"], tools=TOOLS)
+                               better=lambda new, old: new["peak_mib"] < old["peak_mib"], tools=tools)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     memory = "peak GPU memory allocated" if torch.cuda.is_available() else "peak RSS"
     header = (f"Llama, vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers "
               f"({body / 1e6:.1f}M non-embedding parameters), fp32; "
-              f"{PROMPT_TOKENS} prompt + {args.tokens} completion tokens; {args.steps} steps; "
+              f"{PROMPT_TOKENS} prompt + {'up to ' if args.ragged else ''}{args.tokens} completion tokens; "
+              f"{args.steps} steps; "
               f"GRPO batch {args.batch}; {device}; memory = {memory}")
-    print_table(results, which, header)
+    print_table(results, which, header, tools)
     if args.json:
         from align.io import atomic_open
 
-        settings = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "tokens", "steps", "batch")}
+        settings = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "tokens", "steps", "batch", "ragged")}
         with atomic_open(args.json, "w") as f:
             json.dump({"settings": {**settings, "non_embedding_params": body, "device": device, "memory": memory},
                        "results": list(results.values())}, f, indent=1)

@@ -98,16 +98,18 @@ def batch_pair_stats(logps: torch.Tensor, params: Sequence[torch.nn.Parameter]) 
 
 def entanglement(model, prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
                  rejected: Sequence[Sequence[int]], pad_id: int, params: Sequence[torch.nn.Parameter],
-                 slope_ratios: Sequence[float] | None = None, chunk: int = 8) -> list[dict]:
+                 slope_ratios: Sequence[float] | None = None, chunk: int = 8,
+                 block_size: int | str = "auto") -> list[dict]:
     """Per pair: :func:`pair_stats` plus ``logp_chosen`` / ``logp_rejected`` (S_θ, for the observed change).
-    ``chunk``: sequences per forward (even; see :func:`align.monitors.gradients.sequence_grads`)."""
+    ``chunk``: sequences per forward (even; see :func:`align.monitors.gradients.sequence_grads`); ``block_size``:
+    the run's ``logits_block_size``."""
     from contextlib import closing
 
     # Chosen and rejected of a pair in one chunk: [p0 w, p0 l, p1 w, p1 l, ...].
     ps = [p for p in prompts for _ in range(2)]
     cs = [c for pair in zip(chosen, rejected, strict=True) for c in pair]
     out = []
-    with closing(sequence_grads(model, ps, cs, pad_id, params, chunk=2 * max(chunk // 2, 1))) as grads:
+    with closing(sequence_grads(model, ps, cs, pad_id, params, 2 * max(chunk // 2, 1), block_size)) as grads:
         for i in range(len(prompts)):
             (g_w, s_w), (g_l, s_l) = next(grads), next(grads)
             row = pair_stats(g_w, g_l, 1.0 if slope_ratios is None else slope_ratios[i])
@@ -144,8 +146,9 @@ class EntanglementMonitor(TrainerCallback):
     entanglement of a fixed probe set of pairs (rows with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``).
     The probe pairs are split across processes and gathered, so every process logs the same numbers; the
     per-pair table goes to ``<output_dir>/entanglement.jsonl`` (one line per pair per check, from the main
-    process) and the summary of each later check into the trainer's logs (``entanglement/*``; the check
-    before the first step is the baseline of the observed changes)."""
+    process) and the summary of each check into the trainer's logs (``entanglement/*``): the check before the first
+    step, the baseline of the observed changes, as its own record at step 0, the later ones averaged into the next
+    log."""
 
     FILE = "entanglement.jsonl"
 
@@ -174,7 +177,7 @@ class EntanglementMonitor(TrainerCallback):
         mine = list(range(rank, len(self.probe), world))
         rows = entanglement(t.accelerator.unwrap_model(t.model), [self.probe[i]["prompt_ids"] for i in mine],
                             [self.probe[i]["chosen_ids"] for i in mine], [self.probe[i]["rejected_ids"] for i in mine],
-                            self.pad_id, self.params)
+                            self.pad_id, self.params, block_size=t.args.logits_block_size)
         for i, row in zip(mine, rows, strict=True):
             row["pair"] = i
         rows = sorted(gather_object(rows), key=lambda r: r["pair"])
@@ -189,11 +192,13 @@ class EntanglementMonitor(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.previous is None:
-            self.check(state.global_step)
+            baseline = self.check(state.global_step)
+            if state.global_step == 0:  # logged as step 0 (a resumed run's check only rebases the observed changes)
+                self.trainer.log_now(baseline)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
-            self.trainer._record_global("train", self.check(state.global_step))
+            self.trainer.record_global("train", self.check(state.global_step))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.trainer.accelerator.is_main_process and self.history:

@@ -12,10 +12,17 @@ from collections.abc import Sequence
 
 import torch
 
+from align import progress
 from align.monitors.gradients import sequence_grads
 
 
 def sequence_grad_norms(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
-                        params: Sequence[torch.nn.Parameter], chunk: int = 8) -> list[float]:
-    """‖∇_params S_θ(completion | prompt)‖₂ for each (prompt, completion) pair, in order."""
-    return [float(g.norm()) for g, _ in sequence_grads(model, prompts, completions, pad_id, params, chunk)]
+                        params: Sequence[torch.nn.Parameter], chunk: int = 8,
+                        block_size: int | str = "auto") -> list[float]:
+    """‖∇_params S_θ(completion | prompt)‖₂ for each (prompt, completion) pair, in order. ``block_size``: the run's
+    ``logits_block_size``."""
+    norms = []
+    for g, _ in sequence_grads(model, prompts, completions, pad_id, params, chunk, block_size):
+        norms.append(float(g.norm()))
+        progress.advance(1, "samples")  # the open stage's bar (GVM estimation), if any
+    return norms

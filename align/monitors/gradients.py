@@ -12,7 +12,6 @@ from contextlib import contextmanager
 
 import torch
 
-from align.args import CPUSaneDefaults
 from align.errors import ConfigError
 
 
@@ -47,14 +46,14 @@ def only_trainable(model, params):
 
 def sequence_grads(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
                    params: Sequence[torch.nn.Parameter], chunk: int = 8,
-                   block_size: int = CPUSaneDefaults.logits_block_size):
+                   block_size: int | str = "auto"):
     """Yields ``(∇_params S_θ(completion | prompt) flattened into one fp32 vector, S_θ)`` for each (prompt,
     completion) pair, in order: one forward per chunk, one ``autograd.grad`` per sequence (exact; the
     sequences of a chunk do not interact). Parameters outside ``params`` get no gradient. Consume it whole or
     close it: the model's training mode and ``requires_grad`` flags are restored when it finishes.
     ``chunk``: sequences per forward; each ``autograd.grad`` walks the chunk's whole graph, so keep it small
     for deep subsets (embeddings) and larger for output-layer ones. ``block_size``: tokens per block through the
-    lm head (:func:`align.logps.token_logps`)."""
+    lm head (:func:`align.logps.token_logps`): the run's ``logits_block_size``."""
     from align.logps import pack, token_logps
 
     params = list(params)

@@ -17,6 +17,8 @@ def build_engine(args, model, tokenizer, *, is_main: bool = True, max_len: int |
     """The engine ``args.rollout`` names, checked before training (health check, lengths, devices). ``max_len``:
     the longest prompt + completion it must hold (default ``max_prompt_length`` + the longer of
     ``max_completion_length`` and ``eval_max_new_tokens``); a too-long one names ``max_completion_length``."""
+    from align.precision import compute_dtype  # bf16 compute over fp32 master weights: the engine holds bf16
+
     if args.rollout == "hf":
         return HFEngine(model, tokenizer, args.generation_batch_size)
     if max_len is None:
@@ -27,12 +29,12 @@ def build_engine(args, model, tokenizer, *, is_main: bool = True, max_len: int |
 
         return VLLMEngine(model, tokenizer, max_model_len=max_len, tensor_parallel_size=args.vllm_tensor_parallel_size,
                           gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                          enable_sleep_mode=args.vllm_enable_sleep_mode, seed=args.seed)
+                          enable_sleep_mode=args.vllm_enable_sleep_mode, seed=args.seed, dtype=compute_dtype(args))
     from align.rollout.remote import ServerEngine
 
     engine = ServerEngine.for_policy(model, tokenizer, args.vllm_server_host, args.vllm_server_port,
                                      args.vllm_timeout_s, push_weights=is_main,
-                                     request_timeout_s=args.vllm_request_timeout_s)
+                                     request_timeout_s=args.vllm_request_timeout_s, dtype=compute_dtype(args))
     engine.check(max_len)
     return engine
 

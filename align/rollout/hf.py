@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from align import progress
 from align.rollout.base import Rollouts, SamplingParams, check_request, eos_token_ids, sample_seed
 
 
@@ -100,6 +101,7 @@ class HFEngine:
         try:
             for s in range(0, len(rows), self.batch_size):
                 self._generate_batch(prompts, keys, rows[s : s + self.batch_size], sampling, out)
+                progress.advance(len(rows[s : s + self.batch_size]), "completions")  # the open stage's bar, if any
         finally:
             self.model.train(was_training)
         return out

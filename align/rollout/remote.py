@@ -59,8 +59,8 @@ class ServerEngine:
 
     @classmethod
     def for_policy(cls, model, tokenizer, host: str, port: int, timeout_s: float, push_weights: bool,
-                   request_timeout_s: float = REQUEST_TIMEOUT_S) -> ServerEngine:
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+                   request_timeout_s: float = REQUEST_TIMEOUT_S, dtype: str | None = None) -> ServerEngine:
+        dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")  # the compute dtype, if given
         return cls(host, port, eos_ids=eos_token_ids(model, tokenizer), timeout_s=timeout_s, push_weights=push_weights,
                    dtype=dtype, request_timeout_s=request_timeout_s)
 

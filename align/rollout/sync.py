@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import time
 
+from align import progress
+
 
 class WeightSync:
     """``sync(model, step)`` before each generation; returns the seconds spent pushing (0.0 when nothing was
-    pushed). ``processes`` is the Accelerator or PartialState (``num_processes``, ``wait_for_everyone``)."""
+    pushed). ``processes`` is the Accelerator or PartialState (``num_processes``, ``wait_for_everyone``); ``show``:
+    a progress bar for each push on this process (:mod:`align.progress`)."""
 
-    def __init__(self, engine, rollout: str, every: int, processes):
+    def __init__(self, engine, rollout: str, every: int, processes, show: bool = False):
         self.engine, self.rollout, self.every, self.processes = engine, rollout, every, processes
+        self.show = show
         self.synced_step: int | None = None  # the step whose weights the engine holds (None: not pushed yet)
 
     def due(self, step: int) -> bool:
@@ -30,8 +34,10 @@ class WeightSync:
         if not self.due(step):
             return 0.0
         start = time.perf_counter()
-        self.engine.sync_weights(model)
-        if self.processes.num_processes > 1:
-            self.processes.wait_for_everyone()
+        with progress.bar(f"weight push to the {self.rollout} engine", 1, "push", show=self.show) as push:
+            self.engine.sync_weights(model)
+            if self.processes.num_processes > 1:
+                self.processes.wait_for_everyone()
+            push.finish()
         self.synced_step = step
         return time.perf_counter() - start

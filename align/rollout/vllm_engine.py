@@ -176,13 +176,14 @@ class VLLMEngine:
     """:class:`align.rollout.base.RolloutEngine` over a ``vllm.LLM`` in this process (colocated)."""
 
     def __init__(self, model, tokenizer, *, max_model_len: int, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0):
+                 gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0,
+                 dtype: str | None = None):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         path = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None)
         if not path:
             raise ConfigError("model_name_or_path: vLLM loads the policy from its folder or Hub id, and this policy "
                               "names none (build it with from_pretrained)")
-        dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
+        dtype = dtype or str(next(base.parameters()).dtype).removeprefix("torch.")  # the compute dtype, if given
         self.eos_ids = eos_token_ids(base, tokenizer)
         self.sleep_mode = enable_sleep_mode
         self.llm = start_llm(path, max_model_len=max_model_len, dtype=dtype,

@@ -28,12 +28,15 @@ from contextlib import nullcontext
 import torch
 from transformers import Trainer
 
+from align import progress
 from align.checkpoints import AtomicCheckpoints, check_checkpoint, resolve_resume
 from align.data.prompts import tokenize_prompts
 from align.errors import TrainingError
 from align.io import atomic_write_json
 from align.rollout import WeightSync, build_engine
+from align.sharding import check_in_effect
 from align.stopping import StopCallback
+from align.trainers.hub_sync import NoTrainerPush
 from align.trainers.metric_log import MetricsMixin
 
 
@@ -74,8 +77,9 @@ class RepeatRoundSampler(torch.utils.data.Sampler):
                 yield from order[s : s + self.global_batch]
 
 
-class AlignTrainer(MetricsMixin, AtomicCheckpoints, Trainer):
-    """``transformers.Trainer`` with the set-up every align trainer shares. Subclasses wrap the model with
+class AlignTrainer(NoTrainerPush, MetricsMixin, AtomicCheckpoints, Trainer):
+    """``transformers.Trainer`` with the set-up every align trainer shares (it never pushes to the Hub itself:
+    :mod:`align.trainers.hub_sync`). Subclasses wrap the model with
     :func:`wrap_peft` first, then call this ``__init__`` (the ``Trainer``'s arguments), then set up what they
     need: :meth:`setup_reference`, :meth:`setup_rollout`."""
 
@@ -83,6 +87,7 @@ class AlignTrainer(MetricsMixin, AtomicCheckpoints, Trainer):
 
     def __init__(self, model, args, **trainer_kwargs):
         super().__init__(model=model, args=args, **trainer_kwargs)
+        check_in_effect(args, self.accelerator)  # FSDP / DeepSpeed asked for is in effect, not a quiet DDP run
         self.is_peft = hasattr(model, "disable_adapter")
         self.ref_model = None
         self.engine = None
@@ -122,7 +127,8 @@ class AlignTrainer(MetricsMixin, AtomicCheckpoints, Trainer):
         args = self.args
         self.engine = engine or build_engine(args, self.model, self.processing_class,
                                              is_main=self.accelerator.is_main_process)
-        self.weight_sync = WeightSync(self.engine, args.rollout, args.vllm_sync_steps, self.accelerator)
+        self.weight_sync = WeightSync(self.engine, args.rollout, args.vllm_sync_steps, self.accelerator,
+                                      show=progress.shown(args, self.accelerator.is_main_process))
 
     def close(self) -> None:
         """Release the rollout engine (a colocated vLLM's memory); the trainer cannot generate after this."""

@@ -22,7 +22,8 @@
 5. ``iter-t/`` receives the model and tokenizer (π_{t+1}; a LoRA adapter is merged first), ``metrics.json``
    and, last, the ``done`` marker; ``iterations.jsonl`` in ``output_dir`` is rewritten from every finished
    iteration's metrics: oracle calls, pairs, mean sample length, win rate of π_{t+1} against the initial
-   policy on the held-out prompts (:func:`align.evaluation.win_rate`), train loss.
+   policy on the held-out prompts (:func:`align.evaluation.win_rate`), train loss; the same go to the console (one
+   line) and to the ``report_to`` trackers (``iteration/*``), whose one run holds every round on one step axis.
 
 [recon] APO: which policy samples the next round is not pinned by the paper (docs/methods.md §8 pitfalls). We take
 option (a): π_{t+1}, the trained network, samples; the extrapolated π̂ exists only as reference
@@ -44,65 +45,17 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import dataclass
 
 import torch
 
-from align.args import GenerationArguments, PromptArguments, option
+from align import progress
 from align.errors import ConfigError
+from align.hub import push_iteration
 from align.io import atomic_write_text
-from align.rollout.args import RolloutArguments
 from align.stopping import RESUME, after_train, stop_point
-from align.timeouts import REWARD_TIMEOUT_HELP, REWARD_TIMEOUT_S, check_timeout
+from align.tracking import TrackingCallback, attach
 
 DONE = "done"
-
-
-@dataclass
-class IterativeArguments(PromptArguments, GenerationArguments, RolloutArguments):
-    """The iterative part (iterations, K, oracle, APO, win rate), composed with the prompt, generation and rollout
-    parts it samples with (the K responses follow every generation key; the win-rate samples
-    ``max_completion_length`` and ``temperature``)."""
-
-    part = "iterative"
-    RENAMED = {"max_new_tokens": "max_completion_length", "sample_temperature": "temperature"}
-
-    iterations: int = option(3, "Number of iterations T (sample -> judge -> train a round).")
-    samples_per_prompt: int = option(4, "K: responses sampled per prompt each iteration; best and worst make the "
-                                        "pair.")
-    oracle: str = option("verifier:accuracy", "Preference oracle: verifier:<fn>, reward:<reward spec> (e.g. "
-                                              "reward:model:<path>), pairwise:<model path>, cyclic, module:function.")
-    oracle_scale: float = option(1.0, "reward: oracles: P(a ≻ b) = σ((r(a) − r(b)) / oracle_scale).")
-    reward_timeout_s: float = option(REWARD_TIMEOUT_S, REWARD_TIMEOUT_HELP)
-    apo_alpha: float | None = option(None, "APO momentum α in [0, 1): reference (1+α)·S_{π_t} − α·S_{π_{t−1}}; "
-                                           "null: plain iterative DPO (reference S_{π_t}).")
-    prompts_per_iteration: int | None = option(None, "Prompts per iteration, consecutive chunks of the train set "
-                                                     "(wrapping around); null: every prompt every iteration.")
-    chat_prompt: bool = option(False, "Wrap a string prompt as one user message, so the chat template applies.")
-    # --- generation (the generation part's keys, with the iterative defaults) ---
-    max_prompt_length: int = option(256, "Longest prompt in tokens; a longer one is a data error.")
-    max_completion_length: int = option(32, "Longest sampled response in tokens (also of the win-rate samples).")
-    temperature: float = option(1.0, "Sampling temperature of the K responses (and of the win-rate samples).")
-    eval_num_samples: int = option(4, "Win rate vs the initial policy: samples per held-out prompt (0: no win rate).")
-
-    def validate(self) -> None:
-        """The iterative part's own keys, and the rollout keys they depend on (before any model or generation)."""
-        if self.iterations < 1:
-            raise ConfigError(f"iterations: must be >= 1, got {self.iterations}")
-        check_timeout("reward_timeout_s", self.reward_timeout_s)
-        if self.samples_per_prompt < 2:
-            raise ConfigError(f"samples_per_prompt: must be >= 2 to make a best/worst pair, got "
-                              f"{self.samples_per_prompt}")
-        if self.apo_alpha is not None and not 0 <= self.apo_alpha < 1:
-            raise ConfigError(f"apo_alpha: must be in [0, 1) (or null), got {self.apo_alpha}")
-        if self.prompts_per_iteration is not None and self.prompts_per_iteration < 1:
-            raise ConfigError(f"prompts_per_iteration: must be >= 1 (or null), got {self.prompts_per_iteration}")
-        if self.eval_num_samples < 0:
-            raise ConfigError(f"eval_num_samples: must be >= 0, got {self.eval_num_samples}")
-        if self.rollout != "hf" and self.vllm_sync_steps != 1:
-            raise ConfigError(f"vllm_sync_steps: the iterative driver pushes π_t's weights at the start of every "
-                              f"iteration (the policy changes only between iterations); leave it at 1, got "
-                              f"{self.vllm_sync_steps}")
 
 
 def extrapolated_reference(current: torch.Tensor, previous: torch.Tensor | None, alpha: float | None) -> torch.Tensor:
@@ -134,6 +87,8 @@ class IterativeDPO:
         self.resume = str(config.resume_from_checkpoint or "").lower() in ("true", "last", "latest")
         self.engine, self.own_engine = engine, engine is None  # a vLLM engine, built at the first sampling
         self.weight_sync = None
+        self.show = progress.shown(config, self.state.is_main_process)  # progress bars (main process only)
+        self.tracking = TrackingCallback(config)  # one tracker run; round t's steps follow the earlier rounds'
 
     # --- paths ------------------------------------------------------------------------------------
 
@@ -149,9 +104,10 @@ class IterativeDPO:
 
     def _load(self, path: str):
         from align.modeling import load_model
+        from align.precision import weights_dtype
 
         c = self.config
-        model = load_model(path, torch_dtype=c.torch_dtype, attn_implementation=c.attn_implementation,
+        model = load_model(path, torch_dtype=weights_dtype(c), attn_implementation=c.attn_implementation,
                            trust_remote_code=c.trust_remote_code)
         return model.to(self.state.device)
 
@@ -170,11 +126,14 @@ class IterativeDPO:
             for t in range(self.config.iterations):
                 if not self.is_done(t):
                     self.iteration(t)
+                    push_iteration(self.config, t)  # push_every_iteration: in the background
                 with open(os.path.join(self.iter_dir(t), "metrics.json"), encoding="utf-8") as fh:
                     records.append(json.load(fh))
+                self.tracking.step_offset += records[-1]["train/steps"]
                 if self.state.is_main_process:
                     atomic_write_text(os.path.join(self.config.output_dir, "iterations.jsonl"), _jsonl(records))
         finally:
+            self.tracking.close()
             if self.engine is not None and self.own_engine:  # a colocated vLLM's memory
                 self.engine.close()
                 self.engine = None
@@ -206,6 +165,7 @@ class IterativeDPO:
         if self.state.is_main_process:
             atomic_write_text(os.path.join(folder, "metrics.json"), json.dumps(metrics, indent=1))
             atomic_write_text(os.path.join(folder, DONE), "")
+            self.report(t, metrics)
         self.state.wait_for_everyone()
         # A signal after the round's last stop point stops here, the iteration complete (a resume samples the next).
         stop_point(f"after iteration {t}, complete in {folder}; {RESUME}", self.state.device,
@@ -233,7 +193,7 @@ class IterativeDPO:
             self.engine = build_engine(c, policy, self.tokenizer, is_main=self.state.is_main_process,
                                        max_len=c.max_prompt_length + c.max_completion_length)
         if self.weight_sync is None:
-            self.weight_sync = WeightSync(self.engine, c.rollout, 1, self.state)
+            self.weight_sync = WeightSync(self.engine, c.rollout, 1, self.state, show=self.show)
         self.weight_sync(policy, t)
         return self.engine
 
@@ -251,26 +211,36 @@ class IterativeDPO:
         sampling = SamplingParams(max_new_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
                                   top_k=c.top_k, seed=c.seed)
         k = c.samples_per_prompt
-        out = self.rollout_engine(policy, t).generate(
-            [r["prompt_ids"] for r in mine], [k] * len(mine), sampling, keys=[f"{t}:{r['uid']}" for r in mine])
-        del policy
+        engine = self.rollout_engine(policy, t)
+        share = " (main process's share)" if world > 1 else ""  # no gather until the judging's
+        with progress.bar(f"iteration {t}: sampling{share}", k * len(mine), "completions", show=self.show,
+                          groups=[k] * len(mine)) as stage:  # the HF engine ticks it per batch
+            out = engine.generate([r["prompt_ids"] for r in mine], [k] * len(mine), sampling,
+                                  keys=[f"{t}:{r['uid']}" for r in mine])
+            stage.finish()
+        del policy, engine
         calls = self.oracle.calls
         local, lengths = [], []
-        for j, row in enumerate(mine):
-            ids = out.completion_ids[j * k : (j + 1) * k]
-            lengths.extend(len(x) for x in ids)
-            texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            columns = {key: v for key, v in row.items() if key not in ("prompt", "prompt_ids")}
-            best, worst, scores = self.oracle.best_worst(row["prompt"], texts, columns)
-            if scores[best] == scores[worst] or ids[best] == ids[worst]:
-                local.append((row["uid"], None))
-                continue
-            local.append((row["uid"], {
-                "uid": row["uid"], "prompt": row["prompt"], "chosen": as_completion(row["prompt"], texts[best]),
-                "rejected": as_completion(row["prompt"], texts[worst]), "chosen_score": scores[best],
-                "rejected_score": scores[worst], "prompt_ids": row["prompt_ids"], "chosen_ids": ids[best],
-                "rejected_ids": ids[worst]}))
-        gathered = gather_object([(local, sum(lengths), len(lengths), self.oracle.calls - calls)])
+        judging = progress.bar(f"iteration {t}: oracle {self.oracle.name!r}", len(rows), "prompts", show=self.show)
+        with judging:  # this process's prompts one by one, the others' with the gather
+            for j, row in enumerate(mine):
+                judging.reach(j)
+                ids = out.completion_ids[j * k : (j + 1) * k]
+                lengths.extend(len(x) for x in ids)
+                texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+                columns = {key: v for key, v in row.items() if key not in ("prompt", "prompt_ids")}
+                best, worst, scores = self.oracle.best_worst(row["prompt"], texts, columns)
+                if scores[best] == scores[worst] or ids[best] == ids[worst]:
+                    local.append((row["uid"], None))
+                    continue
+                local.append((row["uid"], {
+                    "uid": row["uid"], "prompt": row["prompt"], "chosen": as_completion(row["prompt"], texts[best]),
+                    "rejected": as_completion(row["prompt"], texts[worst]), "chosen_score": scores[best],
+                    "rejected_score": scores[worst], "prompt_ids": row["prompt_ids"], "chosen_ids": ids[best],
+                    "rejected_ids": ids[worst]}))
+            judging.reach(len(mine))
+            gathered = gather_object([(local, sum(lengths), len(lengths), self.oracle.calls - calls)])
+            judging.finish()
         pairs = sorted((p for loc, *_ in gathered for p in loc), key=lambda p: p[0])
         n_samples = sum(g[2] for g in gathered)
         stats = {
@@ -326,8 +296,10 @@ class IterativeDPO:
         from align.modeling import lora_config
         from align.trainers.preference import PreferenceTrainer
 
-        return PreferenceTrainer(model, args, None, None, self.tokenizer, callbacks=list(callbacks),
-                                 peft_config=lora_config(args) if peft else None)
+        trainer = PreferenceTrainer(model, args, None, None, self.tokenizer, callbacks=list(callbacks),
+                                    peft_config=lora_config(args) if peft else None)
+        attach(trainer, self.tracking)  # the run's trackers, not a tracker run per round
+        return trainer
 
     def reference_logps(self, t: int, trainer, ds):
         """``ds`` with the iteration's reference columns: S_{π_t} from the round's untrained policy; for APO
@@ -375,5 +347,14 @@ class IterativeDPO:
             return {}
         policy, baseline = self._load(self.iter_dir(t)), self._load(c.model_name_or_path)
         out = win_rate(policy, baseline, self.tokenizer, list(self.evaluation), self.oracle, c.eval_num_samples,
-                       c.max_completion_length, c.temperature, c.seed, c.generation_batch_size)
+                       c.max_completion_length, c.temperature, c.seed, c.generation_batch_size, progress=self.show)
         return {f"eval/{k}": v for k, v in out.items()}
+
+    def report(self, t: int, metrics: dict) -> None:
+        """Iteration t's metrics on the console (one line) and to the trackers as ``iteration/<key>``, at the last
+        step of its round on the run's continuous step axis (main process)."""
+        shown = {k: v for k, v in metrics.items() if k != "iteration"}
+        print(f"iteration {t} ({t + 1}/{self.config.iterations}): " + ", ".join(
+            f"{k} {v if isinstance(v, int) else format(v, '.4g')}" for k, v in shown.items()), flush=True)
+        step = self.tracking.step_offset + shown["train/steps"]
+        self.tracking.log({f"iteration/{k}": v for k, v in shown.items()}, step)

@@ -23,10 +23,20 @@ class MetricsMixin:
         for k, v in zip(keys, values.tolist(), strict=True):
             self._metrics[mode][k].append(v)
 
-    def _record_global(self, mode: str, metrics: dict[str, float]) -> None:
-        """Record values that are already the same on every process (no communication)."""
+    def record_global(self, mode: str, metrics: dict[str, float]) -> None:
+        """Record values that are already the same on every process (no communication); averaged into the next
+        log (a monitor's check, a round's statistics)."""
         for k, v in metrics.items():
             self._metrics[mode][k].append(float(v))
+
+    def log_now(self, metrics: dict[str, float]) -> None:
+        """Log ``metrics`` at once, as their own record at the current step (metrics.jsonl and the trackers), not
+        averaged into the next logging window: e.g. a monitor's check before the first step (step 0)."""
+        pending, self._metrics["train"] = self._metrics["train"], defaultdict(list)
+        try:
+            self.log({k: float(v) for k, v in metrics.items()})
+        finally:
+            self._metrics["train"] = pending
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"

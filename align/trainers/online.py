@@ -33,11 +33,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import gather_object
 
+from align import progress
 from align.errors import TrainingError
-from align.logps import pack, token_logps
+from align.logps import pack, scoring, token_logps
 from align.objectives import build
 from align.rollout import HFEngine, SamplingParams
+from align.tracking import completions_due, log_table
 from align.trainers.base import RolloutTrainer, wrap_peft
 from align.trainers.online_args import OnlineArguments
 
@@ -51,7 +54,8 @@ class Pairs:
     """One step's responses on this process: ``first[i]`` and ``second[i]`` answer ``prompts[i]``. ``first`` is the
     chosen slot and ``second`` the rejected one (for EGPO just the two positions). ``weights`` scale each pair's
     loss; ``extra`` holds objective inputs such as ``preference_gap``; ``explore`` marks, for XPO, which slot
-    holds the reference sample (0 first, 1 second)."""
+    holds the reference sample (0 first, 1 second); ``preference``, for labelled pairs, the oracle's
+    P(first ≻ second)."""
 
     prompts: list[list[int]]
     first: list[list[int]]
@@ -59,6 +63,7 @@ class Pairs:
     weights: torch.Tensor
     extra: dict
     explore: torch.Tensor | None = None
+    preference: torch.Tensor | None = None
 
 
 class OnlinePreferenceTrainer(RolloutTrainer):
@@ -110,16 +115,27 @@ class OnlinePreferenceTrainer(RolloutTrainer):
             model, ctx = self.reference() if reference else (self.policy, nullcontext())
             engine = engine or self.hf_engine
             engine.model = model
-        with ctx:
+        with ctx, self.stage(f"sampling {role!r}", len(rows), "completions") as stage:
             out = engine.generate([r["prompt_ids"] for r in rows], [1] * len(rows), sampling, keys)
+            stage.finish()
         return out.completion_ids
 
     def judge(self, rows: list[dict], a: list[list[int]], b: list[list[int]]) -> torch.Tensor:
         """P(a[i] ≻ b[i] | prompt i) from the oracle, over decoded texts; the dataset's columns go along."""
         dec = self.processing_class.batch_decode
         columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids", "uid")}
-        return self.oracle([r["prompt"] for r in rows], dec(a, skip_special_tokens=True),
-                           dec(b, skip_special_tokens=True), columns, ids=[r["uid"] for r in rows])
+        with self.stage(f"oracle {self.oracle.name!r}", len(rows), "pairs") as stage:
+            p = self.oracle([r["prompt"] for r in rows], dec(a, skip_special_tokens=True),
+                            dec(b, skip_special_tokens=True), columns, ids=[r["uid"] for r in rows])
+            stage.finish()
+        return p
+
+    def stage(self, what: str, total: int, unit: str) -> progress.Bar:
+        """The progress bar of one wait of this step (:mod:`align.progress`): this process's rows, so under N
+        processes the main process's share, as its description says."""
+        share = " (main process's share)" if self.accelerator.num_processes > 1 else ""
+        return progress.bar(f"{what} (step {self.state.global_step + 1}){share}", total, unit,
+                            show=progress.shown(self.args, self.is_world_process_zero()))
 
     def labelled(self, rows, y, z, p: torch.Tensor) -> Pairs:
         """The pair (y, z) with the oracle's winner in the chosen slot; exact ties weigh 0."""
@@ -128,7 +144,7 @@ class OnlinePreferenceTrainer(RolloutTrainer):
         second = [a if s else b for a, b, s in zip(y, z, swap, strict=True)]
         weights = (p != 0.5).float()
         return Pairs([r["prompt_ids"] for r in rows], first, second, weights, {},
-                     explore=torch.tensor([0 if s else 1 for s in swap]))
+                     explore=torch.tensor([0 if s else 1 for s in swap]), preference=torch.maximum(p, 1 - p))
 
     def make_pairs(self, rows: list[dict]) -> Pairs:
         """Online DPO's pairs (methods override this): two policy samples, labelled by the oracle."""
@@ -155,6 +171,19 @@ class OnlinePreferenceTrainer(RolloutTrainer):
                 "is 0 and nothing is learned; check the oracle and the dataset columns it reads"
             )
 
+    def log_completions(self, pairs: Pairs) -> None:
+        """This step's pairs (every process's) as the ``completions`` table: the prompt, both responses, the
+        oracle's P(chosen ≻ rejected) for labelled pairs, the loss weight and any per-pair objective input."""
+        dec = self.processing_class.decode
+        names = ["chosen", "rejected"] if pairs.preference is not None else ["first", "second"]
+        values = {"preference": pairs.preference, "weight": pairs.weights, **pairs.extra}
+        values = {k: v.tolist() for k, v in values.items() if torch.is_tensor(v) and v.shape == (len(pairs.first),)}
+        local = [[dec(x, skip_special_tokens=True) for x in (pairs.prompts[i], pairs.first[i], pairs.second[i])]
+                 + [v[i] for v in values.values()] for i in range(len(pairs.first))]
+        step = self.state.global_step + 1
+        log_table(self, "completions", ["step", "prompt", *names, *values],
+                  [[step, *row] for row in gather_object(local)], step)
+
     def prepare_update(self) -> None:
         """Called between sampling and the forward/backward of a step (EGPO restores θ_t here)."""
 
@@ -162,7 +191,7 @@ class OnlinePreferenceTrainer(RolloutTrainer):
 
     def _sequence_logps(self, model, prompts, completions) -> tuple[torch.Tensor, torch.Tensor]:
         ids, attn, cmask, width = pack(prompts, completions, self.pad_id, self.args.device)
-        logps = token_logps(model, ids, attn, width, block_size=self.args.logits_block_size)
+        logps = token_logps(model, ids, attn, width, **scoring(self.args))
         return (logps * cmask).sum(-1), cmask.sum(-1).float()
 
     def pair_loss(self, model, pairs: Pairs) -> tuple[torch.Tensor, dict]:
@@ -191,6 +220,8 @@ class OnlinePreferenceTrainer(RolloutTrainer):
         rows = inputs["rows"]
         calls = self.oracle.calls
         pairs = self.make_pairs(rows)
+        if completions_due(self.args, self.state.global_step):  # a gather: every process, the same steps
+            self.log_completions(pairs)
         self.check_preferences(pairs)
         self.prepare_update()
         model.train()
@@ -224,7 +255,8 @@ class OnlinePreferenceTrainer(RolloutTrainer):
         calls = self.oracle.calls
         result = win_rate(self.policy, ref_model, self.processing_class, [ds[i] for i in range(len(ds))],
                           self.oracle, a.eval_num_samples, a.eval_max_new_tokens or a.max_completion_length,
-                          a.temperature, a.seed, a.generation_batch_size, baseline_context=ctx)
+                          a.temperature, a.seed, a.generation_batch_size, baseline_context=ctx,
+                          progress=progress.shown(a, self.is_world_process_zero()))
         self.oracle.calls = calls  # evaluation judgements are not training labels
         metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in result.items()}
         self.log(metrics)

@@ -26,6 +26,7 @@ from align.rewards.preference import ORACLE_KINDS
 from align.rollout.args import RolloutArguments
 from align.sharding import sharding
 from align.timeouts import REWARD_TIMEOUT_HELP, REWARD_TIMEOUT_S, check_timeout
+from align.tracking import CompletionsLogArguments
 
 EGPO_VARIANTS = ("oipo1", "oipo2")
 
@@ -38,7 +39,8 @@ def pair_objectives() -> list[str]:
 
 
 @dataclass
-class OnlineArguments(ObjectiveArguments, PromptArguments, GenerationArguments, RolloutArguments):
+class OnlineArguments(ObjectiveArguments, PromptArguments, GenerationArguments, RolloutArguments,
+                      CompletionsLogArguments):
     """The online part (method, oracle, reference and eval keys of the online trainers), composed with the objective,
     prompt, generation and rollout parts it trains and samples with."""
 

@@ -22,14 +22,16 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainingArguments
 
+from align import progress
 from align.args import CPUSaneDefaults, ObjectiveArguments, option
 from align.data.preference import PreferenceCollator, tokenize_preferences
 from align.errors import ConfigError
 from align.io import atomic_save
-from align.logps import sequence_logps
+from align.logps import scoring, sequence_logps
 from align.microbatch import token_budget_batches
 from align.monitors.entanglement import ACTIONS, SUBSETS
 from align.objectives import build, registry
+from align.sharding import full_weights
 from align.trainers.base import AlignTrainer, wrap_peft
 
 
@@ -187,15 +189,16 @@ class PreferenceTrainer(AlignTrainer):
 
     def _sequence_logps(self, model, inputs):
         """One forward of [chosen; rejected]; only the positions from the first completion token on go through
-        the lm head (none of the prompt part shared by every row), ``logits_block_size`` tokens at a time."""
+        the lm head (none of the prompt part shared by every row), ``logits_block_size`` tokens at a time
+        (``padding_free``: the rows packed into one, :func:`align.logps.last_logps`)."""
         return sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
-                              self.args.logits_block_size)
+                              **scoring(self.args))
 
     @torch.no_grad()
     def reference_logps(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs (chosen, rejected) of a collated batch, computed live."""
         model, ctx = self.reference()
-        with ctx:
+        with ctx, full_weights(model, self.args.device):  # before prepare: ZeRO-3 slices gathered, FSDP's CPU copy
             logps, _, _ = self._sequence_logps(model, inputs)
         half = inputs["row_id"].shape[0]
         return logps[:half], logps[half:]
@@ -227,7 +230,6 @@ class PreferenceTrainer(AlignTrainer):
         (:func:`align.microbatch.token_budget_batches`). ``fingerprint``: a callable giving the reference's
         fingerprint when the caller shares one between passes (default :meth:`reference_fingerprint`)."""
         from accelerate.utils import gather_object
-        from tqdm.auto import tqdm
 
         if ds is None or "ref_chosen_logps" in ds.column_names:
             return ds
@@ -246,15 +248,19 @@ class PreferenceTrainer(AlignTrainer):
             was_training = self.model.training
             self.model.eval()
             runs = batches + [None] * extra
-            for idx in tqdm(runs, desc=desc, disable=not self.is_world_process_zero()):
-                batch = {k: v.to(self.args.device) for k, v in collate([ds[i] for i in (idx or [0])]).items()}
-                c, r = self.reference_logps(batch)
-                if idx is not None:
-                    local.extend(zip(idx, c.tolist(), r.tolist(), strict=True))
-            self.model.train(was_training)
-            table = torch.zeros(len(ds), 2, dtype=torch.float64)
-            for i, c, r in gather_object(local):
-                table[i, 0], table[i, 1] = c, r
+            show = progress.shown(self.args, self.is_world_process_zero())
+            with progress.bar(desc, len(ds), "rows", show=show) as bar:
+                for idx in runs:
+                    batch = {k: v.to(self.args.device) for k, v in collate([ds[i] for i in (idx or [0])]).items()}
+                    c, r = self.reference_logps(batch)
+                    if idx is not None:
+                        local.extend(zip(idx, c.tolist(), r.tolist(), strict=True))
+                        bar.advance(len(idx))  # this process's rows; the others' come in with the gather
+                self.model.train(was_training)
+                table = torch.zeros(len(ds), 2, dtype=torch.float64)
+                for i, c, r in gather_object(local):
+                    table[i, 0], table[i, 1] = c, r
+                bar.finish()
             if self.is_world_process_zero():
                 atomic_save(path, lambda fh: torch.save(table, fh))
         ds = ds.add_column("ref_chosen_logps", table[:, 0].tolist())

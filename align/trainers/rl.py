@@ -18,10 +18,11 @@ from contextlib import nullcontext
 
 import torch
 
-from align.logps import pack, token_logps
+from align.logps import pack, scoring, token_logps
 from align.microbatch import longest_first
 from align.objectives.policy import AGGREGATIONS, TOKEN_LOSSES, policy_loss, truncated_is_weights
 from align.sampling import PromptStats
+from align.tracking import completions_due, log_table
 from align.trainers.base import RolloutTrainer, wrap_peft
 from align.trainers.rl_args import RLArguments
 from align.trainers.rounds import Round, RoundBuilder, Sample
@@ -85,8 +86,12 @@ class RLTrainer(RolloutTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         position = self.state.global_step % self.args.updates_per_round
         if self._round is None or position == 0:
-            self._round = self.rounds.make(inputs["rows"], self.state.global_step // self.args.updates_per_round)
-            self._record_global("train", self._round.metrics)
+            index = self.state.global_step // self.args.updates_per_round
+            self._round = self.rounds.make(inputs["rows"], index)
+            self.record_global("train", self._round.metrics)
+            if completions_due(self.args, index):  # a gather: every process, the same rounds
+                step = self.state.global_step + 1
+                log_table(self, "completions", *self.rounds.completions_table(self._round, step), step)
         loss = self._update(model, self._round, position % self.args.num_minibatches)
         if position == self.args.updates_per_round - 1:
             self._round = None
@@ -133,7 +138,7 @@ class RLTrainer(RolloutTrainer):
         total = self.accelerator.reduce(total, reduction="sum")
         self.check_finite(total)
         n = max(packed[0].item(), 1.0)
-        self._record_global("train", {k: v / n for k, v in zip(self._step_keys(), packed[1:].tolist())})
+        self.record_global("train", {k: v / n for k, v in zip(self._step_keys(), packed[1:].tolist())})
         return total
 
     def _step_keys(self) -> tuple[str, ...]:
@@ -157,7 +162,7 @@ class RLTrainer(RolloutTrainer):
         a = self.args
         ids, attn, cmask, width = pack([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk], self.pad_id,
                                        a.device)
-        logps, entropy = token_logps(model, ids, attn, width, with_entropy=True, block_size=a.logits_block_size)
+        logps, entropy = token_logps(model, ids, attn, width, with_entropy=True, **scoring(a))
         mask = cmask & torch.tensor([mask_of.get(id(s), True) for s in chunk], device=a.device)[:, None]
 
         def stacked(attr):

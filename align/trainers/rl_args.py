@@ -30,12 +30,13 @@ from align.rollout.args import RolloutArguments
 from align.sampling.allocators import ALLOCATORS as ALLOCATOR_REGISTRY
 from align.sharding import sharding
 from align.timeouts import REWARD_TIMEOUT_HELP, REWARD_TIMEOUT_S, check_timeout
+from align.tracking import CompletionsLogArguments
 
 ALLOCATORS = ALLOCATOR_REGISTRY.names()
 
 
 @dataclass
-class RLArguments(PromptArguments, GenerationArguments, RolloutArguments):
+class RLArguments(PromptArguments, GenerationArguments, RolloutArguments, CompletionsLogArguments):
     """The RL part (objective, batch, rewards, allocation, reference and eval keys of the RL loop), composed with
     the prompt, generation and rollout parts it samples with."""
 
@@ -187,8 +188,8 @@ class RLConfig(RLArguments, CPUSaneDefaults, TrainingArguments):
         if shards.shards_weights:
             raise ConfigError(f"distributed_type: the RL loop does not run under {shards.kind} yet (each process "
                               "generates its own groups and estimates G_i on unsharded weights, so sharded forwards "
-                              "would not line up and would hang); launch with configs/accelerate/ddp.yaml or "
-                              "ZeRO-1/2, with LoRA for large models")
+                              "would not line up and would hang); launch with configs/accelerate/ddp.yaml, "
+                              "zero1.yaml or zero2.yaml, with LoRA for large models")
 
     def describe(self, world: int = 1) -> str:
         m = self.per_device_train_batch_size * world

@@ -14,11 +14,13 @@ Every choice that must agree across processes (allocation, which process generat
 mini-batch membership) is computed identically on every process from gathered data, and each completion's
 random stream depends only on the seed, the round and the prompt (the generation ``tag``), so N processes
 reproduce one process with the same global batch. The builder owns the engine calls, the rewards, the
-per-prompt statistics and the rollouts counter; the trainer only updates on the rounds it makes.
+per-prompt statistics and the rollouts counter; the trainer only updates on the rounds it makes. Each generation,
+GVM's gradient norms and the log-prob pass show a progress bar on the main process (:mod:`align.progress`).
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -27,14 +29,16 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import gather_object
 
+from align import progress
 from align.errors import TrainingError
-from align.logps import pack, token_logps
+from align.logps import pack, scoring, token_logps
 from align.microbatch import token_budget_batches
 from align.monitors.grad_norm import sequence_grad_norms
 from align.monitors.gradients import select_parameters
 from align.objectives.advantages import ESTIMATORS
 from align.rollout import SamplingParams
 from align.sampling import PromptStats
+from align.sampling.allocation_log import AllocationLog, allocation_record
 from align.sampling.allocators import ALLOCATORS, RoundContext
 from align.sampling.shard import assign_groups
 
@@ -92,7 +96,9 @@ class RoundBuilder:
         self.stats = PromptStats()
         self.rollouts_total = 0
         self.timing = {"generate": 0.0, "sync": 0.0}
+        self.show = progress.shown(args, accelerator.is_main_process)  # progress bars on this process
         self.context = RoundContext(args, self.stats, dataset, self.generate, self.estimate)
+        self.allocation_log = AllocationLog(args.output_dir) if accelerator.is_main_process else None
 
     def make(self, local_rows: list[dict], index: int) -> Round:
         """Round ``index`` from this process's prompt rows (gathered first: every process builds the same round)."""
@@ -100,6 +106,10 @@ class RoundBuilder:
         rows = gather_object(local_rows)
         before = self.rollouts_total
         allocation = self.allocate(rows, index, self.context)
+        if self.allocation_log is not None:  # before the monitor below re-measures p_i, G_i (allocation.jsonl)
+            self.allocation_log.append(allocation_record(index, self.step() + 1, a.num_generations * len(rows),
+                                                         self.rollouts_total - before, allocation.rows,
+                                                         allocation.counts, allocation.samples, self.stats))
         rows, counts, samples = allocation.rows, allocation.counts, allocation.samples
         metrics = dict(allocation.metrics)
         metrics.update(round_metrics(counts, samples))
@@ -107,7 +117,7 @@ class RoundBuilder:
             metrics.update(self.estimate(rows, samples, index, "grad_norm"))
         metrics["rollouts/round"] = float(self.rollouts_total - before)
         self._assign(samples, index)
-        self._precompute_logps([s for s in samples if s.completion_ids is not None])
+        self._precompute_logps([s for s in samples if s.completion_ids is not None], index)
         return Round(rows, samples, metrics)
 
     # --- generation and rewards -------------------------------------------------------------------
@@ -127,17 +137,22 @@ class RoundBuilder:
         owners = assign_groups(costs, world)
         mine = [i for i, n in enumerate(counts) if n > 0 and owners[i] == rank]
         self.timing["sync"] += self.weight_sync(self.policy(), self.step())
-        start = time.perf_counter()
-        out = self.engine.generate([rows[i]["prompt_ids"] for i in mine], [counts[i] for i in mine],
-                                   sampling or self.sampling(), keys=[f"{tag}:{rows[i]['uid']}" for i in mine])
-        if not tag.startswith("eval"):
-            self.timing["generate"] += time.perf_counter() - start
-        local = [Sample(mine[pi], k + k_offset, rank, 0.0, {}, len(c), fin == "length", rows[mine[pi]]["prompt_ids"],
-                        c, lp)
-                 for pi, k, c, fin, lp in zip(out.prompt_index, out.sample_index, out.completion_ids,
-                                              out.finish_reason, out.sampling_logps)]
-        error = self._score(rows, local)
-        everything = gather_object([(error, [s.meta() for s in local])])
+        stage = progress.bar(stage_name(tag), sum(counts), "completions", show=self.show,
+                             groups=[counts[i] for i in mine], groups_total=sum(n > 0 for n in counts))
+        with stage:  # the HF engine ticks it per batch; the other processes' shares come in with the gather
+            start = time.perf_counter()
+            out = self.engine.generate([rows[i]["prompt_ids"] for i in mine], [counts[i] for i in mine],
+                                       sampling or self.sampling(), keys=[f"{tag}:{rows[i]['uid']}" for i in mine])
+            if not tag.startswith("eval"):
+                self.timing["generate"] += time.perf_counter() - start
+            stage.reach(len(out))
+            local = [Sample(mine[pi], k + k_offset, rank, 0.0, {}, len(c), fin == "length",
+                            rows[mine[pi]]["prompt_ids"], c, lp)
+                     for pi, k, c, fin, lp in zip(out.prompt_index, out.sample_index, out.completion_ids,
+                                                  out.finish_reason, out.sampling_logps)]
+            error = self._score(rows, local)
+            everything = gather_object([(error, [s.meta() for s in local])])
+            stage.finish()
         errors = [e for e, _ in everything if e]
         if errors:
             raise TrainingError(errors[0])
@@ -168,6 +183,18 @@ class RoundBuilder:
             s.per_fn.update({f"{name}/errors": float(n) / len(local) for name, n in errors.items() if n})
         return None
 
+    def completions_table(self, rnd: Round, step: int) -> tuple[list[str], list[list]]:
+        """The round's samples as table rows, canonical order: ``step``, the prompt and completion as text, the
+        total reward, each reward function's, the advantage. A collective: each process decodes its own samples."""
+        dec = self.tokenizer.decode
+        texts = dict(gather_object([((s.g, s.k), dec(s.completion_ids, skip_special_tokens=True))
+                                    for s in rnd.samples if s.completion_ids is not None]))
+        prompts = {g: dec(rnd.rows[g]["prompt_ids"], skip_special_tokens=True) for g in {s.g for s in rnd.samples}}
+        names = sorted({k for s in rnd.samples for k in s.per_fn if not k.endswith("/errors")})
+        rows = [[step, prompts[s.g], texts.get((s.g, s.k), ""), s.reward, *(s.per_fn.get(n, 0.0) for n in names),
+                 s.advantage] for s in rnd.samples]
+        return ["step", "prompt", "completion", "reward", *names, "advantage"], rows
+
     # --- per-prompt estimates (GVM, the gradient-norm monitor) ------------------------------------
 
     def estimate(self, rows: list[dict], samples: list[Sample], index: int, prefix: str) -> dict[str, float]:
@@ -177,9 +204,14 @@ class RoundBuilder:
         estimation stage and the per-prompt gradient-norm monitor (``grad_norm_monitor_steps``) both call this;
         returns the ``<prefix>/*`` metrics."""
         accepted = [s for s in samples if s.completion_ids is not None and s.reward > self.args.accept_threshold]
-        norms = sequence_grad_norms(self.policy(), [s.prompt_ids for s in accepted],
-                                    [s.completion_ids for s in accepted], self.pad_id, self.grad_params)
-        found = dict(gather_object([((s.g, s.k), n) for s, n in zip(accepted, norms)]))
+        name = {"gvm": "GVM estimation: gradient norms", "grad_norm": "gradient-norm monitor"}.get(prefix, prefix)
+        with progress.bar(f"{name} (round {index})", sum(s.reward > self.args.accept_threshold for s in samples),
+                          "samples", show=self.show) as stage:  # ticked per sequence by sequence_grad_norms
+            norms = sequence_grad_norms(self.policy(), [s.prompt_ids for s in accepted],
+                                        [s.completion_ids for s in accepted], self.pad_id, self.grad_params,
+                                        block_size=self.args.logits_block_size)
+            found = dict(gather_object([((s.g, s.k), n) for s, n in zip(accepted, norms)]))
+            stage.finish()
         groups: dict[int, list[Sample]] = {}
         for s in samples:
             groups.setdefault(s.g, []).append(s)
@@ -211,7 +243,7 @@ class RoundBuilder:
             s.advantage = v
 
     @torch.no_grad()
-    def _precompute_logps(self, local: list[Sample]) -> None:
+    def _precompute_logps(self, local: list[Sample], index: int) -> None:
         """Old log-probs of the samples the policy moves under before their use, and reference log-probs
         (β > 0). With one iteration, mini-batch 0 is used on the very weights that generated it, so its old
         log-probs are the live ones detached (what a stored copy would hold, without the extra forward).
@@ -221,9 +253,12 @@ class RoundBuilder:
         a = self.args
         policy = self.policy()
         old = [s for s in local if a.updates_per_round > 1 and (a.num_iterations > 1 or s.minibatch > 0)]
-        passes = [(old, "old_logps", lambda *batch: token_logps(policy, *batch, block_size=a.logits_block_size))]
+        passes = [(old, "old_logps", lambda *batch: token_logps(policy, *batch, **scoring(a)))]
         if a.beta:
             passes.append((local, "ref_logps", self._ref_logps))
+        share = " (main process's share)" if self.accelerator.num_processes > 1 else ""  # no gather follows
+        stage = progress.bar(f"old/reference log-probs (round {index}){share}", sum(len(p[0]) for p in passes),
+                             "samples", show=self.show)
         was_training = policy.training
         policy.eval()
         try:
@@ -235,13 +270,28 @@ class RoundBuilder:
                                                self.pad_id, a.device)
                     for s, row in zip(chunk, fn(ids, attn, width)):
                         setattr(s, attr, row[: s.length].cpu())
+                    stage.advance(len(batch))
         finally:
             policy.train(was_training)
+            stage.close()
 
     def _ref_logps(self, ids, attn, width) -> torch.Tensor:
         model, context = self.reference()
         with context:
-            return token_logps(model, ids, attn, width, block_size=self.args.logits_block_size)
+            return token_logps(model, ids, attn, width, **scoring(self.args))
+
+
+def stage_name(tag: str) -> str:
+    """The progress bar's name of a generation by its ``tag``: ``r3`` (round 3's rollouts), ``r3x1`` (dynamic
+    sampling's first refill), ``e3`` (GVM's estimation samples), ``eval`` / ``evalsampled_`` (evaluation)."""
+    if tag.startswith("eval"):
+        return "evaluation (sampled)" if "sampled" in tag else "evaluation (greedy)"
+    found = re.fullmatch(r"([re])(\d+)(?:x(\d+))?", tag)
+    if found is None:
+        return f"generation ({tag})"
+    kind, index, refill = found.groups()
+    name = "rollouts" if kind == "r" else "GVM estimation: samples"
+    return f"{name} (round {index}{f', refill {refill}' if refill else ''})"
 
 
 def round_metrics(counts: list[int], samples: list[Sample]) -> dict[str, float]:

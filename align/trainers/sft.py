@@ -38,8 +38,10 @@ def train_sft(config: SFTArguments, callbacks: Callable[[], list] = list) -> dic
     from align.data.loading import load_train_eval
     from align.data.validate import sft_layout
     from align.modeling import load_model, load_tokenizer, lora_config
+    from align.precision import weights_dtype
     from align.recipe import train_and_save
     from align.stopping import StopCallback
+    from align.trainers.hub_sync import without_trainer_push
 
     # 1. Data first: a bad row stops the run before any model is loaded.
     train, evaluation = load_train_eval(config)
@@ -49,12 +51,12 @@ def train_sft(config: SFTArguments, callbacks: Callable[[], list] = list) -> dic
 
     # 2. Model and tokenizer.
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-    model = load_model(config.model_name_or_path, config.torch_dtype, config.attn_implementation,
-                       config.trust_remote_code)
+    model = load_model(config.model_name_or_path, weights_dtype(config), config.attn_implementation,
+                       config.trust_remote_code)  # float32 master weights under a half torch_dtype
 
     # 3. Train, save (seeded first: a LoRA adapter's random init must follow the run's seed).
     set_seed(config.seed)
-    trainer = with_atomic_checkpoints(SFTTrainer)(  # checkpoints renamed into place when complete
+    trainer = with_atomic_checkpoints(without_trainer_push(SFTTrainer))(  # checkpoints renamed into place; no push
         model=model,
         args=config,
         train_dataset=train,

@@ -223,9 +223,11 @@ def test_monitor_logs_cases_writes_table_and_plot(repo, tmp_path, testbed):
     out = tmp_path / "out"
     logs = [json.loads(x) for x in open(out / "metrics.jsonl")]
     checked = [r for r in logs if "entanglement/ideal" in r]
-    assert [r["step"] for r in checked] == [5, 10]
+    assert [r["step"] for r in checked] == [0, 5, 10]  # the baseline before the first step, its own record
+    assert "entanglement/sign_agreement" not in checked[0] and "loss" not in checked[0]
     for r in checked:
         assert sum(r[f"entanglement/{c}"] for c in CASES) == pytest.approx(1.0)
+    for r in checked[1:]:
         assert 0.0 <= r["entanglement/sign_agreement"] <= 1.0
     table = [json.loads(x) for x in open(out / "entanglement.jsonl")]
     assert [sum(t["step"] == s for t in table) for s in (0, 5, 10)] == [16, 16, 16]
@@ -234,7 +236,7 @@ def test_monitor_logs_cases_writes_table_and_plot(repo, tmp_path, testbed):
     first = {t["pair"]: t for t in table if t["step"] == 0}
     fifth = [t for t in table if t["step"] == 5]
     up = sum(t["logp_chosen"] > first[t["pair"]]["logp_chosen"] for t in fifth) / 16
-    assert checked[0]["entanglement/observed_chosen_up"] == pytest.approx(up)
+    assert checked[1]["entanglement/observed_chosen_up"] == pytest.approx(up)
     assert (out / "entanglement.png").stat().st_size > 10_000
 
 

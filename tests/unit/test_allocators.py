@@ -133,7 +133,8 @@ def test_a_registered_toy_allocator_is_the_one_the_round_builder_uses(monkeypatc
                         beta=0.0, micro_batch_size=4, max_tokens_per_micro_batch=16384, logits_block_size=512,
                         device="cpu")
     tok = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: ["x" * len(i) for i in ids])
-    builder = RoundBuilder(a, SimpleNamespace(process_index=0, num_processes=1), Engine(), lambda policy, step: 0.0,
+    acc = SimpleNamespace(process_index=0, num_processes=1, is_main_process=False)
+    builder = RoundBuilder(a, acc, Engine(), lambda policy, step: 0.0,
                            rewards, tok, [], 0, policy=lambda: torch.nn.Linear(1, 1), reference=None, step=lambda: 0)
     rows = [{"uid": u, "prompt": "p", "prompt_ids": [1, 2]} for u in range(4)]
     rnd = builder.make(rows, 7)

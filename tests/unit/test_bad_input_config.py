@@ -222,6 +222,17 @@ CASES = [
     case("egpo-beta-zero", "egpo", "beta=0", "beta: objective 'online_ipo' needs beta in (0, inf)"),
     case("iterative-beta-negative", "iterative_dpo", "beta=-0.1", "beta: objective 'dpo' needs beta in (0, inf)"),
     case("max-length-one", "dpo", "max_length=1", "max_length: must be >= 2, got 1"),
+    case("logits-block-size-negative", "grpo", "logits_block_size=-1", "logits_block_size: must be >= 0 (0 = off) or "
+                                                                       "auto, got -1"),
+    case("logits-block-size-too-large", "dpo", "logits_block_size=65", "logits_block_size: 65 is larger than the "
+                                                                       "longest sequence, 64 tokens (max_length 64); "
+                                                                       "use at most 64, auto or 0 (off)"),
+    case("logits-block-size-too-large-rl", "raft", "logits_block_size=4096", "logits_block_size: 4096 is larger than "
+                                                                             "the longest sequence, 80 tokens "
+                                                                             "(max_prompt_length 64 + "
+                                                                             "max_completion_length 16)"),
+    case("padding-free-attention", "online_dpo", "padding_free=true attn_implementation=paged|eager", "padding_free: "
+         "attn_implementation 'paged|eager' cannot keep packed sequences apart (supported: sdpa, eager, "),
     case("sft-max-length-one", "sft", "max_length=1", "max_length: must be >= 2 (or null: no truncation), got 1"),
     case("sft-packing-completion-only", "sft", "packing=true completion_only_loss=true", "packing / "
                                                                                          "completion_only_loss"),
@@ -316,6 +327,27 @@ CASES = [
                                                                                         "iterative driver's reference"),
     case("iterative-precompute-off", "iterative_dpo", "precompute_ref_logps=false", "precompute_ref_logps: must be "
                                                                                     "true for the iterative driver"),
+    # --- the Hub push ---
+    case("push-without-model-id", "dpo", "push_to_hub=true", "push_to_hub: needs hub_model_id, the Hub repository "
+                                                             "to push to (e.g. your-name/qwen-dpo)"),
+    case("hub-model-id-invalid", "grpo", "push_to_hub=true hub_model_id=me/bad--name", "hub_model_id: 'me/bad--name' "
+         "is not a valid Hub repository id (Cannot have -- or .. in repo_id)"),
+    case("hub-model-id-three-parts", "sft", "push_to_hub=true hub_model_id=a/b/c", "hub_model_id: 'a/b/c' is not a "
+         "valid Hub repository id (Repo id must be in the form 'repo_name' or 'namespace/repo_name')"),
+    case("push-merged-without-lora", "dpo", "push_to_hub=true hub_model_id=me/x push_merged=true", "push_merged: "
+         "needs use_peft=true (only a LoRA adapter has a merged copy to push)"),
+    case("push-merged-without-push", "raft", "use_peft=true push_merged=true", "push_merged: set to True but "
+                                                                               "push_to_hub is false"),
+    case("hub-strategy-unknown", "online_dpo", "push_to_hub=true hub_model_id=me/x hub_strategy=checkpoint",
+         "hub_strategy: must be one of ('end', 'every_save') (end: push once, after the run; every_save: also upload "
+         "each checkpoint in the background), got 'checkpoint'"),
+    case("hub-revision-invalid", "xpo", "push_to_hub=true hub_model_id=me/x hub_revision=a..b", "hub_revision: "
+                                                                                               "'a..b' is not a "
+                                                                                               "valid branch name"),
+    case("push-every-iteration-without-push", "iterative_dpo", "push_every_iteration=true", "push_every_iteration: "
+         "set to True but push_to_hub is false"),
+    case("iterative-every-save", "iterative_dpo", "push_to_hub=true hub_model_id=me/x hub_strategy=every_save",
+         "hub_strategy: every_save uploads a trainer's checkpoints; the iterative driver pushes iterations instead"),
 ]
 
 

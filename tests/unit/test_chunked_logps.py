@@ -289,17 +289,65 @@ def test_negative_block_size_is_one_line(tmp_path, capsys, monkeypatch):
     code = main(get_recipe("grpo"), ["--config", str(repo / "configs/grpo/testbed.yaml"), f"output_dir={tmp_path}/o",
                                      "logits_block_size=-1"])
     err = capsys.readouterr().err
-    assert code == 2 and err == "error: logits_block_size: must be >= 0 (0 = off), got -1\n"
+    assert code == 2 and err == "error: logits_block_size: must be >= 0 (0 = off) or auto, got -1\n"
     assert not (tmp_path / "o").exists()
 
 
 def test_every_recipe_config_has_the_key_with_its_default():
-    from align.lm_head import LOGITS_BLOCK_SIZE
+    from align.lm_head import LOGITS_BLOCK_SIZE, block_tokens
     from align.trainers.online_args import OnlineConfig
     from align.trainers.preference import PreferenceConfig
     from align.trainers.rl_args import RLConfig
     from align.trainers.sft import SFTArguments
 
     for cls in (OnlineConfig, PreferenceConfig, RLConfig, SFTArguments):
-        assert {f.name: f.default for f in cls.__dataclass_fields__.values()}["logits_block_size"] == 512
-    assert LOGITS_BLOCK_SIZE == 512
+        defaults = {f.name: f.default for f in cls.__dataclass_fields__.values()}
+        assert defaults["logits_block_size"] == "auto" and defaults["padding_free"] is False
+    assert LOGITS_BLOCK_SIZE == 512 and block_tokens(0, 151_936) == 0 and block_tokens(7, 151_936) == 7
+    # auto: at most 512 tokens and 2**25 logits (128 MiB in fp32) per block
+    assert [block_tokens("auto", v) for v in (151_936, 128_256, 65_536, 32_000, 300)] == [220, 261, 512, 512, 512]
+    assert 220 * 151_936 * 4 <= 128 * 2**20 < 221 * 151_936 * 4
+
+
+def test_auto_is_512_tokens_capped_at_the_tokens_scored():
+    """``auto`` at a small vocabulary gives blocks of 512 (one block when a pass scores fewer positions), the same
+    values."""
+    model = tiny_llama(vocab=300, layers=1)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 300, (2, 700), generator=gen)
+    attn = torch.ones_like(ids)
+    width = 100  # 2 x 600 = 1,200 scored positions: blocks of 512, 512, 176
+    with torch.no_grad(), Shapes() as rec:
+        auto = token_logps(model, ids, attn, width, block_size="auto")
+    assert [s for op, s in rec.ops if op == "amax.default"] == [(512,), (512,), (176,)]
+    with torch.no_grad():
+        assert_near(auto, token_logps(model, ids, attn, width, block_size=0), what="log-probs")
+        with Shapes() as rec:
+            token_logps(model, ids[:, :130], attn[:, :130], width, block_size="auto")
+    assert [s for op, s in rec.ops if op == "amax.default"] == [(60,)]  # 2 x 30: one block
+
+
+@pytest.mark.parametrize(("recipe", "value", "code"), [("dpo", "64", 0), ("dpo", "auto", 0), ("grpo", "80", 0),
+                                                       ("dpo", "65", 2), ("grpo", "81", 2)])
+def test_an_explicit_block_size_up_to_the_longest_sequence(recipe, value, code, tmp_path):
+    """The testbed configs: DPO ``max_length: 64``, GRPO 64 + 16 prompt and completion tokens; the value equal to
+    the longest is accepted, one more is one line (exit 2 through the recipe: tests/unit/test_bad_input_config.py)."""
+    from pathlib import Path
+
+    from align.config import load_config
+    from align.errors import ConfigError
+    from align.recipe import get_recipe
+
+    repo = Path(__file__).resolve().parents[2]
+    cls = get_recipe(recipe).config_class
+    over = {"output_dir": str(tmp_path / "o"), "logits_block_size": value}
+    if code == 0:
+        config = load_config(cls, repo / f"configs/{recipe}/testbed.yaml", over)
+        assert config.logits_block_size == (value if value == "auto" else int(value))
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, repo / f"configs/{recipe}/testbed.yaml", over)
+    longest = {"dpo": "64 tokens (max_length 64)",
+               "grpo": "80 tokens (max_prompt_length 64 + max_completion_length 16)"}[recipe]
+    assert str(err.value) == (f"logits_block_size: {value} is larger than the longest sequence, {longest}; use at "
+                              f"most {longest.split()[0]}, auto or 0 (off)")

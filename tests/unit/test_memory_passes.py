@@ -23,6 +23,7 @@ from align.rollout.hf import filter_logits
 from align.rollout.mixture import MixtureEngine
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ONE_PROCESS = SimpleNamespace(is_main_process=False, num_processes=1, process_index=0)  # an accelerator stand-in
 
 # (prompt, completion) lengths of five RL samples, and the micro-batches a budget of 80 padded tokens makes:
 # longest first (totals 35, 15, 12, 5, 3 -> items 2, 0, 3, 1, 4); [2, 0] is 2 rows x (5 + 30) = 70 tokens, adding
@@ -102,11 +103,11 @@ def test_rl_passes_by_token_budget_equal_one_batch(policy):
                            grad_norm_monitor_steps=None, num_minibatches=2, num_iterations=1, updates_per_round=2,
                            beta=0.1, device="cpu", max_tokens_per_micro_batch=80, micro_batch_size=64,
                            logits_block_size=0)
-    builder = RoundBuilder(args, None, None, None, None, tok, [], tok.pad_token_id, policy=lambda: model,
+    builder = RoundBuilder(args, ONE_PROCESS, None, None, None, tok, [], tok.pad_token_id, policy=lambda: model,
                            reference=lambda: (model, nullcontext()), step=lambda: 0)
     rec = ForwardShapes(model)
     try:
-        builder._precompute_logps(samples)
+        builder._precompute_logps(samples, 0)
     finally:
         rec.handle.remove()
     # the old log-probs pass, then the reference pass, each on [2, 0] (2 x 35) and [3, 1, 4] (3 x 12)

@@ -1,0 +1,182 @@
+"""The shipped accelerate configs, adapted to two CPU processes (use_cpu, gloo, one machine), never exit 0 on wrong
+numbers (issue 15): each run trains with the 1-process numbers, or is refused with one line before any model loads.
+
+On the CPU accelerate 1.15 runs an FSDP or ZeRO-1/2 config as plain DDP (a warning says so, once); FSDP's
+``fsdp_cpu_ram_efficient_loading`` still makes transformers load zeros on every process but local rank 0, which align
+now replaces by rank 0's weights before its first pass (the reference log-probs, the frozen reference copy, the
+samples). ZeRO-3 is refused on the CPU. ``align train --accelerate_config`` gives the numbers of the
+direct ``accelerate launch``. ZeRO-3's gathered reference pass is checked with weights partitioned by DeepSpeed's
+``zero.Init`` on two gloo processes (zero3_gather_check.py)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+from ports import free_port
+
+from align.sharding import cpu_fallback_warning
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+DPO = ["--config", "configs/dpo/testbed.yaml", "max_steps=2", "logging_steps=1", "save_strategy=no",
+       "max_train_samples=64", "dataset_test_split=null", "disable_tqdm=true", "overwrite_output_dir=true"]
+ONLINE = ["max_steps=1", "logging_steps=1", "save_strategy=no", "max_train_samples=32", "dataset_test_split=null",
+          "disable_tqdm=true", "overwrite_output_dir=true"]
+
+
+def cpu_variant(repo, tmp_path, name: str) -> str:
+    """configs/accelerate/<name>.yaml as a user adapts it to one CPU machine: use_cpu, 2 processes, fp32."""
+    cfg = yaml.safe_load((repo / "configs" / "accelerate" / f"{name}.yaml").read_text())
+    cfg.update(use_cpu=True, num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no")
+    path = tmp_path / f"{name}-cpu.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def run_group(cmd, repo, timeout=900):
+    """``cmd`` in its own process group, all of which is killed if it outlives ``timeout`` (a launcher's workers
+    would outlive the launcher otherwise)."""
+    with subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run(repo, out, recipe: str, args, launch_config: str | None = None, via_align: bool = False):
+    """The recipe run directly (1 process), under ``accelerate launch --config_file launch_config``, or as ``align
+    train <recipe> --accelerate_config ...``; returns the process and the logged step records."""
+    port = str(free_port())
+    if launch_config is None:
+        cmd = [sys.executable, "-m", f"align.recipes.{recipe}"]
+    elif via_align:
+        cmd = [sys.executable, "-m", "align.cli", "train", recipe, "--accelerate_config", launch_config,
+               "--num_processes", "2", "--main_process_port", port]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_config, "--num_processes",
+               "2", "--main_process_port", port, "-m", f"align.recipes.{recipe}"]
+    proc = run_group([*cmd, *args, f"output_dir={out}"], repo)
+    metrics = out / "metrics.jsonl"
+    steps = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    return proc, [r for r in steps if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def dpo_one(repo, testbed, tmp_path_factory):
+    proc, steps = run(repo, tmp_path_factory.mktemp("dpo-one"), "dpo", [*DPO, "per_device_train_batch_size=16"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return steps
+
+
+@pytest.fixture(scope="module")
+def dpo_fsdp2(repo, testbed, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dpo-fsdp2")
+    return run(repo, tmp / "out", "dpo", [*DPO, "per_device_train_batch_size=8"], cpu_variant(repo, tmp, "fsdp2"))
+
+
+def warned_once(proc, kind: str = "FSDP") -> bool:
+    return proc.stderr.count(cpu_fallback_warning(kind)) == 1
+
+
+def test_dpo_under_fsdp2_on_the_cpu_gives_one_process_numbers(dpo_fsdp2, dpo_one):
+    proc, steps = dpo_fsdp2
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert warned_once(proc)
+    # Step 1 compares the policy with its own reference: ln 2 exactly. Before the fix it was 0.5630 (rank 1's
+    # reference log-probs were computed from all-zero weights).
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert steps[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+    assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in dpo_one], abs=1e-5)
+    assert steps[1]["loss"] != pytest.approx(steps[0]["loss"], abs=1e-4)  # the run did move
+
+
+@pytest.mark.parametrize("name, kind", [("multi_node", "FSDP"), ("zero2", "ZeRO-2")])  # zero1: the same path
+def test_dpo_under_other_configs_on_one_cpu_machine(repo, tmp_path, testbed, dpo_one, name, kind):
+    proc, steps = run(repo, tmp_path / "out", "dpo", [*DPO, "per_device_train_batch_size=8"],
+                      cpu_variant(repo, tmp_path, name))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert warned_once(proc, kind)
+    assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in dpo_one], abs=1e-5)
+
+
+def test_align_train_accelerate_config_equals_accelerate_launch(repo, tmp_path, testbed, dpo_fsdp2):
+    proc, steps = run(repo, tmp_path / "out", "dpo", [*DPO, "per_device_train_batch_size=8"],
+                      cpu_variant(repo, tmp_path, "fsdp2"), via_align=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x processes 2 = 16 sequences per optimizer step" in proc.stdout
+    direct = dpo_fsdp2[1]
+    assert len(steps) == len(direct) == 2
+    for mine, theirs in zip(steps, direct, strict=True):
+        for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/chosen"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("recipe, key", [("online_dpo", "rewards/chosen"), ("xpo", "xpo/ref_sample_logps")])
+def test_online_trainers_under_fsdp2_on_the_cpu(repo, tmp_path, testbed, recipe, key):
+    """The frozen reference is a copy of the policy made before prepare: before the fix rank 1's was all zeros
+    (online DPO's first rewards/chosen 1.60, XPO's reference samples random tokens, log-probs -104 for -3.2)."""
+    args = ["--config", f"configs/{recipe}/testbed.yaml", *ONLINE]
+    proc1, one = run(repo, tmp_path / "one", recipe, [*args, "per_device_train_batch_size=8"])
+    assert proc1.returncode == 0, proc1.stderr[-3000:]
+    proc2, two = run(repo, tmp_path / "two", recipe, [*args, "per_device_train_batch_size=4"],
+                     cpu_variant(repo, tmp_path, "fsdp2"))
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    assert warned_once(proc2)
+    assert two[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 1
+    for k in ("loss", key, "logps/chosen", "logps/rejected"):
+        assert two[0][k] == pytest.approx(one[0][k], rel=1e-4, abs=1e-5), k
+    if recipe == "xpo":
+        assert two[0][key] > -20  # log-probs of the reference's own short samples, not of random tokens
+
+
+def test_iterative_pairs_under_fsdp2_on_the_cpu(repo, tmp_path, testbed):
+    """The iterative driver samples with models it loads itself on every process: rank 1's must be rank 0's."""
+    args = ["--config", "configs/iterative/testbed-ilr-dpo.yaml", "iterations=1", "max_train_samples=16",
+            "samples_per_prompt=2", "max_steps=1", "eval_num_samples=0", "dataset_test_split=null",
+            "overwrite_output_dir=true", "disable_tqdm=true"]
+    proc1, _ = run(repo, tmp_path / "one", "iterative_dpo", [*args, "per_device_train_batch_size=8"])
+    assert proc1.returncode == 0, proc1.stderr[-3000:]
+    proc2, _ = run(repo, tmp_path / "two", "iterative_dpo", [*args, "per_device_train_batch_size=4"],
+                   cpu_variant(repo, tmp_path, "fsdp2"))
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    pairs1, pairs2 = ((tmp_path / n / "iter-0" / "pairs.jsonl").read_text().splitlines() for n in ("one", "two"))
+    assert len(pairs1) > 0
+    assert [json.loads(p) for p in pairs2] == [json.loads(p) for p in pairs1]
+
+
+def test_zero3_on_the_cpu_is_refused_in_one_line(repo, tmp_path, testbed):
+    proc, steps = run(repo, tmp_path / "out", "dpo", [*DPO, "per_device_train_batch_size=8"],
+                      cpu_variant(repo, tmp_path, "zero3"))
+    line = ("error: distributed_type: DeepSpeed (ZeRO-3) was asked for, but accelerate 1.15 runs DeepSpeed on "
+            "accelerators only: on the CPU (use_cpu) it would fall back to plain DDP after transformers had already "
+            "partitioned the weights for ZeRO-3; launch on GPUs, or on the CPU with configs/accelerate/zero2.yaml or "
+            "cpu2.yaml")
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert proc.returncode != 0 and steps == []
+    assert errors == [line, line]  # the same one line from each of the two processes
+    assert "exitcode  : 2" in proc.stderr  # each process's status, as the launcher reports it
+    assert "Loading weights" not in proc.stderr and "Traceback" not in proc.stderr.split(line)[0]
+
+
+def test_zero3_reference_pass_gathers_the_partitioned_weights(repo, testbed, tmp_path):
+    """ZeRO-3 partitions the weights at load (zero.Init): a forward outside the engine fails ('weight' must be 2-D)
+    unless align.sharding.full_weights gathers each module's weights; with it, the log-probs are the full model's."""
+    script = repo / "tests" / "distributed" / "zero3_gather_check.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), str(tmp_path)]
+    proc = run_group(cmd, repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for r in results:
+        assert r["partitioned_before"] and r["partitioned_after"]  # weights are slices outside the pass
+        assert r["ungathered_error"] == "'weight' must be 2-D"  # the crash issue 15 reported
+        assert r["max_abs_diff"] < 1e-5  # gathered log-probs = the unpartitioned model's
+        assert r["logps"] == pytest.approx(results[0]["logps"], abs=1e-6)

@@ -1,0 +1,250 @@
+"""The launcher's sharding against the run (align/sharding.py), fp32 master weights (align/precision.py) and the
+`align train --accelerate_config` flags (align/launch.py): the rules, exactly, without starting any process group."""
+
+import copy
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from align import sharding as sh
+from align.errors import ConfigError, TrainingError
+from align.launch import launcher_command, split_launcher_flags
+from align.precision import apply_master_weights, vanishing_threshold, warn_vanishing_updates, weights_dtype
+
+LAUNCH_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+              "ACCELERATE_USE_CPU", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    """Set the environment `accelerate launch` gives a config: {"ACCELERATE_USE_FSDP": "true", ...}."""
+    for name in LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_env(**env):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+    return set_env
+
+
+def run_args(recipe="dpo", use_cpu=True, **kw):
+    return SimpleNamespace(fsdp="", deepspeed=None, use_cpu=use_cpu, recipe_name=recipe, **kw)
+
+
+def on_gpu(monkeypatch):
+    monkeypatch.setattr(sh, "runs_on_cpu", lambda args: False)
+
+
+# --- check_launch: before any model loads ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env, kind, engine", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP", "FSDP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "ZeRO-1", "DeepSpeed"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "ZeRO-2", "DeepSpeed"),
+])
+def test_sharding_on_the_cpu_warns_once_and_runs_as_ddp(launcher, capsys, env, kind, engine):
+    launcher(**env)
+    sh.check_launch(run_args())
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: distributed_type: {kind} was asked for, but accelerate 1.15 does not run {engine} on the CPU "
+        "(use_cpu): this run is plain data parallel (DDP), every process holding the whole model and optimizer state. "
+        f"The numbers are DDP's, which are {kind}'s up to float rounding (docs/architecture.md, Sharding); the memory "
+        "saving is not there."]
+
+
+def test_fsdp_warning_only_from_the_main_process(launcher, capsys):
+    launcher(ACCELERATE_USE_FSDP="true", RANK="1")
+    sh.check_launch(run_args())
+    assert capsys.readouterr().err == ""
+
+
+def test_zero3_on_the_cpu_is_refused(launcher):
+    launcher(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
+    with pytest.raises(ConfigError) as err:
+        sh.check_launch(run_args())
+    assert str(err.value) == (
+        "distributed_type: DeepSpeed (ZeRO-3) was asked for, but accelerate 1.15 runs DeepSpeed on accelerators only: "
+        "on the CPU (use_cpu) it would fall back to plain DDP after transformers had already partitioned the weights "
+        "for ZeRO-3; launch on GPUs, or on the CPU with configs/accelerate/zero2.yaml or cpu2.yaml")
+
+
+def test_launchers_use_cpu_counts_even_when_the_config_says_gpu(launcher, monkeypatch):
+    monkeypatch.setattr(sh, "has_accelerator", lambda: True)
+    launcher(ACCELERATE_USE_CPU="true")
+    assert sh.runs_on_cpu(run_args(use_cpu=False))
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert not sh.runs_on_cpu(run_args(use_cpu=False))
+    assert sh.runs_on_cpu(run_args(use_cpu=True))
+
+
+@pytest.mark.parametrize("recipe", ["online_dpo", "xpo", "egpo", "iterative_dpo"])
+def test_zero3_refuses_the_trainers_that_compute_outside_the_engine(launcher, monkeypatch, recipe):
+    on_gpu(monkeypatch)
+    launcher(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
+    with pytest.raises(ConfigError, match=f"^distributed_type: {recipe} does not run under ZeRO-3 yet \\(it ") as err:
+        sh.check_launch(run_args(recipe))
+    assert str(err.value).endswith("; launch with configs/accelerate/zero2.yaml (or zero1.yaml, ddp.yaml, fsdp2.yaml)")
+    launcher(ACCELERATE_DEEPSPEED_ZERO_STAGE="2")  # the same trainer under ZeRO-2: weights whole, it runs
+    sh.check_launch(run_args(recipe))
+
+
+def test_zero3_dpo_runs_but_not_with_a_live_frozen_reference(launcher, monkeypatch):
+    on_gpu(monkeypatch)
+    launcher(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
+    sh.check_launch(run_args("dpo", precompute_ref_logps=True, use_peft=False))
+    sh.check_launch(run_args("dpo", precompute_ref_logps=False, use_peft=True))  # the reference: adapter off
+    with pytest.raises(ConfigError, match=r"^precompute_ref_logps: false under ZeRO-3 keeps a frozen reference"):
+        sh.check_launch(run_args("dpo", precompute_ref_logps=False, use_peft=False))
+
+
+def test_no_sharding_asked_checks_nothing(launcher, capsys):
+    sh.check_launch(run_args("online_dpo"))
+    assert capsys.readouterr().err == ""
+
+
+# --- check_in_effect: after the Trainer built its accelerator ---------------------------------------------------
+
+
+def test_sharding_asked_but_not_in_effect_on_gpus_is_an_error(launcher, monkeypatch):
+    on_gpu(monkeypatch)
+    launcher(ACCELERATE_USE_FSDP="true")
+    with pytest.raises(TrainingError) as err:
+        sh.check_in_effect(run_args(), SimpleNamespace(distributed_type=SimpleNamespace(value="MULTI_GPU")))
+    assert str(err.value) == ("distributed_type: FSDP was asked for, but accelerate runs MULTI_GPU: the run would not "
+                              "be sharded; check the accelerate config and that its processes see a GPU each")
+    sh.check_in_effect(run_args(), SimpleNamespace(distributed_type=SimpleNamespace(value="FSDP")))
+    launcher(ACCELERATE_USE_FSDP="false", ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
+    sh.check_in_effect(run_args(), SimpleNamespace(distributed_type=SimpleNamespace(value="DEEPSPEED")))
+    with pytest.raises(TrainingError, match="ZeRO-2 was asked for, but accelerate runs NO"):
+        sh.check_in_effect(run_args(), SimpleNamespace(distributed_type=SimpleNamespace(value="NO")))
+
+
+def test_cpu_fallback_is_not_an_error_after_the_warning(launcher):
+    launcher(ACCELERATE_USE_FSDP="true")
+    sh.check_in_effect(run_args(use_cpu=True), SimpleNamespace(distributed_type=SimpleNamespace(value="MULTI_CPU")))
+
+
+def test_rank0_weights_are_shared_only_under_ram_efficient_fsdp_loading(launcher, monkeypatch):
+    launcher(ACCELERATE_USE_FSDP="true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    assert not sh.rank0_loads_alone()  # no process group: one process, nothing to share
+    model = torch.nn.Linear(2, 2)
+    assert sh.share_rank0_weights(model) is model
+
+
+def test_full_weights_leaves_an_ordinary_model_alone():
+    model = torch.nn.Linear(3, 2)
+    before = model.weight.detach().clone()
+    with sh.full_weights(model, torch.device("cpu")) as m:
+        assert m is model and model.weight.device.type == "cpu"
+    assert torch.equal(model.weight, before)
+
+
+# --- fp32 master weights ------------------------------------------------------------------------------------------
+
+
+def test_half_dtype_means_float32_weights_and_autocast():
+    values = {"torch_dtype": "bfloat16"}
+    apply_master_weights(values)
+    assert values == {"torch_dtype": "bfloat16", "bf16": True}
+    values = {"torch_dtype": "float16"}
+    apply_master_weights(values)
+    assert values["fp16"] is True and "bf16" not in values
+    pure = {"torch_dtype": "bfloat16", "pure_bf16": True}
+    apply_master_weights(pure)
+    assert "bf16" not in pure
+    for torch_dtype, pure_bf16, want in [("bfloat16", False, "float32"), ("float16", False, "float32"),
+                                         ("bfloat16", True, "bfloat16"), ("float32", False, "float32"),
+                                         ("auto", False, "auto"), ("auto", True, "auto")]:
+        assert weights_dtype(SimpleNamespace(torch_dtype=torch_dtype, pure_bf16=pure_bf16)) == want
+    # LoRA: the base never changes (peft's adapter is float32), so it stays in the half dtype
+    assert weights_dtype(SimpleNamespace(torch_dtype="bfloat16", pure_bf16=False, use_peft=True)) == "bfloat16"
+
+
+def test_master_weight_contradictions_are_one_line():
+    with pytest.raises(ConfigError, match=r"^bf16: false, but torch_dtype: bfloat16 computes in bfloat16 through bf16 "
+                                          r"autocast over float32 master weights; remove bf16: false"):
+        apply_master_weights({"torch_dtype": "bfloat16", "bf16": False})
+    with pytest.raises(ConfigError, match=r"^pure_bf16: keeps the weights in torch_dtype, which is 'float32'"):
+        apply_master_weights({"pure_bf16": True})
+
+
+def test_the_vanishing_update_rule():
+    # bf16 keeps 8 significant bits: an lr below 2^-8 x the median |w| is below its precision at a typical weight.
+    assert vanishing_threshold("bfloat16", 0.02) == pytest.approx(0.02 / 256)
+    assert vanishing_threshold("float16", 0.02) == pytest.approx(0.02 / 2048)
+    # The rule's premise, checked on the dtype itself: a step of 0.5 x 2^-8 x |w| rounds away, 2 x 2^-8 x |w| does not.
+    w = torch.tensor(0.02, dtype=torch.bfloat16)
+    assert (w + w * 2**-9) == w and (w + w * 2**-7) != w
+
+
+def test_vanishing_update_warning(capsys):
+    layer = torch.nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        signs = torch.ones(64 * 64)
+        signs[::2] = -1
+        layer.weight.copy_((signs * 2**-6).reshape(64, 64))  # |w| = 2^-6 everywhere, exact in bf16
+    half = layer.to(torch.bfloat16)
+    line = warn_vanishing_updates(half, SimpleNamespace(learning_rate=5e-7, use_peft=False))
+    assert line == ("warning: learning_rate 5e-07 is below bfloat16's relative precision 2^-8 x the weights' median "
+                    "|w| 0.0156 = 6.1e-05: most updates of bfloat16 weights round away (docs/architecture.md, "
+                    "Precision); leave pure_bf16 off (float32 master weights, bfloat16 compute) or raise learning_rate")
+    assert capsys.readouterr().err.strip() == line
+    assert warn_vanishing_updates(half, SimpleNamespace(learning_rate=2**-14, use_peft=False)) is None  # at the line
+    assert warn_vanishing_updates(half, SimpleNamespace(learning_rate=5e-7, use_peft=True)) is None
+    fp32 = copy.deepcopy(half).float()
+    assert warn_vanishing_updates(fp32, SimpleNamespace(learning_rate=5e-7, use_peft=False)) is None
+    assert warn_vanishing_updates(half, SimpleNamespace(learning_rate=5e-7, use_peft=False), is_main=False) == line
+    assert capsys.readouterr().err == ""
+
+
+# --- align train --accelerate_config ----------------------------------------------------------------------------
+
+
+def test_launcher_flags_are_taken_out_anywhere(launcher):
+    flags, rest = split_launcher_flags(["--config", "testbed", "--accelerate-config=a.yaml", "max_steps=2",
+                                        "--num_processes", "2", "--main_process_port", "29555"])
+    assert flags == {"--accelerate_config": "a.yaml", "--num_processes": "2", "--main_process_port": "29555"}
+    assert rest == ["--config", "testbed", "max_steps=2"]
+
+
+def test_launcher_command(launcher, tmp_path):
+    cfg = tmp_path / "acc.yaml"
+    cfg.write_text("distributed_type: MULTI_GPU\n")
+    cmd = launcher_command("align.recipes.dpo", {"--accelerate_config": str(cfg), "--num_processes": "2"},
+                           ["--config", "testbed"])
+    assert cmd == [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--num_processes",
+                   "2", "-m", "align.recipes.dpo", "--config", "testbed"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"--accelerate_config": "missing.yaml"}, "--accelerate_config: file 'missing.yaml' does not exist (shipped ones: "
+                                              "configs/accelerate/ddp.yaml, fsdp2.yaml, zero1.yaml, zero2.yaml, "
+                                              "zero3.yaml, multi_node.yaml, cpu2.yaml)"),
+    ({"--num_processes": "2"}, "--num_processes: needs --accelerate_config FILE (an accelerate config, e.g. "
+                               "configs/accelerate/ddp.yaml)"),
+    ({"--accelerate_config": "configs/accelerate/cpu2.yaml", "--num_processes": "0"},
+     "--num_processes: must be a whole number >= 1, got '0'"),
+    ({"--accelerate_config": "configs/accelerate/cpu2.yaml", "--main_process_port": "70000"},
+     "--main_process_port: must be a port number in 1..65535, got '70000'"),
+])
+def test_bad_launcher_flags(launcher, repo, monkeypatch, flags, message):
+    monkeypatch.chdir(repo)
+    with pytest.raises(ConfigError) as err:
+        launcher_command("align.recipes.dpo", flags, [])
+    assert str(err.value) == message
+
+
+def test_no_launcher_inside_a_launcher(launcher, repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    launcher(WORLD_SIZE="2")
+    with pytest.raises(ConfigError, match=r"^--accelerate_config: this command already runs under a launcher"):
+        launcher_command("align.recipes.dpo", {"--accelerate_config": "configs/accelerate/cpu2.yaml"}, [])
+
+
+def test_a_flag_without_its_value():
+    with pytest.raises(ConfigError, match=r"^--num_processes: needs a value \(--num_processes VALUE\)$"):
+        split_launcher_flags(["--accelerate_config", "x.yaml", "--num_processes"])
