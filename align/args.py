@@ -350,9 +350,9 @@ class CPUSaneDefaults(HubArguments):
         "auto", "Tokens per block through the output head and log-softmax, never the full [batch, tokens, vocab] "
                 "logits (docs/architecture.md); auto = up to 512 tokens and 2**25 logits (128 MiB fp32) a block, "
                 "0 = off; at most the longest sequence (max_length, or max_prompt_length + max_completion_length).")
-    padding_free: bool = option(False, "Forwards without padding: each micro-batch's sequences packed into one row, "
-                                       "position_ids restarting per sequence (sdpa, eager, flex or flash-attention; "
-                                       "docs/architecture.md).")
+    padding_free: bool = option(False, "Forwards without padding: sequences packed with position_ids restarting per "
+                                       "sequence, in one row (flash-attention) or rows of the longest (sdpa, eager, "
+                                       "flex); docs/architecture.md.")
     max_tokens_per_micro_batch: int = option(16384, "Token budget (padded length x sequences) of each forward of "
                                                     "the no-gradient log-prob passes: the DPO-family reference "
                                                     "precompute and the RL old / reference log-probs.")

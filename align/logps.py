@@ -116,6 +116,21 @@ def check_packable(model) -> str:
     return packed_attention(impl)
 
 
+class Scored:
+    """The positions of a padded batch's last ``k`` columns that are scored: a target whose token and preceding token
+    are both real (only these go through the output head). ``mask`` ``[B, k]`` bool; ``targets`` ``[M]`` (row-major
+    order)."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int):
+        real, t = attention_mask.bool(), input_ids.shape[1]
+        self.mask = real[:, t - k :] & real[:, t - k - 1 : t - 1]
+        self.targets = input_ids[:, t - k :][self.mask]
+
+    def unpack(self, values: torch.Tensor) -> torch.Tensor:
+        """``[M]`` values of the scored positions -> ``[B, k]`` (0 elsewhere; differentiable)."""
+        return torch.zeros(self.mask.shape, dtype=values.dtype, device=values.device).masked_scatter(self.mask, values)
+
+
 class Packed:
     """A padded batch ``[B, T]`` (each row's tokens contiguous: left or right padding) without its padding: the
     sequences one after another in ``rows`` rows of ``width`` tokens, ``position_ids`` restarting at 0 for each.
@@ -124,9 +139,8 @@ class Packed:
     attention over a row costs no more than over a padded row; a row's unfilled tail continues its last sequence's
     positions (causal attention keeps that sequence's tokens from seeing it) and is never scored.
 
-    The scored positions are those of the last ``k`` columns whose token and preceding token are both real:
-    ``scored`` ``[B, k]`` bool; ``source`` ``[M]``, the flat packed position of the hidden state predicting each
-    scored target (row-major order); ``targets`` ``[M]``."""
+    ``scored``: the :class:`Scored` positions of the last ``k`` columns; ``source`` ``[M]``, the flat packed position
+    of the hidden state predicting each scored target."""
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, one_row: bool = True):
         b, t = input_ids.shape
@@ -157,25 +171,19 @@ class Packed:
         last_start = torch.where(positions == 0, column, torch.zeros_like(column)).cummax(-1).values
         self.position_ids = torch.where(positions >= 0, positions, column - last_start)
         self.ids = flat_ids.view(self.rows, self.width)
-        self.scored = real[:, t - k :] & real[:, t - k - 1 : t - 1]
-        rows, cols = self.scored.nonzero(as_tuple=True)
+        self.scored = Scored(input_ids, attention_mask, k)
+        rows, cols = self.scored.mask.nonzero(as_tuple=True)
         self.source = where[rows * t + (t - k - 1) + cols]
-        self.targets = input_ids[:, t - k :][self.scored]
         self.padded_tokens, self.tokens = b * t, sum(lengths)
-
-    def unpack(self, values: torch.Tensor) -> torch.Tensor:
-        """``[M]`` values of the scored positions -> ``[B, k]`` (0 elsewhere; differentiable)."""
-        return torch.zeros(self.scored.shape, dtype=values.dtype, device=values.device).masked_scatter(self.scored,
-                                                                                                        values)
 
 
 def last_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, with_entropy: bool = False,
                block_size: int | str = "auto", padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs ``[B, k]`` of the last ``k`` tokens of each row, and their entropies (detached; None without
     ``with_entropy``), from one forward. ``block_size`` tokens at a time through the head (0: full logits; auto:
-    :func:`~align.lm_head.block_tokens`). ``padding_free``: the forward runs on the packed real tokens
-    (:class:`Packed`: one row with flash-attention, rows of the longest sequence's width otherwise); positions whose
-    target or preceding token is padding get 0."""
+    :func:`~align.lm_head.block_tokens`). Only the :class:`Scored` positions go through the head: a position whose
+    target or preceding token is padding gets 0. ``padding_free``: the forward runs on the packed real tokens
+    (:class:`Packed`: one row with flash-attention, rows of the longest sequence's width otherwise)."""
     k = min(k, input_ids.shape[1] - 1)
     packed = None
     if padding_free:
@@ -183,24 +191,22 @@ def last_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: 
         packed = Packed(input_ids, attention_mask, k, one_row)
         inputs = {"input_ids": packed.ids, "position_ids": packed.position_ids, "attention_mask": None}
         keep = packed.source if packed.rows == 1 else None  # logits_to_keep indexes the columns of every row
-        targets = packed.targets
+        positions = packed.scored
     else:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         keep = k + 1
-        targets = input_ids[:, -k:]
+        positions = Scored(input_ids, attention_mask, k)
     kwargs = {"logits_to_keep": keep} if keep is not None and keeps_logits(model) else {}
+    targets = positions.targets
 
     def scored(x: torch.Tensor) -> torch.Tensor:
-        """The rows of the head's input / output ``x`` that predict the targets."""
+        """The rows ``[M, ...]`` of the head's input / output ``x`` that predict the targets."""
         if packed is None:
-            return x[:, -(k + 1) : -1]
+            return x[:, -(k + 1) : -1][positions.mask]
         return x[0] if kwargs else x.reshape(-1, x.shape[-1])[packed.source]
 
     def result(logps, entropy):
-        if packed is not None:
-            logps = packed.unpack(logps)
-            entropy = packed.unpack(entropy) if entropy is not None else None
-        return logps, entropy
+        return positions.unpack(logps), (positions.unpack(entropy) if entropy is not None else None)
 
     head, reason = split_head(model) if block_size != 0 else (None, None)
     if reason:

@@ -288,7 +288,9 @@ def main() -> None:
     parser.add_argument("--which", default="dpo,grpo", help="comma-separated: dpo, grpo")
     parser.add_argument("--compute-bound", action="store_true",
                         help=f"hidden {COMPUTE_BOUND['hidden']}, {COMPUTE_BOUND['layers']} layers (overrides both)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per (tool, update); the lowest peak is kept")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of runs, each round every tool once in turn; per (tool, update) the lowest peak "
+                             "and the fastest steps are kept (the machine's load changes between runs)")
     parser.add_argument("--ragged", action="store_true", help="completions of different lengths (batches pad)")
     parser.add_argument("--tools", default=",".join(TOOLS),
                         help="comma-separated: trl (first, the ratios' base), align, align-unchunked, "
@@ -321,8 +323,13 @@ def main() -> None:
         body = build_model(folder, args.vocab, args.hidden, args.layers)  # outside the measured children
         child_args = ["--model-dir", folder, "--tokens", str(args.tokens), "--steps", str(args.steps),
                       "--batch", str(args.batch), *(["--ragged"] if args.ragged else [])]
-        results = run_children(__file__, which, args.repeats, child_args,
-                               better=lambda new, old: new["peak_mib"] < old["peak_mib"], tools=tools)
+        results = {}
+        for _ in range(args.repeats):  # interleaved: a load spike slows one run of each tool, not all of one tool
+            for key, r in run_children(__file__, which, 1, child_args, better=None, tools=tools).items():
+                old = results.get(key)
+                results[key] = r if old is None else {
+                    **r, **{k: min(r[k], old[k]) for k in ("peak_mib", "base_mib", "s_per_step")},
+                    "tokens_per_s": max(r["tokens_per_s"], old["tokens_per_s"]), "runs": old.get("runs", 1) + 1}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     memory = "peak GPU memory allocated" if torch.cuda.is_available() else "peak RSS"
     header = (f"Llama, vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers "

@@ -97,12 +97,15 @@ def run(model, block_size: int):
 
 
 def assert_same(model, block_sizes=(1, 7, 64)):
-    """64 is more than a row's 20 scored positions and the batch's 60: one block."""
+    """64 is more than a row's 20 completion positions and the batch's 36 completion tokens: one block. Only the
+    completion tokens go through the head in blocks (12 + 4 + 20 = 36 of the 3 x 20 positions: not the padding)."""
     ids, _, cmask, width = batch()
-    n = ids.shape[0] * (ids.shape[1] - width)  # 3 x 20 scored positions
+    n = int(cmask.sum())
+    assert (n, ids.shape[0] * (ids.shape[1] - width)) == (36, 60)
     full_logps, full_entropy, full_grads, full_rec = run(model, 0)
-    assert full_rec.logits_rows(VOCAB) >= n  # the unchunked path does build the [B, C, V] logits
-    assert full_entropy.max() < math.log(VOCAB) - 0.1 and full_logps.max() < 0  # not a uniform softmax
+    assert full_rec.logits_rows(VOCAB) >= 60  # the unchunked path does build the [B, C, V] logits
+    assert full_entropy.max() < math.log(VOCAB) - 0.1 and full_logps[cmask].max() < 0  # not a uniform softmax
+    assert full_logps[~cmask].abs().max() == 0 and full_entropy[~cmask].abs().max() == 0  # padding: 0
     assert len(full_grads) > 0 and all(g.abs().sum() > 0 for g in full_grads.values())
     for block in block_sizes:
         logps, entropy, grads, rec = run(model, block)
@@ -163,7 +166,7 @@ def test_head_gradient_of_one_sequence_skips_the_other_blocks():
     """Gradients of one row alone (the entanglement monitor's use): blocks of other rows get zero gradient and
     are skipped; the result still equals the unchunked one."""
     model = tiny_llama()
-    ids, attn, _, width = batch()  # 3 rows x 20 positions: row 1 is positions 20..39, blocks 4..7 of size 5
+    ids, attn, _, width = batch()  # the 36 completion tokens: row 1's 4 are positions 12..15, in blocks 2 and 3 of 5
     per_row = []
     for block in (0, 5):
         model.zero_grad(set_to_none=True)
@@ -171,7 +174,7 @@ def test_head_gradient_of_one_sequence_skips_the_other_blocks():
         with Shapes() as rec:
             row.sum().backward()
         per_row.append(model.lm_head.weight.grad.clone())
-    assert [s for op, s in rec.ops if op == "exp_.default"] == [(5, VOCAB)] * 4  # 4 of the 12 blocks recomputed
+    assert [s for op, s in rec.ops if op == "exp_.default"] == [(5, VOCAB)] * 2  # 2 of the 8 blocks recomputed
     assert_near(per_row[1], per_row[0], 2e-6, "lm_head.weight")
 
 

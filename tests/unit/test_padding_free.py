@@ -60,13 +60,13 @@ def test_packed_layout_by_hand():
     assert (p.tokens, p.padded_tokens, p.rows, p.width) == (53, 87, 1, 53)
     assert p.ids[0].tolist() == [x for row in zip(PROMPTS, COMPLETIONS) for part in row for x in part]
     assert p.position_ids[0].tolist() == list(range(17)) + list(range(13)) + list(range(23))
-    assert torch.equal(p.scored, cmask)  # every completion token, no padding
+    assert torch.equal(p.scored.mask, cmask)  # every completion token, no padding
     # row 0 starts at packed position 0, its last prompt token (predicting the first completion token) is at 4;
     # row 1 starts at 17 (last prompt token 25), row 2 at 30 (last prompt token 32)
     assert p.source.tolist() == list(range(4, 16)) + list(range(25, 29)) + list(range(32, 52))
-    assert p.targets.tolist() == [x for c in COMPLETIONS for x in c]
+    assert p.scored.targets.tolist() == [x for c in COMPLETIONS for x in c]
     values = torch.arange(1.0, 37.0)
-    unpacked = p.unpack(values)
+    unpacked = p.scored.unpack(values)
     assert unpacked.shape == (3, 20) and unpacked[1].tolist() == [13.0, 14.0, 15.0, 16.0] + [0.0] * 16
 
     p = Packed(ids, attn, 20, one_row=False)  # longest first: row 2 (23), row 0 (17), row 1 (13)
@@ -82,7 +82,7 @@ def test_packed_layout_by_hand():
     assert p.ids.tolist() == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 0], [1, 2, 3, 4, 1, 2], [1, 2, 3, 0, 0, 0]]
     assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1],
                                        [0, 1, 2, 3, 4, 5]]
-    assert p.source.tolist() == [4, 9, 14, 19, 16] and p.targets.tolist() == [6, 5, 4, 3, 2]
+    assert p.source.tolist() == [4, 9, 14, 19, 16] and p.scored.targets.tolist() == [6, 5, 4, 3, 2]
 
 
 def run(model, padding_free: bool, block_size, ids, attn, width, cmask):
@@ -96,7 +96,9 @@ def run(model, padding_free: bool, block_size, ids, attn, width, cmask):
 
 
 def assert_same(model, block_size):
-    ids, attn, cmask, width = pack(PROMPTS, COMPLETIONS, pad_id=0)
+    """Sequences of 17, 13, 23, 5 and 2 tokens: rows of 23 are 23 | 17 + 5 | 13 + 2, so rows share too."""
+    ids, attn, cmask, width = pack(PROMPTS + [[2, 3], [7]], COMPLETIONS + [[40, 41, 42], [50]], pad_id=0)
+    assert Packed(ids, attn, ids.shape[1] - width, one_row=False).rows == 3
     padded = run(model, False, block_size, ids, attn, width, cmask)
     packed = run(model, True, block_size, ids, attn, width, cmask)
     assert padded[0].min() < -1 and len(padded[2]) > 0
@@ -148,7 +150,7 @@ def test_sequence_logps_right_padded_pairs(layout):
     ids = torch.randint(1, 1000, (4, 30), generator=gen)
     attn = torch.zeros_like(ids)
     mask = torch.zeros_like(ids, dtype=torch.bool)
-    for row, (start, end) in enumerate(((10, 30), (14, 22), (22, 27), (12, 15))):
+    for row, (start, end) in enumerate(((10, 30), (14, 22), (22, 27), (4, 8))):  # rows of 30: 30 | 27 | 22 + 8
         attn[row, :end] = 1
         mask[row, start:end] = True
     ids = ids * attn  # pad id 0
@@ -159,7 +161,7 @@ def test_sequence_logps_right_padded_pairs(layout):
         (logps * torch.tensor([1.0, -0.5, 2.0, 0.3])).sum().backward()
         out.append((logps.detach(), lengths, entropy, model.lm_head.weight.grad.clone(),
                     model.model.embed_tokens.weight.grad.clone()))
-    assert out[0][1].tolist() == out[1][1].tolist() == [20.0, 8.0, 5.0, 3.0]
+    assert out[0][1].tolist() == out[1][1].tolist() == [20.0, 8.0, 5.0, 4.0]
     for got, want, what in zip(out[1], out[0], ("log-probs", "lengths", "entropy", "lm_head", "embed"), strict=True):
         assert_near(got, want, REL, what)
 
