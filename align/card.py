@@ -21,8 +21,7 @@ import yaml
 from align.citations import METHODS, TRL_BIB, methods_of
 from align.config import to_dict
 from align.hub_args import is_secret
-from align.io import atomic_write_text
-from align.metrics import read_jsonl
+from align.io import atomic_write_text, read_records
 from align.modeling import HUB_ID
 from align.run_info import scrub
 
@@ -309,7 +308,7 @@ def last_train_values(output_dir: str, config) -> dict[str, tuple[float, int]]:
     logs nor the end-of-training summary); a metric logged only on some steps keeps its last value."""
     path = os.path.join(output_dir, config.metrics_file)
     found = {}
-    for record in read_jsonl(path) if os.path.isfile(path) else []:
+    for record in read_records(path):
         if any(k.startswith("eval_") or k == "train_runtime" for k in record):
             continue
         for key, value in _numeric(record).items():

@@ -1,4 +1,5 @@
-"""Atomic file writes: every file align writes that a reader may open while (or after) we crash goes through here.
+"""Atomic file writes: every file align writes that a reader may open while (or after) we crash goes through here;
+and the tolerant reader of the JSONL logs a run appends to (:func:`read_records`).
 
 A write lands in a temporary file in the target's own folder (same filesystem), is flushed and fsynced, then
 renamed over the target with ``os.replace``: a reader sees the old file or the new one, never half of one.
@@ -52,3 +53,21 @@ def atomic_save(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> 
     """Write bytes to ``path`` atomically with ``write(fh)`` (e.g. ``lambda fh: torch.save(obj, fh)``)."""
     with atomic_open(path, "wb") as fh:
         write(fh)
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a JSONL log (metrics, allocation, iterations) that may be cut short by a crash or still
+    being written: a line that does not parse, or is not an object, is skipped; no file: none."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+    return out

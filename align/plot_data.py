@@ -9,11 +9,11 @@ cut short is skipped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 
+from align.io import read_records
 from align.sampling.allocation_log import FILE as ALLOCATION_FILE
 
 Points = tuple[list[float], list[float]]  # xs, ys (sorted by x)
@@ -39,23 +39,6 @@ class Figure:
     name: str  # file name under <output_dir>/plots/
     title: str
     panels: list[Panel]
-
-
-def read_lines(path: str) -> list[dict]:
-    """The JSON objects of a JSONL file; a line that does not parse (cut short by a crash, or being written) is
-    skipped; no file: none."""
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-    return out
 
 
 def metrics_path(output_dir: str) -> str:
@@ -221,10 +204,10 @@ def iteration_figures(records: list[dict]) -> list[Figure]:
 
 def figures(output_dir: str) -> list[Figure]:
     """Every figure of the run in ``output_dir`` that has data, each without its empty panels."""
-    series = metric_series(read_lines(metrics_path(output_dir)))
-    series = with_probe_baseline(series, read_lines(os.path.join(output_dir, "entanglement.jsonl")))
-    out = (training_figures(series) + allocation_figures(read_lines(os.path.join(output_dir, ALLOCATION_FILE)))
-           + iteration_figures(read_lines(os.path.join(output_dir, "iterations.jsonl"))))
+    series = metric_series(read_records(metrics_path(output_dir)))
+    series = with_probe_baseline(series, read_records(os.path.join(output_dir, "entanglement.jsonl")))
+    out = (training_figures(series) + allocation_figures(read_records(os.path.join(output_dir, ALLOCATION_FILE)))
+           + iteration_figures(read_records(os.path.join(output_dir, "iterations.jsonl"))))
     for fig in out:
         fig.panels = [p for p in fig.panels if not p.empty()]
     return [fig for fig in out if fig.panels]

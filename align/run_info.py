@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from align.args import world_size
 from align.hub_args import is_secret
-from align.metrics import read_jsonl
+from align.io import read_records
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "ALIGN_SERVE_API_KEY")
 HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")  # a Hugging Face access token, wherever it appears
@@ -105,7 +105,7 @@ def datasets_of(config, rows: dict) -> list[dict]:
 def tokens_seen(config) -> int | None:
     """Tokens trained on, when the run counted them (``include_num_input_tokens_seen``; TRL's SFT ``num_tokens``)."""
     path = os.path.join(config.output_dir, config.metrics_file)
-    for record in reversed(read_jsonl(path) if os.path.isfile(path) else []):
+    for record in reversed(read_records(path)):
         for key in ("num_input_tokens_seen", "num_tokens"):
             if isinstance(record.get(key), (int, float)) and record[key] > 0:
                 return int(record[key])

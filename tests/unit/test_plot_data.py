@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from align.cli import main
-from align.plot_data import figures, metric_series, read_lines
+from align.io import read_records
+from align.plot_data import figures, metric_series
 from align.plots import figure_pixels, plot_metrics, write_plots
 from align.sampling import PromptStats
 from align.sampling.allocation_log import AllocationLog, allocation_record
@@ -70,7 +71,7 @@ def test_steps_that_restart_continue_the_axis_and_bad_lines_are_skipped(tmp_path
     write_jsonl(path, [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5, "ok": True, "name": "x"},
                        {"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.4}, {"step": 3, "loss": float("nan")}],
                 tail='{"step": 3, "loss": 0.')
-    records = read_lines(str(path))
+    records = read_records(str(path))
     assert len(records) == 5
     assert metric_series(records) == {"loss": ([1, 2, 3, 4], [1.0, 0.5, 0.9, 0.4])}  # no bool, str or NaN
 
@@ -207,8 +208,8 @@ def test_allocation_log_is_cut_back_on_resume_and_reset_on_a_fresh_run(tmp_path)
     log = AllocationLog(str(tmp_path))  # resumed from checkpoint-4: round 2 (step 5) is made again
     log.append({"round": 2, "step": 5, "again": True})
     log.append({"round": 3, "step": 7})
-    assert [(r["round"], r.get("again", False)) for r in read_lines(str(path))] == [(0, False), (1, False),
+    assert [(r["round"], r.get("again", False)) for r in read_records(str(path))] == [(0, False), (1, False),
                                                                                    (2, True), (3, False)]
     fresh = AllocationLog(str(tmp_path))  # a new run into the folder: its first round is step 1
     fresh.append({"round": 0, "step": 1, "new": True})
-    assert read_lines(str(path)) == [{"round": 0, "step": 1, "new": True}]
+    assert read_records(str(path)) == [{"round": 0, "step": 1, "new": True}]
