@@ -61,10 +61,34 @@ def launcher_command(module: str, flags: dict[str, str], rest: Sequence[str]) ->
             what = "a whole number >= 1" if key == "--num_processes" else "a port number in 1..65535"
             raise ConfigError(f"{key}: must be {what}, got {value!r}")
         cmd += [key, value]
+    check_machines(config, int(flags["--num_processes"]) if "--num_processes" in flags else None)
     if os.environ.get("WORLD_SIZE") or os.environ.get("LOCAL_RANK"):
         raise ConfigError("--accelerate_config: this command already runs under a launcher (WORLD_SIZE is set); "
                           "leave out --accelerate_config / --num_processes, or run align train without the launcher")
     return [*cmd, "-m", module, *rest]
+
+
+def check_machines(config: str, num_processes: int | None) -> None:
+    """``num_processes`` (the flag's, else the accelerate config's) is a whole number of processes on each of the
+    config's ``num_machines``: accelerate starts ``num_processes // num_machines`` on each machine, so a remainder
+    would silently shrink the run (and the global batch) the user sized."""
+    import yaml
+
+    try:
+        with open(config, encoding="utf-8") as fh:
+            cfg = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError):
+        return  # accelerate reports an unreadable config itself
+    if not isinstance(cfg, dict):
+        return
+    machines = cfg.get("num_machines") or 1
+    n = num_processes if num_processes is not None else cfg.get("num_processes")
+    if not isinstance(machines, int) or not isinstance(n, int) or machines <= 1 or n % machines == 0:
+        return
+    key = "--num_processes" if num_processes is not None else f"num_processes in {config}"
+    raise ConfigError(f"{key}: {n} processes do not split evenly over num_machines {machines} ({config}): accelerate "
+                      f"would start {n // machines} on each machine, {n // machines * machines} in all; give the "
+                      f"processes of all machines together, a multiple of {machines}")
 
 
 def relaunch(module: str, flags: dict[str, str], rest: Sequence[str]) -> None:
