@@ -90,11 +90,12 @@ def reward(completions, **_):
 def build_model(folder: str, shape: str) -> int:
     """Random weights of ``shape`` (Qwen2 architecture) and the testbed tokenizer, saved to ``folder``; returns N."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from align.testbed.build import ensure_testbed
+    from align.testbed.tokenizer import train_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(ensure_testbed(progress=False).policy))
+    tok = train_tokenizer()  # the testbed's tokenizer, trained in seconds (the whole testbed build takes a minute)
+    tok.model_max_length = 32768
     config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(0)
