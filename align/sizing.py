@@ -140,7 +140,7 @@ def estimate(method: str, cfg: dict, sized: SizedFor) -> dict[str, float]:
     return out
 
 
-COLUMNS = ("config", "method", "launch", "GPUs", "rollout", "weights+grads+Adam", "reference", "judge/RM",
+COLUMNS = ("config", "model", "method", "launch", "GPUs", "rollout", "weights+grads+Adam", "reference", "judge/RM",
            "rollout mem", "activations+logits", "total / GPU")
 
 
@@ -153,8 +153,9 @@ def table_rows(root: Path) -> list[list[str]]:
         text = path.read_text(encoding="utf-8")
         sized = sized_for(text)
         method = path.parent.name
-        est = estimate(method, yaml.safe_load(text), sized)
-        rows.append([f"`{path.relative_to(root)}`", method, f"`{Path(sized.accelerate).name}`",
+        cfg = yaml.safe_load(text)
+        est = estimate(method, cfg, sized)
+        rows.append([f"`{path.relative_to(root)}`", cfg["model_name_or_path"].split("/")[-1], method, f"`{Path(sized.accelerate).name}`",
                      f"{sized.gpus} x {sized.gpu_gb} GB", sized.rollout,
                      f"{est['weights'] + est['grads'] + est['adam']:.1f}", f"{est['reference']:.1f}",
                      f"{est['judge']:.1f}", f"{est['rollout']:.1f}", f"{est['activations'] + est['logits']:.1f}",
