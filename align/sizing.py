@@ -155,7 +155,8 @@ def table_rows(root: Path) -> list[list[str]]:
         method = path.parent.name
         cfg = yaml.safe_load(text)
         est = estimate(method, cfg, sized)
-        rows.append([f"`{path.relative_to(root)}`", cfg["model_name_or_path"].split("/")[-1], method, f"`{Path(sized.accelerate).name}`",
+        model = cfg["model_name_or_path"].split("/")[-1]
+        rows.append([f"`{path.relative_to(root)}`", model, method, f"`{Path(sized.accelerate).name}`",
                      f"{sized.gpus} x {sized.gpu_gb} GB", sized.rollout,
                      f"{est['weights'] + est['grads'] + est['adam']:.1f}", f"{est['reference']:.1f}",
                      f"{est['judge']:.1f}", f"{est['rollout']:.1f}", f"{est['activations'] + est['logits']:.1f}",
