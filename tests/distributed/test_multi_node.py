@@ -1,7 +1,9 @@
 """Two nodes (issue 15 §3): ``configs/accelerate/multi_node.yaml`` launched as documented, once per "machine"
 (``--machine_rank 0`` and ``--machine_rank 1``, ``--main_process_ip 127.0.0.1``), each machine one CPU process, both
-launchers started as subprocesses on this host. DPO on the testbed then logs, step by step, the losses of one
-process with the same global batch (16 pairs), and the run's model card says it had 2 processes on 2 machines.
+launchers started as subprocesses on this host: machine 0 with ``accelerate launch``, machine 1 with ``align train
+--accelerate_config ... --machine_rank 1 --main_process_ip ...``. DPO on the testbed then logs, step by step, the
+losses of one process with the same global batch (16 pairs), and the run's model card says it had 2 processes on 2
+machines.
 
 On the CPU accelerate 1.15 runs the FSDP config as plain DDP (the documented fallback, one warning from the main
 process); the rendezvous, the node ranks and the cross-machine all-reduce are the real multi-node path."""
@@ -66,10 +68,13 @@ def test_two_machines_of_one_process_give_one_process_losses(repo, testbed, tmp_
     assert one.returncode == 0, one.stderr[-3000:]
 
     config, port, out = two_machine_config(repo, tmp_path), str(free_port()), tmp_path / "two"
-    procs = [start([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--machine_rank",
-                    str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port, "-m",
-                    "align.recipes.dpo", *DPO, "per_device_train_batch_size=8", f"output_dir={out}"],
-                   repo, tmp_path / f"machine{rank}") for rank in (0, 1)]
+    # machine 0 as the config's comment says (accelerate launch), machine 1 through align train's launcher flags
+    machine0 = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--machine_rank", "0",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", port, "-m", "align.recipes.dpo"]
+    machine1 = [sys.executable, "-m", "align.cli", "train", "dpo", "--accelerate_config", config, "--machine_rank", "1",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", port]
+    procs = [start([*cmd, *DPO, "per_device_train_batch_size=8", f"output_dir={out}"], repo, tmp_path / f"machine{r}")
+             for r, cmd in enumerate((machine0, machine1))]
     codes = wait_all(procs, TIMEOUT_S)
     err = [(tmp_path / f"machine{r}.err").read_text() for r in (0, 1)]
     stdout0 = (tmp_path / "machine0.out").read_text()

@@ -71,3 +71,20 @@ def test_a_multi_machine_file_whose_own_count_does_not_split(tmp_path):
                                           r"num_machines 4 .*would start 1 on each machine, 4 in all"):
         check_machines(str(path), None)
     check_machines(str(path), 8)  # the flag wins over the file
+
+
+def test_machine_flags_pass_through_to_accelerate(repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    flags = {"--accelerate_config": "configs/accelerate/multi_node.yaml", "--machine_rank": "1",
+             "--main_process_ip": "10.0.0.7", "--main_process_port": "29500"}
+    cmd = launcher_command("align.recipes.dpo", flags, ["--config", "testbed"])
+    assert cmd[3:] == ["--config_file", "configs/accelerate/multi_node.yaml", "--main_process_port", "29500",
+                       "--machine_rank", "1", "--main_process_ip", "10.0.0.7", "-m", "align.recipes.dpo", "--config",
+                       "testbed"]
+    with pytest.raises(ConfigError, match=r"^--machine_rank: must be a whole number >= 0 \(0 on the machine at "
+                                          r"--main_process_ip\), got '-1'$"):
+        launcher_command("align.recipes.dpo", {**flags, "--machine_rank": "-1"}, [])
+    with pytest.raises(ConfigError, match=r"^--main_process_ip: must be the host name or address of machine 0"):
+        launcher_command("align.recipes.dpo", {**flags, "--main_process_ip": "a b"}, [])
