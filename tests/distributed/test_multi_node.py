@@ -6,7 +6,8 @@ losses of one process with the same global batch (16 pairs), and the run's model
 machines.
 
 On the CPU accelerate 1.15 runs the FSDP config as plain DDP (the documented fallback, one warning from the main
-process); the rendezvous, the node ranks and the cross-machine all-reduce are the real multi-node path."""
+process); the rendezvous, the node ranks and the cross-machine all-reduce are the real multi-node path, and the
+losses must be one process's whichever data-parallel wrapper runs them."""
 
 import json
 import math
@@ -83,8 +84,10 @@ def test_two_machines_of_one_process_give_one_process_losses(repo, testbed, tmp_
     # a world of 2 over 2 machines: the card of the run (written by global rank 0, on machine 0) and the batch line
     assert "- Processes: 2 on 2 machines (CPU)" in (out / "README.md").read_text()
     assert "x processes 2 = 16 sequences per optimizer step" in stdout0
-    warning = cpu_fallback_warning("FSDP")  # the FSDP config runs as DDP on the CPU: said once, by the main process
-    assert err[0].count(warning) == 1 and warning not in err[1]
+    # accelerate 1.15 runs the FSDP config as DDP on the CPU, said once by the main process (at most once: a CPU run
+    # that really shards, driving fully_shard itself, has nothing to say)
+    warning = cpu_fallback_warning("FSDP")
+    assert err[0].count(warning) <= 1 and warning not in err[1]
 
     mine, single = steps_of(out), steps_of(tmp_path / "one")
     assert [s["step"] for s in mine] == [s["step"] for s in single] == [1, 2, 3]
