@@ -15,7 +15,9 @@ AdamW at the same learning rate, no gradient checkpointing, the same random-text
 * GRPO: ``--grpo-prompts`` prompts x ``--grpo-generations`` completions of up to ``--grpo-tokens`` tokens a step,
   sampled with HF ``generate`` at temperature 1, beta 0, the ``dapo`` loss, one update a round.
 
-Each (tool, launch) runs in its own child process: ``single`` is ``python``, ``fsdp2`` is ``accelerate launch`` with
+Tools: ``trl``, ``align`` and, in one process only, ``align-pf`` (align with ``padding_free``: packed sequences with
+``position_ids``, issue 18, on the attention the model loads with). Each (tool, launch) runs in its own child
+process: ``single`` is ``python``, ``fsdp2`` is ``accelerate launch`` with
 configs/accelerate/fsdp2.yaml for one process. Per run: tokens/s (prompt + completion tokens trained a step over the
 mean wall time of the steps after the first; GRPO's step includes its generation), MFU (model FLOPs: 6 N a trained
 token, plus 2 N a generated or prompt token for GRPO's sampling, N = every parameter but the input embedding counted
@@ -79,7 +81,7 @@ SETTINGS = {  # (dpo pairs a step, dpo completion tokens, dpo steps, grpo prompt
     "tiny": dict(dpo_pairs=2, dpo_tokens=24, dpo_steps=3, grpo_prompts=2, grpo_generations=2, grpo_tokens=8,
                  grpo_steps=2),
 }
-TOOLS = ("trl", "align")
+TOOLS = ("trl", "align", "align-pf")  # align-pf: align with padding_free (issue 18), single process only
 
 
 def reward(completions, **_):
@@ -137,8 +139,9 @@ def common(tool: str, out: str, steps: int, cpu: bool) -> dict:
                 gradient_checkpointing=False, dataloader_pin_memory=False, use_cpu=cpu)
 
 
-def align_trainer(method: str, folder: str, s: dict, out: str, cpu: bool):
-    """align's own recipe path: the config through load_config (every check, the launcher's too), build_trainer."""
+def align_trainer(method: str, folder: str, s: dict, out: str, cpu: bool, padding_free: bool = False):
+    """align's own recipe path: the config through load_config (every check, the launcher's too), build_trainer;
+    ``padding_free``: packed sequences, no padding (the model's default attention: sdpa on the GPU machine)."""
     from align.config import load_config
 
     if method == "dpo":
@@ -159,7 +162,8 @@ def align_trainer(method: str, folder: str, s: dict, out: str, cpu: bool):
     base = {k: v for k, v in common("align", out, steps, cpu).items() if k != "use_cpu" or v}
     config = load_config(RECIPE.config_class, None, {**base, **keys, "model_name_or_path": folder,
                                                      "torch_dtype": "float32" if cpu else "bfloat16",
-                                                     "dataset_test_split": None, "overwrite_output_dir": True})
+                                                     "dataset_test_split": None, "overwrite_output_dir": True,
+                                                     "padding_free": padding_free})
     return build_trainer(config)
 
 
@@ -199,7 +203,10 @@ def run_one(tool: str, method: str, folder: str, s: dict, cpu: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
     out = tempfile.mkdtemp(prefix=f"gpu-check-{tool}-{method}-")
     try:
-        trainer = (align_trainer if tool == "align" else trl_trainer)(method, folder, s, out, cpu)
+        if tool == "trl":
+            trainer = trl_trainer(method, folder, s, out, cpu)
+        else:
+            trainer = align_trainer(method, folder, s, out, cpu, padding_free=tool == "align-pf")
     except AlignError as err:
         return {"refused": str(err)}
     timer = step_timer()
@@ -285,7 +292,7 @@ def figures(r: dict, n_params: int, peak_tflops: float | None) -> dict:
 
 def report(results: dict, n_params: int, peak_tflops: float | None, which: list[str]) -> list[str]:
     """The table: one line per (method, launch, tool), align's with its ratios to TRL's at the same launch."""
-    lines = [f"{'method':<6} {'launch':<7} {'tool':<6} {'tokens/s':>10} {'s/step':>8} {'MFU':>7} {'peak MiB':>9} "
+    lines = [f"{'method':<6} {'launch':<7} {'tool':<8} {'tokens/s':>10} {'s/step':>8} {'MFU':>7} {'peak MiB':>9} "
              f"{'tok/s / TRL':>12} {'peak / TRL':>11}"]
     for method in which:
         for launcher in ("single", "fsdp2"):
@@ -294,7 +301,7 @@ def report(results: dict, n_params: int, peak_tflops: float | None, which: list[
                 r = results.get((tool, launcher), {}).get(method)
                 if r is None:
                     continue
-                head = f"{method:<6} {launcher:<7} {tool:<6}"
+                head = f"{method:<6} {launcher:<7} {tool:<8}"
                 if "refused" in r or "failed" in r:
                     what = "refused" if "refused" in r else "FAILED"
                     lines.append(f"{head} {what}: {r.get('refused') or r['failed']}")
@@ -360,7 +367,7 @@ def main(argv=None) -> int:
         write_data(folder, s)
         results = {}
         for launcher in launchers:
-            for tool in TOOLS:  # TRL first: the ratios' base
+            for tool in (t for t in TOOLS if launcher == "single" or t != "align-pf"):  # TRL first: the ratios' base
                 results[(tool, launcher)] = (child(tool, folder, s, True, which) if args.cpu
                                              else launch(tool, launcher, folder, args, deadline))
     device = torch.cuda.get_device_name() if not args.cpu else f"CPU ({os.cpu_count()} cores)"

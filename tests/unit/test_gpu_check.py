@@ -39,8 +39,8 @@ def test_figures_and_ratios_by_hand():
     dpo_align = next(x for x in lines if x.startswith("dpo    single  align"))
     assert dpo_align.split()[-2:] == ["2.00x", "0.75x"]  # tokens/s and peak memory, align / TRL
     assert next(x for x in lines if x.startswith("grpo   single  align")).split()[-2:] == ["0.80x", "1.00x"]
-    assert "dpo    fsdp2   trl    FAILED: exit 1: boom" in lines
-    assert "dpo    fsdp2   align  refused: distributed_type: no" in lines
+    assert "dpo    fsdp2   trl      FAILED: exit 1: boom" in lines
+    assert "dpo    fsdp2   align    refused: distributed_type: no" in lines
 
 
 def test_wheel_list_is_what_the_gpu_machine_lacks():
@@ -62,17 +62,17 @@ def test_cpu_path_runs_both_tools_on_the_same_work(tmp_path, testbed):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     runs = {(r["tool"], r["method"]): r for r in report["results"]}
-    assert set(runs) == {(t, m) for t in ("trl", "align") for m in ("dpo", "grpo")}
+    assert set(runs) == {(t, m) for t in ("trl", "align", "align-pf") for m in ("dpo", "grpo")}
     assert all(r["launch"] == "single" and r["s_per_step"] > 0 and r["peak_mib"] > 0 for r in runs.values())
     # the same data and settings for both tools: the same tokens a step
-    assert runs[("align", "dpo")]["tokens"] == runs[("trl", "dpo")]["tokens"] > 0
+    assert runs[("align", "dpo")]["tokens"] == runs[("trl", "dpo")]["tokens"] == runs[("align-pf", "dpo")]["tokens"] > 0
     s = gpu_check.SETTINGS["tiny"]
     assert runs[("align", "grpo")]["tokens"] == runs[("trl", "grpo")]["tokens"]
     assert runs[("align", "grpo")]["generated"] == runs[("align", "grpo")]["tokens"]
     assert runs[("align", "grpo")]["tokens"] > s["grpo_prompts"] * s["grpo_generations"] * s["grpo_tokens"]
     assert report["params"] < 1e6 and report["shape"] == "tiny"
     # the printed ratio is the JSON's
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("dpo    single  align"))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("dpo    single  align "))
     ratio = (runs[("align", "dpo")]["tokens"] / runs[("align", "dpo")]["s_per_step"]) / (
         runs[("trl", "dpo")]["tokens"] / runs[("trl", "dpo")]["s_per_step"])
     assert line.split()[-2] == f"{ratio:.2f}x"
