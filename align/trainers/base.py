@@ -28,7 +28,7 @@ from contextlib import nullcontext
 import torch
 from transformers import Trainer
 
-from align import progress
+from align import fsdp2, progress
 from align.checkpoints import AtomicCheckpoints, check_checkpoint, resolve_resume
 from align.data.prompts import tokenize_prompts
 from align.errors import TrainingError
@@ -77,16 +77,22 @@ class RepeatRoundSampler(torch.utils.data.Sampler):
                 yield from order[s : s + self.global_batch]
 
 
-class AlignTrainer(NoTrainerPush, MetricsMixin, AtomicCheckpoints, Trainer):
+class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCheckpoints, Trainer):
     """``transformers.Trainer`` with the set-up every align trainer shares (it never pushes to the Hub itself:
     :mod:`align.trainers.hub_sync`). Subclasses wrap the model with
     :func:`wrap_peft` first, then call this ``__init__`` (the ``Trainer``'s arguments), then set up what they
     need: :meth:`setup_reference`, :meth:`setup_rollout`."""
 
     state_file: str | None = None  # file name of the resume state in each checkpoint; None: nothing to keep
+    fsdp2_on_cpu = False  # whether align shards this trainer's policy itself under FSDP on the CPU (align/fsdp2.py)
 
     def __init__(self, model, args, **trainer_kwargs):
+        self.fsdp2 = fsdp2.wanted(args, type(self))
+        if self.fsdp2:  # before any pass reads the policy and before the Trainer builds the optimizer on it
+            model = fsdp2.shard(model, fsdp2.reshard_after_forward(args))
         super().__init__(model=model, args=args, **trainer_kwargs)
+        if self.fsdp2:  # the Trainer's path for a model that owns its sharding: prepared without DDP
+            self.is_distributed_loading_by_transformers = True
         check_in_effect(args, self.accelerator)  # FSDP / DeepSpeed asked for is in effect, not a quiet DDP run
         self.is_peft = hasattr(model, "disable_adapter")
         self.ref_model = None
@@ -106,6 +112,9 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, AtomicCheckpoints, Trainer):
         """``self.ref_model``: ``ref_model`` if given; else, when ``needed`` and the policy has no LoRA adapter to
         switch off, a frozen copy of the initial policy; else None. Frozen, in eval mode, on the device."""
         if ref_model is None and needed and not self.is_peft:
+            if self.fsdp2:  # align.sharding.fsdp2_refusal refuses these configs before any model loads
+                raise TrainingError("a frozen copy of the policy cannot be made from its FSDP2 shards yet; precompute "
+                                    "the reference log-probs or pass ref_model")
             ref_model = copy.deepcopy(self.model)
         if ref_model is not None:
             ref_model.requires_grad_(False).eval().to(self.args.device)
