@@ -79,7 +79,8 @@ def shard(model, reshard: bool = True):
 
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=reshard)
-    fully_shard(model, reshard_after_forward=reshard)
+    # the root: FSDP2's default (None), which keeps its weights gathered after the forward (the backward follows)
+    fully_shard(model, reshard_after_forward=None if reshard else False)
     model.align_fsdp2_reshard = reshard
     return model
 
