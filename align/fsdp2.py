@@ -85,6 +85,19 @@ def shard(model, reshard: bool = True):
     return model
 
 
+def describe(model) -> str:
+    """One line saying how this process holds ``model`` under FSDP2: its units and the input embedding's local shard
+    against the whole (``model.embed_tokens.weight: 192 x 256 here of 384 x 256``)."""
+    import torch.distributed as dist
+
+    emb = model.get_input_embeddings().weight
+    name = next((n for n, p in model.named_parameters() if p is emb), "embedding")
+    local = emb.to_local() if hasattr(emb, "to_local") else emb
+    shape = " x ".join(map(str, local.shape)), " x ".join(map(str, emb.shape))
+    return (f"FSDP2 (process {dist.get_rank()} of {dist.get_world_size()}): fully_shard on {len(fsdp_modules(model))} "
+            f"modules, {type(emb).__name__} parameters; {name}: {shape[0]} here of {shape[1]}")
+
+
 def fsdp_modules(*models) -> list[torch.nn.Module]:
     """Every FSDP2 module (a ``fully_shard`` unit) in ``models`` (None entries skipped)."""
     from torch.distributed.fsdp import FSDPModule

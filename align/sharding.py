@@ -134,9 +134,11 @@ def fsdp2_refusal(args) -> str | None:
     if name == "dpo":
         from align.objectives import registry
 
+        objective = getattr(args, "objective", None)
+        needs = registry()[objective].needs if objective in registry() else ()
         if getattr(args, "entanglement_steps", None) or getattr(args, "entanglement_action", "none") != "none" or (
-                "grad_norms" in registry()[args.objective].needs):
-            return (f"entanglement_steps / entanglement_action / objective {args.objective!r}: per-pair gradients are "
+                "grad_norms" in needs):
+            return (f"entanglement_steps / entanglement_action / objective {objective!r}: per-pair gradients are "
                     f"not computed {where} yet (the live graph's gradients land in the shards); launch with "
                     "configs/accelerate/cpu2.yaml for them")
     elif getattr(args, "rollout", "hf") != "hf":

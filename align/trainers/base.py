@@ -90,6 +90,7 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
         self.fsdp2 = fsdp2.wanted(args, type(self))
         if self.fsdp2:  # before any pass reads the policy and before the Trainer builds the optimizer on it
             model = fsdp2.shard(model, fsdp2.reshard_after_forward(args))
+            print(fsdp2.describe(model), flush=True)
         super().__init__(model=model, args=args, **trainer_kwargs)
         if self.fsdp2:  # the Trainer's path for a model that owns its sharding: prepared without DDP
             self.is_distributed_loading_by_transformers = True
