@@ -189,3 +189,17 @@ def test_grpo_resumed_from_a_sharded_checkpoint(grpo_runs):
     stats = [json.loads((grpo_runs["tmp"] / n / "checkpoint-4" / "rl_state.json").read_text())
              for n in ("two", "resumed")]
     assert stats[0] == stats[1]  # rollouts so far and every prompt's p_i, G_i
+
+
+@pytest.mark.slow
+def test_dpo_gradient_accumulation_under_fsdp2(repo, dpo_runs):
+    """2 processes x 4 sequences x 2 accumulation steps = the 1-process run's 16 per step: FSDP2 reduce-scatters
+    after each micro-batch's backward, the Trainer scales the loss for the accumulation."""
+    tmp = dpo_runs["tmp"]
+    proc, steps = launch(repo, tmp / "accumulated", "dpo", [*DPO, *NO_SAVE, "per_device_train_batch_size=4",
+                                                             "gradient_accumulation_steps=2"],
+                         cpu_variant(repo, tmp, "fsdp2"))
+    assert_sharded(proc)
+    one = dpo_runs["one"][1]
+    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in steps] == pytest.approx([r["grad_norm"] for r in one], rel=1e-5)
