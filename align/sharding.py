@@ -112,7 +112,7 @@ def refusal(args, shards: Sharding) -> str | None:
 
 # Recipes whose trainer align shards itself with FSDP2 on the CPU (align/fsdp2.py); the others run an FSDP config on
 # the CPU as DDP with :func:`cpu_fallback_warning`.
-FSDP2_RECIPES = ("dpo", "grpo", "raft")
+FSDP2_RECIPES = ("dpo", "grpo", "raft", "online_dpo", "xpo", "egpo")
 FSDP2_NOTE = ("note: distributed_type: FSDP on the CPU: accelerate 1.15 does not run FSDP there, so align shards the "
               "policy itself with torch's FSDP2 (fully_shard on each decoder layer and the model; "
               "docs/architecture.md, Sharding)")
@@ -125,8 +125,9 @@ def fsdp2_refusal(args) -> str | None:
     where = f"under FSDP on the CPU ({name} with align's fully_shard)"
     if getattr(args, "use_peft", False):
         return f"use_peft: LoRA is not run {where} yet; launch with configs/accelerate/cpu2.yaml (DDP) for LoRA"
+    # (the online trainers shard their frozen copy of the policy too; these two copy it from the sharded policy)
     live_ref = getattr(args, "precompute_ref_logps", True) is False if name == "dpo" else bool(getattr(args, "beta", 0))
-    if live_ref and not getattr(args, "ref_model_name_or_path", None):
+    if name in ("dpo", "grpo", "raft") and live_ref and not getattr(args, "ref_model_name_or_path", None):
         key = "precompute_ref_logps: false" if name == "dpo" else f"beta: {args.beta}"
         return (f"{key} keeps a frozen copy of the policy {where}, which cannot be copied from its shards yet; "
                 + ("set precompute_ref_logps: true" if name == "dpo" else "set beta: 0")

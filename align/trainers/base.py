@@ -85,10 +85,14 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
 
     state_file: str | None = None  # file name of the resume state in each checkpoint; None: nothing to keep
     fsdp2_on_cpu = False  # whether align shards this trainer's policy itself under FSDP on the CPU (align/fsdp2.py)
+    fsdp2_reference_copy = False  # under it, whether setup_reference may need a frozen copy of the initial policy
 
     def __init__(self, model, args, **trainer_kwargs):
         self.fsdp2 = fsdp2.wanted(args, type(self))
+        self._fsdp2_reference_source = None
         if self.fsdp2:  # before any pass reads the policy and before the Trainer builds the optimizer on it
+            if self.fsdp2_reference_copy:  # the frozen reference: copied whole now, sharded by setup_reference
+                self._fsdp2_reference_source = copy.deepcopy(model)
             model = fsdp2.shard(model, fsdp2.reshard_after_forward(args))
             print(fsdp2.describe(model), flush=True)
         super().__init__(model=model, args=args, **trainer_kwargs)
@@ -112,10 +116,14 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
     def setup_reference(self, ref_model=None, needed: bool = True) -> None:
         """``self.ref_model``: ``ref_model`` if given; else, when ``needed`` and the policy has no LoRA adapter to
         switch off, a frozen copy of the initial policy; else None. Frozen, in eval mode, on the device."""
-        if ref_model is None and needed and not self.is_peft:
-            if self.fsdp2:  # align.sharding.fsdp2_refusal refuses these configs before any model loads
-                raise TrainingError("a frozen copy of the policy cannot be made from its FSDP2 shards yet; precompute "
+        source, self._fsdp2_reference_source = self._fsdp2_reference_source, None
+        if ref_model is None and needed and not self.is_peft and self.fsdp2:
+            if source is None:  # align.sharding.fsdp2_refusal refuses these configs before any model loads
+                raise TrainingError("a frozen copy of the policy cannot be made from its FSDP2 shards; precompute "
                                     "the reference log-probs or pass ref_model")
+            self.ref_model = fsdp2.shard(source.requires_grad_(False), fsdp2.reshard_after_forward(self.args)).eval()
+            return  # sharded like the policy, frozen: its forwards run in step on every process, or gathered
+        if ref_model is None and needed and not self.is_peft:
             ref_model = copy.deepcopy(self.model)
         if ref_model is not None:
             ref_model.requires_grad_(False).eval().to(self.args.device)

@@ -8,6 +8,8 @@
 * :func:`align.fsdp2.gathered`: each process generates a different number of tokens and measures per-sequence gradient
   norms of a different number of sequences (no collective inside: a mismatch would hang, then time out); the norms
   against the unsharded copy's;
+* EGPO's half-step snapshot and restore (:func:`align.trainers.egpo.snapshot` / ``restore``) with sharded optimizer
+  state: bit for bit;
 * the full state dict and the optimizer state in the 1-process format, loaded back exactly.
 """
 
@@ -32,6 +34,7 @@ from align.fsdp2 import (
 from align.monitors.grad_norm import sequence_grad_norms
 from align.monitors.gradients import select_parameters
 from align.testbed.build import ensure_testbed
+from align.trainers.egpo import restore, snapshot
 
 
 def batch(rank: int) -> torch.Tensor:
@@ -98,6 +101,25 @@ def main() -> None:
     out["ref_norms"] = sequence_grad_norms(full, prompts, completions, 0, full_params, chunk=2)
     out["generated"] = gen.shape[1]
     out["sharded_after"] = all(type(p).__name__ == "DTensor" for p in model.parameters())
+
+    # EGPO's half step: snapshot, an optimizer step, restore: each process's shards come back bit for bit
+    params = list(model.parameters())
+    local = [p.detach().to_local().clone() for p in params]
+    moments = [opt.state[p][k].to_local().clone() for p in params for k in ("exp_avg", "exp_avg_sq")]
+    steps = [opt.state[p]["step"].clone() for p in params]
+    saved = snapshot(params, opt)
+    ids = batch(rank + 2)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    out["egpo_half_step_moved"] = not torch.equal(params[0].to_local(), local[0])
+    restore(params, opt, saved)
+    out["egpo_restore_exact"] = (
+        all(torch.equal(p.to_local(), v) for p, v in zip(params, local))
+        and all(torch.equal(opt.state[p][k].to_local(), v)
+                for (p, k), v in zip([(p, k) for p in params for k in ("exp_avg", "exp_avg_sq")], moments))
+        and all(torch.equal(opt.state[p]["step"], v) for p, v in zip(params, steps))
+        and all(type(opt.state[p]["exp_avg"]).__name__ == "DTensor" for p in params))
 
     # state round trip: full weights and the optimizer state in the 1-process format, loaded into the shards
     saved_opt = optimizer_full_state(model, opt)

@@ -131,6 +131,7 @@ def test_fully_shard_and_gathered_passes(repo, testbed, tmp_path):
         assert r["gathered_param_types"] == ["Parameter"]  # whole tensors inside gathered()
         assert r["norms"] == pytest.approx(r["ref_norms"], rel=1e-5)
         assert r["sharded_after"] and r["reload_exact"]
+        assert r["egpo_half_step_moved"] and r["egpo_restore_exact"]  # each process restores its own shards
     assert (len(r0["norms"]), len(r1["norms"])) == (1, 3)  # different work per process, no hang
     assert (r0["generated"], r1["generated"]) == (6, 11)  # 2 and 7 new tokens: 2 and 7 forwards
     assert r0["step_max_diff"] < 1e-6 and r0["full_keys_equal"]
@@ -203,3 +204,26 @@ def test_dpo_gradient_accumulation_under_fsdp2(repo, dpo_runs):
     one = dpo_runs["one"][1]
     assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in one], abs=1e-5)
     assert [r["grad_norm"] for r in steps] == pytest.approx([r["grad_norm"] for r in one], rel=1e-5)
+
+
+ONLINE = ["logging_steps=1", "save_strategy=no", "max_train_samples=64", "dataset_test_split=null",
+          "disable_tqdm=true", "overwrite_output_dir=true"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, extra", [("online_dpo", ["max_steps=3"]),
+                                           ("egpo", ["max_steps=4", "mixture_coef=0.5"])])
+def test_online_trainers_under_fsdp2_match_one_process(repo, testbed, tmp_path, recipe, extra):
+    """Online DPO and EGPO (extragradient: each process restores its own parameter and Adam-moment shards before the
+    full step; the geometric mixture samples from the gathered policy and reference): the policy and its frozen
+    reference copy both sharded, the same losses at every step as one process with the same global batch."""
+    args = ["--config", f"configs/{recipe}/testbed.yaml", *ONLINE, *extra]
+    _, one = launch(repo, tmp_path / "one", recipe, [*args, "per_device_train_batch_size=8"])
+    proc, two = launch(repo, tmp_path / "two", recipe, [*args, "per_device_train_batch_size=4"],
+                       cpu_variant(repo, tmp_path, "fsdp2"))
+    assert_sharded(proc)
+    assert len(one) == len(two) == int(extra[0].split("=")[1])
+    for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
+    gap, update = weight_gap(testbed, tmp_path / "one", tmp_path / "two")
+    assert update > 1e-3 and gap / update < 1e-4
