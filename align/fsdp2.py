@@ -18,8 +18,11 @@ optimizer:
   (gathered on the main process: the files of a 1-process run); the optimizer state is gathered into the
   1-process ``optimizer.pt`` format (state keyed by parameter index) and loaded back into each process's shards, so
   a sharded checkpoint resumes exactly under any process count (and a 1-process checkpoint under FSDP2).
-* :func:`gathered`: passes where processes do different work (HF generation, old / reference log-probs of each
-  process's own samples, GVM's per-sequence gradient norms) run on the whole model, gathered once for the pass:
+* A frozen reference copy of the policy (the online trainers) is copied whole before the policy is sharded and
+  sharded the same way (``AlignTrainer.setup_reference``).
+* :func:`gathered`: passes where processes do different work (HF generation, EGPO's mixture, the win rate, old /
+  reference log-probs of each process's own samples, GVM's per-sequence gradient norms) run on the whole model,
+  gathered once for the pass:
   forwards then need no collective, so their number may differ between processes (no ``synced_gpus`` needed), and
   per-sequence gradients taken against the gathered parameters are whole (their norms need no all-reduce).
   The memory of a full copy of the weights is held for the pass only ("unshard per generation", issue 15).
