@@ -105,7 +105,8 @@ def fsdp_modules(*models) -> list[torch.nn.Module]:
     """Every FSDP2 module (a ``fully_shard`` unit) in ``models`` (None entries skipped)."""
     from torch.distributed.fsdp import FSDPModule
 
-    return [m for model in models if model is not None for m in model.modules() if isinstance(m, FSDPModule)]
+    return [m for model in models if isinstance(model, torch.nn.Module) for m in model.modules()
+            if isinstance(m, FSDPModule)]
 
 
 def is_sharded(model) -> bool:

@@ -142,7 +142,7 @@ class RoundBuilder:
                              groups=[counts[i] for i in mine], groups_total=sum(n > 0 for n in counts))
         # FSDP2: the HF engine generates from the whole weights, gathered once for the generation, so each process
         # runs as many forwards as its own groups need (align/fsdp2.py)
-        whole = gathered(self.policy()) if self.args.rollout == "hf" else nullcontext()
+        whole = gathered(self.policy()) if getattr(self.args, "rollout", "hf") == "hf" else nullcontext()
         with stage, whole:  # the HF engine ticks it per batch; the other processes' shares come in with the gather
             start = time.perf_counter()
             out = self.engine.generate([rows[i]["prompt_ids"] for i in mine], [counts[i] for i in mine],
