@@ -291,7 +291,9 @@ def _duration(seconds: float) -> str:
 def compute(config, info: dict) -> str:
     tokens = info.get("tokens")
     logged = [r for r in (config.report_to or []) if r not in ("none", None)]
-    lines = [f"- Processes: {info['processes']} ({info['device']})",
+    nodes = info.get("machines", 1)
+    where = f" on {nodes} machines" if nodes > 1 else ""
+    lines = [f"- Processes: {info['processes']}{where} ({info['device']})",
              f"- Precision: {info['precision']}",
              f"- Wall time: {_duration(info['wall_time_s'])}"
              + (" in this session (the run resumed from a checkpoint)" if config.resume_from_checkpoint else ""),

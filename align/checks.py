@@ -163,3 +163,21 @@ def check_file_in_dir(name: str, key: str, folder_key: str = "output_dir") -> No
     if not name or os.path.isabs(name) or norm in (".", "") or norm.split(os.sep)[0] == ".." or name.endswith(
             ("/", os.sep)):
         raise ConfigError(f"{key}: must be a file name inside {folder_key} (e.g. metrics.jsonl), got {name!r}")
+
+
+def check_even_batches(rows: int, config, world: int) -> None:
+    """Several processes and a train set that the processes' batch does not divide: accelerate fills the epoch's last
+    batch with rows repeated from the start (``even_batches``), so the last step trains on other rows than one process
+    with the same global batch would (which trains on the remainder alone): a one-line ConfigError, unless
+    ``dataloader_drop_last`` or ``max_steps`` ends the run before that batch."""
+    per = config.per_device_train_batch_size
+    step = per * world
+    if world <= 1 or rows % step == 0 or getattr(config, "dataloader_drop_last", False):
+        return
+    max_steps = getattr(config, "max_steps", -1)
+    if max_steps > 0 and max_steps * config.gradient_accumulation_steps <= rows // step:
+        return  # the run stops before the epoch's last batch
+    raise ConfigError(f"per_device_train_batch_size: {per} x processes {world} = {step} rows a batch does not divide "
+                      f"the {rows} train rows, so accelerate would fill the last batch with {step - rows % step} rows "
+                      f"repeated from the start (one process trains on the {rows % step} left); set "
+                      f"dataloader_drop_last: true, or max_train_samples: {rows - rows % step}")

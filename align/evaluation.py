@@ -28,6 +28,20 @@ def prompt_token_ids(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
             for r, t in zip(rows, texts, strict=True)]
 
 
+class EntropyRecorder:
+    """A logits processor (the last) that records each step's next-token entropy, one number per row, and
+    changes nothing: the entropy metric without ``output_logits`` (a ``[rows, steps, vocab]`` copy)."""
+
+    def __init__(self):
+        self.steps: list = []
+
+    def __call__(self, input_ids, scores):
+        from align.logps import token_entropy
+
+        self.steps.append(token_entropy(scores.float()))
+        return scores
+
+
 def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batch_size: int = 64,
              progress: bool = False, desc: str = "generate", with_entropy: bool = False,
              num_samples: int = 0, temperature: float = 1.0):
@@ -36,11 +50,12 @@ def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batc
     Greedy by default (one per prompt); ``num_samples=k`` samples k per prompt at ``temperature``
     (prompt-major order: k for the first prompt, then k for the next). With ``with_entropy`` also
     returns the policy's mean next-token entropy along its own generations (every generated position
-    up to and including eos), in nats.
+    up to and including eos), in nats, of the scores greedy decoding picks from (after the model's generation
+    config's processors, if it has any), recorded step by step (:class:`EntropyRecorder`).
     """
     import torch
+    from transformers import LogitsProcessorList
 
-    from align.logps import token_entropy
     from align.progress import bar
 
     texts = prompt_texts(tokenizer, prompts)
@@ -56,6 +71,7 @@ def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batc
         for s in range(0, len(texts), batch_size):
             enc = tokenizer(texts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
+            recorder = EntropyRecorder()
             with torch.no_grad():
                 gen = model.generate(
                     **enc,
@@ -65,13 +81,13 @@ def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 32, batc
                     **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if num_samples else {}),
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
-                    output_logits=with_entropy,
+                    logits_processor=LogitsProcessorList([recorder] if with_entropy else []),
                     return_dict_in_generate=True,
                 )
             new = gen.sequences[:, enc["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
             if with_entropy:
-                entropy = token_entropy(torch.stack(gen.logits, 1).float())
+                entropy = torch.stack(recorder.steps, 1).to(new.device)
                 is_eos = new == tokenizer.eos_token_id
                 alive = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # positions up to the first eos
                 ent_sum += (entropy * alive).sum().item()

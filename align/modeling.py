@@ -147,6 +147,16 @@ def process_device():
     return PartialState().device
 
 
+def frozen_dtype():
+    """The dtype a frozen model loaded outside the trainer (a reward model, a judge) is read in: bfloat16 when this
+    process's device is a GPU that computes in it (half the memory of float32, on every process), else None (the
+    checkpoint's default, float32 on the CPU)."""
+    import torch
+
+    device = process_device()
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
 def place_frozen(model):
     """A frozen model loaded outside the trainer (a reward model, a pairwise judge): rank 0's weights in every
     process (:func:`align.sharding.share_rank0_weights`), no gradients, eval mode, on :func:`process_device`."""

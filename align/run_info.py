@@ -125,6 +125,13 @@ def tracker_url(config) -> str | None:
     return f"https://huggingface.co/spaces/{space}" if space and "trackio" in reports else None
 
 
+def machines() -> int:
+    """Machines (nodes) of this run as torchrun announces them: processes / processes per machine (1 when run
+    directly)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return max(world_size() // local, 1) if local > 0 else 1
+
+
 def run_info(recipe: str, argv: Sequence[str], config, result: dict, wall_time_s: float) -> dict:
     """What :func:`align.card.write_model_card` needs beyond ``config`` and ``result``."""
     return {
@@ -132,6 +139,7 @@ def run_info(recipe: str, argv: Sequence[str], config, result: dict, wall_time_s
         "command": reproduce_command(recipe, argv),
         "wall_time_s": float(wall_time_s),
         "processes": world_size(),
+        "machines": machines(),
         "device": device(config),
         "precision": precision(config),
         "tokens": tokens_seen(config),

@@ -26,6 +26,8 @@ class DPORecipeConfig(RecipeArguments, PreferenceConfig):
 
 
 def build_trainer(config: DPORecipeConfig):
+    from align.args import world_size
+    from align.checks import check_even_batches
     from align.data.loading import load_train_eval
     from align.data.preference import tokenize_preferences
     from align.modeling import load_policy_and_reference, load_tokenizer, lora_config
@@ -35,6 +37,7 @@ def build_trainer(config: DPORecipeConfig):
     train, evaluation = load_train_eval(config)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train = tokenize_preferences(train, tokenizer, config.max_length, "train")
+    check_even_batches(len(train), config, world_size())  # N processes must train on 1 process's rows
     if evaluation is not None:
         evaluation = tokenize_preferences(evaluation, tokenizer, config.max_length, "eval")
 

@@ -46,6 +46,10 @@ class RewardModel:
 
         if path is not None:
             kwargs = {"num_labels": 1}
+            if dtype is None and device is None:  # bfloat16 on a GPU (every process holds one copy)
+                from align.modeling import frozen_dtype
+
+                dtype = frozen_dtype()
             if dtype is not None:
                 kwargs["dtype"] = dtype
             model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)

@@ -167,7 +167,13 @@ class PairwiseModelOracle(PreferenceOracle):
         super().__init__()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+            kwargs = {}
+            if device is None:  # bfloat16 on a GPU (every process holds one copy)
+                from align.modeling import frozen_dtype
+
+                dtype = frozen_dtype()
+                kwargs = {"dtype": dtype} if dtype is not None else {}
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs).eval()
         except Exception as e:  # any load failure is a config problem here
             raise ConfigError(f"oracle: cannot load pairwise preference model {path!r}: {type(e).__name__}: "
                               f"{' '.join(str(e).split())[:200]}") from None

@@ -1,4 +1,4 @@
-"""Online preference trainers on the testbed: online DPO, online IPO and EGPO at equal epochs and at equal
+"""Online preference trainers on the testbed: online DPO, XPO, online IPO and EGPO at equal epochs and at equal
 generations, under a transitive oracle (the verifier) and a non-transitive one (cyclic).
 
     python scripts/bench_online.py [--steps 40] [--batch 32] [--lr 5e-4] [--seed 0] [--out outputs/bench_online]
@@ -6,6 +6,7 @@ generations, under a transitive oracle (the verifier) and a non-transitive one (
 Methods (all from the warmed-up testbed policy, add1/sub1/mul1 prompts, same seed and learning rate):
 
 * ``online_dpo``        — two policy samples per prompt, DPO on the oracle's label;
+* ``xpo``               — online DPO's pair plus XPO's exploration term on a reference sample;
 * ``online_ipo``        — EGPO's loss without the extragradient (oipo1: y, y′ and an opponent y″);
 * ``egpo``              — extragradient: each prompt batch serves a half and a full step (equal epochs: 2x the
                           optimizer steps, generations and oracle calls);
@@ -30,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = {
     "online_dpo": ("online_dpo", {}, 1),
+    "xpo": ("xpo", {}, 1),
     "online_ipo": ("egpo", {"egpo_extragradient": False}, 1),
     "egpo": ("egpo", {}, 2),
     "egpo (= gens)": ("egpo", {}, 1),
@@ -51,7 +53,8 @@ def train(method: str, oracle: str, args, out_dir: str):
     trainer = build_trainer(cfg)
     start = time.perf_counter()
     trainer.train()
-    gens = (2 if recipe == "online_dpo" else 3) * args.batch * steps  # oipo1: y, y′ and the opponent y″
+    # online DPO: y, y'; XPO: y and a reference sample; oipo1: y, y' and the opponent y''
+    gens = (2 if recipe in ("online_dpo", "xpo") else 3) * args.batch * steps
     return trainer, {"optimizer_steps": steps, "generations": gens, "oracle_calls": trainer.oracle_calls,
                      "train_s": round(time.perf_counter() - start, 1)}
 

@@ -1,6 +1,7 @@
 """Iterative preference training (align/trainers/iterative.py, recipes/iterative_dpo.py): APO's extrapolated
 reference by hand, α = 0 equals plain iterative DPO, resume mid-iteration equals an uninterrupted run, the
-iLR-DPO length evidence, and bad input stopping before any generation."""
+checks of the iLR-DPO length evidence (its runs: scripts/bench_iterative_length.py), and bad input stopping before
+any generation."""
 
 import json
 import os
@@ -142,31 +143,27 @@ def test_resume_mid_iteration_equals_uninterrupted(repo, request, tmp_path, apo_
     assert records(out) == records(reference)
 
 
-@pytest.mark.slow
-def test_length_evidence_plain_dpo_grows_lrdpo_grows_less(repo, testbed, tmp_path):
-    """configs/iterative/testbed-ilr-dpo.yaml as it is (96 prompts, K = 4, 20 steps of 16 pairs a round at lr 1e-4,
-    win rate on 64 held-out prompts x 4): under the length-biased oracle (accuracy + 0.1 per character) plain
-    iterative DPO inflates the length every iteration; lrdpo (length_alpha 2.0) grows it far less; both beat the
-    initial policy. The testbed's weights depend on the CPU that builds it (docs/testbed.md). Measured on an
-    Intel-built testbed (2026-11-24): initial 5.31 tokens; DPO 6.12 / 8.15 / 15.75 (win 0.554 / 0.690 / 0.998),
-    lrdpo 5.52 / 6.04 / 6.10 (win 0.511 / 0.571 / 0.560): flat. On an AMD-built one (2026-12-01): initial 5.33;
-    DPO 5.71 / 8.03 / 15.21 (win 0.519 / 0.662 / 0.979), lrdpo 5.60 / 6.48 / 10.22 (win 0.493 / 0.606 / 0.802):
-    half DPO's growth, not flat. docs/benchmarks.md quotes both."""
-    run(load_config(IterativeRecipeConfig, repo / "configs/iterative/testbed-ilr-dpo.yaml",
-                    dict(output_dir=str(tmp_path / "dpo"), objective="dpo", length_alpha=None)))
-    run(load_config(IterativeRecipeConfig, repo / "configs/iterative/testbed-ilr-dpo.yaml",
-                    dict(output_dir=str(tmp_path / "lrdpo"))))
-    dpo, lr = records(tmp_path / "dpo"), records(tmp_path / "lrdpo")
-    initial = dpo[0]["eval/baseline_length"]
-    assert lr[0]["eval/baseline_length"] == initial
-    dpo_len = [r["eval/policy_length"] for r in dpo]
-    lr_len = [r["eval/policy_length"] for r in lr]
-    print(f"initial {initial:.2f}; dpo {dpo_len} win {[r['eval/win_rate'] for r in dpo]}; "
-          f"lrdpo {lr_len} win {[r['eval/win_rate'] for r in lr]}")
-    assert dpo_len[0] < dpo_len[1] < dpo_len[2] and dpo_len[2] > initial + 5
-    assert lr_len[1] < dpo_len[1] and lr_len[2] < dpo_len[2]
-    assert lr_len[2] - initial < 0.6 * (dpo_len[2] - initial)  # at most 0.6x plain DPO's length growth
-    assert dpo[-1]["eval/win_rate"] > 0.9 and min(r["eval/win_rate"] for r in lr[1:]) > 0.53
+def test_length_evidence_checks_state_the_claim():
+    """The iLR-DPO length evidence (scripts/bench_iterative_length.py, ~4 CPU-minutes, too long for the suite)
+    judges runs by these checks: the 2026-12-01 AMD figures pass them, a flat DPO or a long lrdpo fails them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_length", os.path.join(os.path.dirname(__file__), "..", "..",
+                                                                                "scripts", "bench_iterative_length.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def rows(lengths, wins):
+        return [{"eval/policy_length": n, "eval/win_rate": w} for n, w in zip(lengths, wins, strict=True)]
+
+    dpo, lr = rows([5.71, 8.03, 15.21], [0.519, 0.662, 0.979]), rows([5.60, 6.48, 10.22], [0.493, 0.606, 0.802])
+    assert all(h for _, h in bench.checks(5.33, dpo, lr))
+    long_lr = rows([5.60, 6.48, 12.0], [0.493, 0.606, 0.802])  # 6.67 of DPO's 9.88 tokens of growth: > 0.6x
+    assert [s for s, h in bench.checks(5.33, dpo, long_lr) if not h] == ["lrdpo grows at most 0.6x DPO's growth"]
+    flat = rows([5.71, 5.70, 6.0], [0.519, 0.662, 0.979])
+    assert {s for s, h in bench.checks(5.33, flat, lr) if not h} == {
+        "plain DPO's length rises every iteration", "plain DPO ends > 5 tokens above the initial policy",
+        "lrdpo is shorter than DPO after iterations 2 and 3", "lrdpo grows at most 0.6x DPO's growth"}
 
 
 def test_bad_input_stops_before_generation(repo, testbed, tmp_path, monkeypatch):

@@ -85,3 +85,28 @@ def test_bad_requests(policy):
         engine.generate(ids, [1, 1, 1, 1], SamplingParams(), keys=["a"])
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_greedy_entropy_without_output_logits(policy):
+    """The evaluation's entropy metric, recorded step by step by a logits processor, equals the one from the full
+    ``output_logits`` stack (every position up to and including eos), and the completions are unchanged."""
+    from align.logps import token_entropy
+
+    model, tok, prompts, _ = policy
+    completions, entropy = greedy_generate(model, tok, prompts, max_new_tokens=16, batch_size=3, with_entropy=True)
+    assert completions == greedy_generate(model, tok, prompts, max_new_tokens=16, batch_size=3)
+    total, count = 0.0, 0
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    side, tok.padding_side = tok.padding_side, "left"
+    for s in range(0, len(texts), 3):
+        enc = tok(texts[s:s + 3], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
+        new = gen.sequences[:, enc["input_ids"].shape[1]:]
+        ent = token_entropy(torch.stack(gen.logits, 1).float())
+        is_eos = (new == tok.eos_token_id).long()
+        alive = (is_eos.cumsum(1) - is_eos) == 0
+        total, count = total + (ent * alive).sum().item(), count + int(alive.sum())
+    tok.padding_side = side
+    assert entropy == pytest.approx(total / count, rel=1e-6) and entropy > 0

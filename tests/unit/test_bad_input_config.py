@@ -32,10 +32,11 @@ class Case:
     args: tuple[str, ...]
     expect: str  # the line after "error: " contains this; it names the key, file or option
     at_load: bool = False  # only loading the weights can tell (the check then is: one line naming the file)
+    world: int = 1  # the processes the launcher announces (what align's checks read as WORLD_SIZE)
 
 
-def case(id_, recipe, args, expect, at_load=False):
-    return Case(id_, recipe, tuple(args.split()) if isinstance(args, str) else tuple(args), expect, at_load)
+def case(id_, recipe, args, expect, at_load=False, world=1):
+    return Case(id_, recipe, tuple(args.split()) if isinstance(args, str) else tuple(args), expect, at_load, world)
 
 
 FEW = "max_train_samples=16"  # cases that reach the data: keep it small
@@ -253,6 +254,14 @@ CASES = [
     case("rl-beta-negative", "grpo", "beta=-0.01", "beta: must be >= 0"),
     case("num-minibatches-indivisible", "grpo", "num_minibatches=3", "num_minibatches: 3 does not divide the round's "
                                                                      "128 rollouts"),
+    # --- a number of processes the batch does not fit (what every process of a `--num_processes N` launch reads) ---
+    case("batch-last-padded-2-processes", "dpo", "max_train_samples=40 per_device_train_batch_size=8 max_steps=-1 "
+         "num_train_epochs=1", "per_device_train_batch_size: 8 x processes 2 = 16 rows a batch does not divide the 40 "
+         "train rows, so accelerate would fill the last batch with 8 rows repeated from the start (one process trains "
+         "on the 8 left); set dataloader_drop_last: true, or max_train_samples: 32", world=2),
+    case("num-minibatches-3-processes", "grpo", "per_device_train_batch_size=1 num_generations=2 num_minibatches=4",
+         "num_minibatches: 4 does not divide the round's 6 rollouts (per_device_train_batch_size 1 x processes 3 x "
+         "num_generations 2)", world=3),
     case("rl-grad-accum", "raft", "gradient_accumulation_steps=2", "gradient_accumulation_steps: must be 1 in the RL "
                                                                    "loop"),
     case("rl-save-steps-in-round", "grpo", "save_strategy=steps save_steps=3", "save_steps: must be a multiple of the "
@@ -456,6 +465,12 @@ def test_bad_input_is_one_line_naming_the_culprit_before_the_model(c, tmp_path, 
     (tmp_path / "a-file").write_text("not a folder\n")
     calls = [] if c.at_load else request.getfixturevalue("model_loads")
     monkeypatch.chdir(tmp_path)  # a relative path a case resolves lands here
+    if c.world != 1:  # the launcher's WORLD_SIZE, as align's checks read it (transformers then starts no group)
+        import align.args
+        import align.recipe
+
+        for module in (align.args, align.recipe):
+            monkeypatch.setattr(module, "world_size", lambda: c.world)
     args = [_fill(a, c.recipe, tmp_path, broken_models) for a in c.args]
     code = main(get_recipe(c.recipe), ["--config", str(REPO / CONFIGS[c.recipe]), f"output_dir={tmp_path}/out",
                                        *args])

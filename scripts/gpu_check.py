@@ -1,0 +1,387 @@
+"""The GPU check (issue 15): align against TRL 1.16 on a config-built model of Qwen2.5-0.5B's shape in bf16, DPO and
+GRPO (HF ``generate``) for a few steps each, in one process and under FSDP2 with one process.
+
+    scripts/gpu_check.sh [--wheels DIR] [--shape 0.5b|1.5b] [--peak-tflops 989]   # on a GPU, no network
+    scripts/gpu_check.sh --cpu --tiny                                             # the CPU path (seconds)
+
+The shell wrapper installs the carried wheels (TRL and what the GPU image lacks) and runs this file with the checkout
+on ``PYTHONPATH``. The model is built from its config values written out here (no download), random weights, saved
+once with the testbed tokenizer (its 384 ids are valid in the larger vocabulary). Every run uses the same settings:
+float32 master weights with bf16 autocast (align's default for ``torch_dtype: bfloat16``; TRL given the same),
+AdamW at the same learning rate, no gradient checkpointing, the same random-text data, the same reward.
+
+* DPO: ``--dpo-pairs`` pairs a step of a 64-token prompt and two completions, reference log-probs precomputed by
+  both (not timed: steady state only).
+* GRPO: ``--grpo-prompts`` prompts x ``--grpo-generations`` completions of up to ``--grpo-tokens`` tokens a step,
+  sampled with HF ``generate`` at temperature 1, beta 0, the ``dapo`` loss, one update a round.
+
+Each (tool, launch) runs in its own child process: ``single`` is ``python``, ``fsdp2`` is ``accelerate launch`` with
+configs/accelerate/fsdp2.yaml for one process. Per run: tokens/s (prompt + completion tokens trained a step over the
+mean wall time of the steps after the first; GRPO's step includes its generation), MFU (model FLOPs: 6 N a trained
+token, plus 2 N a generated or prompt token for GRPO's sampling, N = every parameter but the input embedding counted
+once; attention's own FLOPs left out; over ``--peak-tflops``), and peak GPU memory (``torch.cuda.max_memory_allocated``
+of that run). Ratios are align / TRL at the same launch. A run that fails or is refused is one line, and the check
+goes on; the exit status is non-zero when any run failed (a refusal is not a failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mount_checkout() -> None:
+    """Run align from this checkout, installed or not: pyproject maps ``align.rewards`` and ``align.recipes`` to the
+    top-level rewards/ and recipes/, which a bare ``PYTHONPATH=<checkout>`` does not; a folder of two links to them
+    joins align's package path (and wins over another installed copy's)."""
+    import align
+
+    if os.path.isdir(os.path.join(os.path.dirname(align.__file__), "rewards")):
+        return  # an installed tree, or one that has them already
+    shim = os.path.join(tempfile.gettempdir(), f"align-checkout-{zlib.crc32(REPO.encode()):08x}")
+    os.makedirs(shim, exist_ok=True)
+    for name in ("rewards", "recipes"):
+        link = os.path.join(shim, name)
+        if not os.path.islink(link):
+            os.symlink(os.path.join(REPO, name), link)
+    align.__path__.append(shim)
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, REPO)
+mount_checkout()
+from _bench import step_timer  # noqa: E402
+from bench_memory import peak_memory_mib, preference_rows, random_ids  # noqa: E402
+
+PROMPT_TOKENS, LR, BETA = 64, 1e-6, 0.1
+# config.json values of the models (Qwen2.5-0.5B / 1.5B), and a tiny one for the CPU path
+SHAPES = {
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+}
+SETTINGS = {  # (dpo pairs a step, dpo completion tokens, dpo steps, grpo prompts, generations, tokens, steps)
+    "gpu": dict(dpo_pairs=4, dpo_tokens=448, dpo_steps=6, grpo_prompts=4, grpo_generations=4, grpo_tokens=256,
+                grpo_steps=3),
+    "tiny": dict(dpo_pairs=2, dpo_tokens=24, dpo_steps=3, grpo_prompts=2, grpo_generations=2, grpo_tokens=8,
+                 grpo_steps=2),
+}
+TOOLS = ("trl", "align")
+
+
+def reward(completions, **_):
+    """A reward both trainers can call: spreads the rewards of a group, so the advantages are not all zero."""
+    return [(len(str(c)) % 7) / 7.0 for c in completions]
+
+
+def build_model(folder: str, shape: str) -> int:
+    """Random weights of ``shape`` (Qwen2 architecture) and the testbed tokenizer, saved to ``folder``; returns N."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from align.testbed.tokenizer import train_tokenizer
+
+    tok = train_tokenizer()  # the testbed's tokenizer, trained in seconds (the whole testbed build takes a minute)
+    tok.model_max_length = 32768
+    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())  # tied: the embedding counts once, as the head's matmul
+
+
+def write_data(folder: str, s: dict) -> None:
+    """dpo.jsonl (random-text pairs), grpo.jsonl (random-text prompts) and lengths.json: the DPO ``max_length``
+    that keeps every pair whole (decoded random ids re-tokenise longer) and the tokens a DPO step trains."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows = preference_rows(tok, s["dpo_pairs"] * s["dpo_steps"], s["dpo_tokens"])
+    rows.to_json(f"{folder}/dpo.jsonl")
+    sizes = [len(tok(r["prompt"] + r[k])["input_ids"]) for r in rows for k in ("chosen", "rejected")]
+    prompts = [len(tok(r["prompt"])["input_ids"]) for r in rows]
+    rng = random.Random(2)
+    texts = [tok.decode(random_ids(rng, tok, PROMPT_TOKENS)) for _ in range(s["grpo_prompts"] * s["grpo_steps"])]
+    with open(f"{folder}/grpo.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"prompt": t}) + "\n" for t in texts)
+    prompt_tokens = [len(tok(t)["input_ids"]) for t in texts]
+    with open(f"{folder}/lengths.json", "w", encoding="utf-8") as fh:
+        json.dump({"max_length": max(sizes) + 8, "max_prompt": max(prompts + prompt_tokens),
+                   "dpo_tokens_per_step": sum(sizes) / s["dpo_steps"],
+                   "grpo_prompt_tokens_per_step": sum(prompt_tokens) / s["grpo_steps"]}, fh)
+
+
+def lengths(folder: str) -> dict:
+    with open(f"{folder}/lengths.json", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def common(tool: str, out: str, steps: int, cpu: bool) -> dict:
+    return dict(output_dir=out, max_steps=steps, learning_rate=LR, logging_steps=1, save_strategy="no",
+                report_to="none", disable_tqdm=True, seed=0, lr_scheduler_type="constant", bf16=not cpu,
+                gradient_checkpointing=False, dataloader_pin_memory=False, use_cpu=cpu)
+
+
+def align_trainer(method: str, folder: str, s: dict, out: str, cpu: bool):
+    """align's own recipe path: the config through load_config (every check, the launcher's too), build_trainer."""
+    from align.config import load_config
+
+    if method == "dpo":
+        from align.recipes.dpo import RECIPE, build_trainer
+
+        keys = dict(dataset_name=f"{folder}/dpo.jsonl", per_device_train_batch_size=s["dpo_pairs"], beta=BETA,
+                    max_length=lengths(folder)["max_length"])
+    else:
+        from align.recipes.grpo import RECIPE, build_trainer
+
+        n = s["grpo_prompts"] * s["grpo_generations"]
+        keys = dict(dataset_name=f"{folder}/grpo.jsonl", per_device_train_batch_size=s["grpo_prompts"],
+                    num_generations=s["grpo_generations"], max_prompt_length=lengths(folder)["max_prompt"] * 2,
+                    max_completion_length=s["grpo_tokens"], beta=0.0, loss_type="dapo",
+                    reward_funcs=["gpu_check:reward"], temperature=1.0, generation_batch_size=n,
+                    micro_batch_size=n, rollout="hf", eval_num_samples=0)
+    steps = s["dpo_steps"] if method == "dpo" else s["grpo_steps"]
+    base = {k: v for k, v in common("align", out, steps, cpu).items() if k != "use_cpu" or v}
+    config = load_config(RECIPE.config_class, None, {**base, **keys, "model_name_or_path": folder,
+                                                     "torch_dtype": "float32" if cpu else "bfloat16",
+                                                     "dataset_test_split": None, "overwrite_output_dir": True})
+    return build_trainer(config)
+
+
+def trl_trainer(method: str, folder: str, s: dict, out: str, cpu: bool):
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # float32 master weights, bf16 autocast
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        rows = load_dataset("json", data_files=f"{folder}/dpo.jsonl", split="train")
+        config = DPOConfig(**common("trl", out, s["dpo_steps"], cpu), per_device_train_batch_size=s["dpo_pairs"],
+                           beta=BETA, max_length=lengths(folder)["max_length"], precompute_ref_log_probs=True)
+        return DPOTrainer(model=model, args=config, train_dataset=rows, processing_class=tok)
+    from trl import GRPOConfig, GRPOTrainer
+
+    rows = load_dataset("json", data_files=f"{folder}/grpo.jsonl", split="train")
+    n = s["grpo_prompts"] * s["grpo_generations"]
+    config = GRPOConfig(**common("trl", out, s["grpo_steps"], cpu), per_device_train_batch_size=n,
+                        num_generations=s["grpo_generations"], steps_per_generation=1,
+                        max_completion_length=s["grpo_tokens"], beta=0.0, loss_type="dapo", temperature=1.0,
+                        use_vllm=False)
+    return GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=rows, processing_class=tok)
+
+
+def run_one(tool: str, method: str, folder: str, s: dict, cpu: bool) -> dict:
+    """One (tool, method) run in this process: steady-state seconds a step, tokens a step, peak memory."""
+    import torch
+
+    from align.errors import AlignError
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    out = tempfile.mkdtemp(prefix=f"gpu-check-{tool}-{method}-")
+    try:
+        trainer = (align_trainer if tool == "align" else trl_trainer)(method, folder, s, out, cpu)
+    except AlignError as err:
+        return {"refused": str(err)}
+    timer = step_timer()
+    trainer.add_callback(timer)
+    trainer.train()
+    times = timer.times
+    s_per_step = (times[-1] - times[0]) / (len(times) - 1)
+    if method == "dpo":
+        tokens = lengths(folder)["dpo_tokens_per_step"]
+        generated = 0.0
+    else:  # every completion runs to max_completion_length: a random model over 151,936 ids almost never samples EOS
+        g = s["grpo_generations"]  # each completion is trained (and was sampled) after its prompt
+        tokens = g * lengths(folder)["grpo_prompt_tokens_per_step"] + g * s["grpo_prompts"] * s["grpo_tokens"]
+        generated = tokens
+    peak = peak_memory_mib()
+    del trainer
+    gc.collect()
+    return {"s_per_step": s_per_step, "tokens": tokens, "generated": generated, "peak_mib": peak}
+
+
+def child(tool: str, folder: str, s: dict, cpu: bool, which: list[str]) -> dict:
+    results = {}
+    for method in which:
+        try:
+            results[method] = run_one(tool, method, folder, s, cpu)
+        except Exception as err:  # noqa: BLE001 -- one failed run is reported, the others still run
+            results[method] = {"failed": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
+    return results
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fsdp2_config(folder: str) -> str:
+    import yaml
+
+    cfg = yaml.safe_load(open(os.path.join(REPO, "configs", "accelerate", "fsdp2.yaml"), encoding="utf-8"))
+    cfg.update(num_processes=1, num_machines=1, machine_rank=0, mixed_precision="bf16")
+    path = os.path.join(folder, "fsdp2-1proc.yaml")
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(cfg, fh)
+    return path
+
+
+def launch(tool: str, launcher: str, folder: str, args, deadline: float) -> dict:
+    """``tool``'s runs in a child process (``single``: python; ``fsdp2``: accelerate launch, one process), given
+    the time left before ``deadline`` (``time.monotonic()``) at most ``--child-timeout`` seconds."""
+    which = args.which.split(",")
+    left = deadline - time.monotonic()
+    if left < 20:
+        return {m: {"failed": "not run: the check's --budget-s was spent"} for m in which}
+    budget = min(args.child_timeout, left)
+    me = [os.path.abspath(__file__), "--child", tool, "--model-dir", folder, "--which", args.which,
+          *(["--tiny"] if args.tiny else []), *(["--cpu"] if args.cpu else [])]
+    if launcher == "single":
+        cmd = [sys.executable, *me]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", fsdp2_config(folder),
+               "--num_processes", "1", "--main_process_port", str(free_port()), *me]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget)
+    except subprocess.TimeoutExpired:
+        return {m: {"failed": f"timed out after {budget:.0f} s"} for m in which}
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[-400:]
+        return {m: {"failed": f"exit {proc.returncode}: {tail}"} for m in which}
+    return json.loads(line[0][len("RESULT "):])
+
+
+def figures(r: dict, n_params: int, peak_tflops: float | None) -> dict:
+    """tokens/s and MFU of one run's result."""
+    tokens_per_s = r["tokens"] / r["s_per_step"]
+    flops = 6 * n_params * r["tokens"] + 2 * n_params * r["generated"]
+    mfu = flops / r["s_per_step"] / (peak_tflops * 1e12) if peak_tflops else None
+    return {"tokens_per_s": tokens_per_s, "mfu": mfu}
+
+
+def report(results: dict, n_params: int, peak_tflops: float | None, which: list[str]) -> list[str]:
+    """The table: one line per (method, launch, tool), align's with its ratios to TRL's at the same launch."""
+    lines = [f"{'method':<6} {'launch':<7} {'tool':<6} {'tokens/s':>10} {'s/step':>8} {'MFU':>7} {'peak MiB':>9} "
+             f"{'tok/s / TRL':>12} {'peak / TRL':>11}"]
+    for method in which:
+        for launcher in ("single", "fsdp2"):
+            trl = results.get(("trl", launcher), {}).get(method)
+            for tool in TOOLS:
+                r = results.get((tool, launcher), {}).get(method)
+                if r is None:
+                    continue
+                head = f"{method:<6} {launcher:<7} {tool:<6}"
+                if "refused" in r or "failed" in r:
+                    what = "refused" if "refused" in r else "FAILED"
+                    lines.append(f"{head} {what}: {r.get('refused') or r['failed']}")
+                    continue
+                f = figures(r, n_params, peak_tflops)
+                mfu = f"{100 * f['mfu']:6.2f}%" if f["mfu"] is not None else "    n/a"
+                line = f"{head} {f['tokens_per_s']:>10.1f} {r['s_per_step']:>8.3f} {mfu:>7} {r['peak_mib']:>9.0f}"
+                if tool != "trl" and trl and "s_per_step" in trl:
+                    t = figures(trl, n_params, peak_tflops)
+                    speed, memory = f["tokens_per_s"] / t["tokens_per_s"], r["peak_mib"] / trl["peak_mib"]
+                    line += f" {speed:>11.2f}x {memory:>10.2f}x"
+                lines.append(line)
+    return lines
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("torch", "transformers", "accelerate", "peft", "trl", "datasets"):
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name} missing")
+    return ", ".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU, in this process, one-process runs only")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and a few tokens (seconds on a CPU)")
+    parser.add_argument("--shape", choices=("0.5b", "1.5b"), default="0.5b", help="the model's shape (Qwen2.5)")
+    parser.add_argument("--which", default="dpo,grpo", help="comma-separated: dpo, grpo")
+    parser.add_argument("--launchers", default="single,fsdp2", help="comma-separated: single, fsdp2 (GPU only)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the GPU's dense bf16 peak, for MFU (H100 / H200 SXM: 989); 0: no MFU")
+    parser.add_argument("--child-timeout", type=int, default=240, help="seconds for each child process at most")
+    parser.add_argument("--budget-s", type=int, default=450,
+                        help="seconds for the whole check: a child that would start past it is not run")
+    parser.add_argument("--json", metavar="OUT", help="also write the settings and results here")
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--child", metavar="TOOL", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    which = [w for w in args.which.split(",") if w]
+    if not which or set(which) - {"dpo", "grpo"}:
+        parser.error(f"--which: comma-separated dpo / grpo, got {args.which!r}")
+    s = SETTINGS["tiny" if args.tiny else "gpu"]
+    if args.cpu:  # as on the GPU machine, which has no vLLM: TRL and align then never import it (a slow import)
+        sys.modules.setdefault("vllm", None)
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.model_dir, s, args.cpu, which)), flush=True)
+        return 0
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        parser.error("no GPU here: run with --cpu (and --tiny) for the CPU path")
+    launchers = ["single"] if args.cpu else [x for x in args.launchers.split(",") if x]
+    shape = "tiny" if args.tiny else args.shape
+    started = time.perf_counter()
+    deadline = time.monotonic() + args.budget_s
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
+        n_params = build_model(folder, shape)
+        write_data(folder, s)
+        results = {}
+        for launcher in launchers:
+            for tool in TOOLS:  # TRL first: the ratios' base
+                results[(tool, launcher)] = (child(tool, folder, s, True, which) if args.cpu
+                                             else launch(tool, launcher, folder, args, deadline))
+    device = torch.cuda.get_device_name() if not args.cpu else f"CPU ({os.cpu_count()} cores)"
+    memory = "peak GPU memory allocated" if not args.cpu else "peak RSS of this process (cumulative)"
+    peak = args.peak_tflops if not args.cpu and args.peak_tflops > 0 else None
+    print(f"gpu_check: Qwen2-architecture model of shape {shape} ({n_params / 1e6:.1f}M parameters), random "
+          f"weights, {'float32' if args.cpu else 'float32 master weights + bf16 autocast'}; {device}; {versions()}")
+    print(f"DPO: {s['dpo_pairs']} pairs a step, {PROMPT_TOKENS} + {s['dpo_tokens']} tokens, {s['dpo_steps']} steps; "
+          f"GRPO: {s['grpo_prompts']} prompts x {s['grpo_generations']} completions of {s['grpo_tokens']} tokens, "
+          f"{s['grpo_steps']} steps (HF generate); memory = {memory}; MFU against {peak or 'n/a'} TFLOP/s")
+    lines = report(results, n_params, peak, which)
+    print("\n".join(lines))
+    print(f"gpu_check: done in {time.perf_counter() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"shape": shape, "params": n_params, "settings": s, "device": device, "versions": versions(),
+                       "results": [{"tool": t, "launch": la, "method": m, **r}
+                                   for (t, la), per in results.items() for m, r in per.items()]}, fh, indent=1)
+    failed = any("failed" in r for per in results.values() for r in per.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
