@@ -47,7 +47,7 @@ def on_gpu(monkeypatch):
 ])
 def test_sharding_on_the_cpu_warns_once_and_runs_as_ddp(launcher, capsys, env, kind, engine):
     launcher(**env)
-    sh.check_launch(run_args("online_dpo" if kind == "FSDP" else "dpo"))  # dpo: align's own FSDP2, below
+    sh.check_launch(run_args("iterative_dpo" if kind == "FSDP" else "dpo"))  # dpo: align's own FSDP2, below
     assert capsys.readouterr().err.splitlines() == [
         f"warning: distributed_type: {kind} was asked for, but accelerate 1.15 does not run {engine} on the CPU "
         "(use_cpu): this run is plain data parallel (DDP), every process holding the whole model and optimizer state. "
@@ -295,5 +295,5 @@ def test_fsdp2_finds_the_decoder_layers_and_its_config(launcher, monkeypatch):
     assert fsdp2.reshard_after_forward(SimpleNamespace(fsdp_config={"reshard_after_forward": True})) is False
     launcher(ACCELERATE_USE_FSDP="true")
     assert not fsdp2.wanted(run_args("dpo"), PreferenceTrainer)  # no process group of 2+: nothing to shard
-    assert not fsdp2.wanted(run_args("online_dpo"), PreferenceTrainer)
+    assert not fsdp2.wanted(run_args("iterative_dpo"), PreferenceTrainer)  # its rounds run as DDP
     assert not fsdp2.is_sharded(model)
