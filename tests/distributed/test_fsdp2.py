@@ -154,9 +154,16 @@ def test_dpo_under_fsdp2_matches_one_process(dpo_runs, testbed):
 
 
 @pytest.mark.slow
-def test_dpo_resumed_from_a_sharded_checkpoint(dpo_runs):
+def test_dpo_resumed_from_a_sharded_checkpoint(repo, dpo_runs):
     assert_sharded(dpo_runs["resumed"][0])
     assert_resume_exact(dpo_runs)
+    # the checkpoint is a 1-process one (full weights, torch's optimizer format): one process resumes it too, and with
+    # the same global batch continues as the 2 sharded processes did
+    tmp = dpo_runs["tmp"]
+    _, single = launch(repo, tmp / "resumed-one", "dpo", [*DPO, *SAVE, "per_device_train_batch_size=16",
+                                                         f"resume_from_checkpoint={tmp / 'copy' / 'checkpoint-2'}"])
+    assert [r["step"] for r in single] == [3, 4]
+    assert [r["loss"] for r in single] == pytest.approx([r["loss"] for r in dpo_runs["two"][1][2:]], abs=1e-5)
 
 
 @pytest.mark.slow
