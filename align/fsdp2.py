@@ -16,8 +16,8 @@ optimizer:
   DTensor-aware clip: each process's partial sum of squares, all-reduced).
 * :class:`FSDP2Checkpoints` (mixed into the trainer): ``save_model`` and every checkpoint write the FULL weights
   (gathered on the main process: the files of a 1-process run); the optimizer state is gathered into the
-  1-process ``optimizer.pt`` format (state keyed by parameter index) and loaded back into each process's shards, so
-  a sharded checkpoint resumes exactly under any process count (and a 1-process checkpoint under FSDP2).
+  1-process ``optimizer.pt`` format (state keyed by parameter index) and loaded back into each process's shards: a
+  sharded checkpoint resumes exactly, and is a 1-process checkpoint (one process resumes it too).
 * A frozen reference copy of the policy (the online trainers) is copied whole before the policy is sharded and
   sharded the same way (``AlignTrainer.setup_reference``).
 * :func:`gathered`: passes where processes do different work (HF generation, EGPO's mixture, the win rate, old /
