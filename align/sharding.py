@@ -125,13 +125,6 @@ def fsdp2_refusal(args) -> str | None:
     where = f"under FSDP on the CPU ({name} with align's fully_shard)"
     if getattr(args, "use_peft", False):
         return f"use_peft: LoRA is not run {where} yet; launch with configs/accelerate/cpu2.yaml (DDP) for LoRA"
-    # (the online trainers shard their frozen copy of the policy too; these two copy it from the sharded policy)
-    live_ref = getattr(args, "precompute_ref_logps", True) is False if name == "dpo" else bool(getattr(args, "beta", 0))
-    if name in ("dpo", "grpo", "raft") and live_ref and not getattr(args, "ref_model_name_or_path", None):
-        key = "precompute_ref_logps: false" if name == "dpo" else f"beta: {args.beta}"
-        return (f"{key} keeps a frozen copy of the policy {where}, which cannot be copied from its shards yet; "
-                + ("set precompute_ref_logps: true" if name == "dpo" else "set beta: 0")
-                + " or ref_model_name_or_path, or launch with configs/accelerate/cpu2.yaml")
     if name == "dpo":
         from align.objectives import registry
 

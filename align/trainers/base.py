@@ -87,11 +87,16 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
     fsdp2_on_cpu = False  # whether align shards this trainer's policy itself under FSDP on the CPU (align/fsdp2.py)
     fsdp2_reference_copy = False  # under it, whether setup_reference may need a frozen copy of the initial policy
 
+    def wants_reference_copy(self, args) -> bool:
+        """Under align's FSDP2: whether :meth:`setup_reference` will copy the initial policy (the copy is taken whole
+        before the policy is sharded, then sharded too)."""
+        return self.fsdp2_reference_copy
+
     def __init__(self, model, args, **trainer_kwargs):
         self.fsdp2 = fsdp2.wanted(args, type(self))
         self._fsdp2_reference_source = None
         if self.fsdp2:  # before any pass reads the policy and before the Trainer builds the optimizer on it
-            if self.fsdp2_reference_copy:  # the frozen reference: copied whole now, sharded by setup_reference
+            if self.wants_reference_copy(args):  # the frozen reference: copied whole now, sharded by setup_reference
                 self._fsdp2_reference_source = copy.deepcopy(model)
             model = fsdp2.shard(model, fsdp2.reshard_after_forward(args))
             print(fsdp2.describe(model), flush=True)

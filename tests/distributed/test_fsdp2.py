@@ -234,3 +234,27 @@ def test_online_trainers_under_fsdp2_match_one_process(repo, testbed, tmp_path, 
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
     gap, update = weight_gap(testbed, tmp_path / "one", tmp_path / "two")
     assert update > 1e-3 and gap / update < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, args, per_device", [
+    ("dpo", [*DPO, "max_steps=3", "precompute_ref_logps=false"], 16),
+    ("grpo", [*GRPO, "beta=0.04", "num_minibatches=1"], 8)], ids=["dpo-live-reference", "grpo-kl"])
+def test_frozen_reference_copy_under_fsdp2(repo, testbed, tmp_path, recipe, args, per_device):
+    """A frozen copy of the initial policy (DPO's live reference, GRPO's KL term), copied before the policy is sharded
+    and sharded the same way: the 1-process numbers at every step."""
+    _, one = launch(repo, tmp_path / "one", recipe, [*args, *NO_SAVE, f"per_device_train_batch_size={per_device}"])
+    proc, two = launch(repo, tmp_path / "two", recipe, [*args, *NO_SAVE,
+                                                        f"per_device_train_batch_size={per_device // 2}"],
+                       cpu_variant(repo, tmp_path, "fsdp2"))
+    assert_sharded(proc)
+    keys = ("loss", "grad_norm", "rewards/chosen") if recipe == "dpo" else ("loss", "grad_norm", "kl", "reward")
+    assert len(one) == len(two) >= 3
+    for key in keys:
+        first = [r.get(key) for r in one]
+        assert first[0] is not None, key
+        assert [r.get(key) for r in two] == pytest.approx(first, rel=1e-5, abs=1e-5), key
+    if recipe == "dpo":
+        assert two[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    else:
+        assert two[-1]["kl"] > 0  # the policy moved away from the sharded reference

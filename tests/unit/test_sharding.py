@@ -66,8 +66,6 @@ def test_fsdp_on_the_cpu_is_aligns_own_fsdp2_for_the_ported_recipes(launcher, ca
 @pytest.mark.parametrize("recipe, option, start", [
     ("dpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP on the CPU (dpo with align's fully_shard) yet"),
     ("grpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP on the CPU (grpo with align's fully_shard)"),
-    ("dpo", {"precompute_ref_logps": False}, "precompute_ref_logps: false keeps a frozen copy of the policy"),
-    ("grpo", {"beta": 0.04}, "beta: 0.04 keeps a frozen copy of the policy under FSDP on the CPU"),
     ("dpo", {"entanglement_steps": 2}, "entanglement_steps / entanglement_action / objective 'dpo': per-pair"),
     ("dpo", {"objective": "pairnorm"}, "entanglement_steps / entanglement_action / objective 'pairnorm': per-pair"),
     ("grpo", {"rollout": "vllm"}, "rollout: vllm: pushing weights to a rollout engine is not done under FSDP"),
