@@ -127,6 +127,8 @@ def gathered(*models):
     reshard = all(getattr(m, "align_fsdp2_reshard", True) for m in models if m is not None)
     for m in units:
         m.unshard()
+        if id(m) in roots:
+            m.align_fsdp2_gathered = True  # read by generate_kwargs
     for m in units:
         if id(m) not in roots:  # the root never reshards after forward (FSDP2's own rule)
             m.set_reshard_after_forward(False, recurse=False)
@@ -141,6 +143,15 @@ def gathered(*models):
             m.set_reshard_after_backward(True, recurse=False)
             m.set_requires_gradient_sync(True, recurse=False)
             m.reshard()
+            m.align_fsdp2_gathered = False
+
+
+def generate_kwargs(model) -> dict:
+    """Extra arguments of HF ``generate`` for ``model``: transformers turns ``synced_gpus`` on for any FSDP-managed
+    model in a process group (each process then runs forwards until every process is done, and one that calls
+    ``generate`` fewer times than another hangs it); inside :func:`gathered` no forward needs a collective, so it is
+    turned off and each process generates its own share, any number of calls."""
+    return {"synced_gpus": False} if getattr(model, "align_fsdp2_gathered", False) else {}
 
 
 # --- full state dicts ---------------------------------------------------------------------------------

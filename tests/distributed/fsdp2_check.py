@@ -5,9 +5,9 @@
 * the sharding: FSDP module, DTensor parameters, the embedding's local shard;
 * a training step (forward, backward, accelerate's DTensor-aware ``clip_grad_norm_``, AdamW) against the same step on
   the unsharded copy, over both processes' data (the mean of the two processes' losses: FSDP2 averages gradients);
-* :func:`align.fsdp2.gathered`: each process generates a different number of tokens and measures per-sequence gradient
-  norms of a different number of sequences (no collective inside: a mismatch would hang, then time out); the norms
-  against the unsharded copy's;
+* :func:`align.fsdp2.gathered`: each process calls ``generate`` a different number of times for a different number of
+  tokens and measures per-sequence gradient norms of a different number of sequences (no collective inside: a
+  mismatch would hang, then time out); the norms against the unsharded copy's;
 * EGPO's half-step snapshot and restore (:func:`align.trainers.egpo.snapshot` / ``restore``) with sharded optimizer
   state: bit for bit;
 * the full state dict and the optimizer state in the 1-process format, loaded back exactly.
@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 from align.fsdp2 import (
     full_state_dict,
     gathered,
+    generate_kwargs,
     load_full_state_dict,
     load_optimizer_full_state,
     optimizer_full_state,
@@ -83,9 +84,10 @@ def main() -> None:
     completions = [[20, 21], [22, 23, 24], [25], [26, 27, 28, 29]][: 1 + 2 * rank]
     with gathered(model):
         model.eval()
-        with torch.no_grad():
-            gen = model.generate(batch(rank)[:1, :4], max_new_tokens=2 + 5 * rank, min_new_tokens=2 + 5 * rank,
-                                 do_sample=False, pad_token_id=0)
+        with torch.no_grad():  # process 1 calls generate twice, process 0 once (transformers' synced_gpus off)
+            for _ in range(1 + rank):
+                gen = model.generate(batch(rank)[:1, :4], max_new_tokens=2 + 5 * rank, min_new_tokens=2 + 5 * rank,
+                                     do_sample=False, pad_token_id=0, **generate_kwargs(model))
         params = [p for _, p in select_parameters(model, ["embed_tokens", "layers.1."])]
         out["gathered_param_types"] = sorted({type(p).__name__ for p in params})
         norms = sequence_grad_norms(model, prompts, completions, 0, params, chunk=2)

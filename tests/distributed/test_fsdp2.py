@@ -133,7 +133,7 @@ def test_fully_shard_and_gathered_passes(repo, testbed, tmp_path):
         assert r["sharded_after"] and r["reload_exact"]
         assert r["egpo_half_step_moved"] and r["egpo_restore_exact"]  # each process restores its own shards
     assert (len(r0["norms"]), len(r1["norms"])) == (1, 3)  # different work per process, no hang
-    assert (r0["generated"], r1["generated"]) == (6, 11)  # 2 and 7 new tokens: 2 and 7 forwards
+    assert (r0["generated"], r1["generated"]) == (6, 11)  # 2 and 7 new tokens: 2 forwards, 2 x 7 forwards
     assert r0["step_max_diff"] < 1e-6 and r0["full_keys_equal"]
     assert r0["opt_format"] == [True, True] and r0["opt_max_diff"] < 1e-8
 
@@ -236,13 +236,21 @@ def test_online_trainers_under_fsdp2_match_one_process(repo, testbed, tmp_path, 
     assert update > 1e-3 and gap / update < 1e-4
 
 
+RAFT = ["--config", "configs/raft/testbed.yaml", "max_steps=4", "logging_steps=1", "num_generations=8",
+        "micro_batch_size=16", "max_train_samples=128", "dataset_test_split=null", "disable_tqdm=true",
+        "overwrite_output_dir=true"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, args, per_device", [
     ("dpo", [*DPO, "max_steps=3", "precompute_ref_logps=false"], 16),
-    ("grpo", [*GRPO, "beta=0.04", "num_minibatches=1"], 8)], ids=["dpo-live-reference", "grpo-kl"])
+    ("grpo", [*GRPO, "beta=0.04", "num_minibatches=1"], 8),
+    ("raft", [*RAFT, "beta=0.04", "num_minibatches=1", "allocator=dynamic"], 8)],
+    ids=["dpo-live-reference", "grpo-gvm-kl", "raft-dynamic-kl"])
 def test_frozen_reference_copy_under_fsdp2(repo, testbed, tmp_path, recipe, args, per_device):
-    """A frozen copy of the initial policy (DPO's live reference, GRPO's KL term), copied before the policy is sharded
-    and sharded the same way: the 1-process numbers at every step."""
+    """A frozen copy of the initial policy (DPO's live reference, the RL loop's KL term), copied before the policy is
+    sharded and sharded the same way: the 1-process numbers at every step (RAFT with dynamic sampling: the RL trainer's
+    other allocator and advantage)."""
     _, one = launch(repo, tmp_path / "one", recipe, [*args, *NO_SAVE, f"per_device_train_batch_size={per_device}"])
     proc, two = launch(repo, tmp_path / "two", recipe, [*args, *NO_SAVE,
                                                         f"per_device_train_batch_size={per_device // 2}"],
