@@ -110,6 +110,37 @@ def refusal(args, shards: Sharding) -> str | None:
     return None
 
 
+# Recipes whose trainer align shards itself with FSDP2 on the CPU (align/fsdp2.py); the others run an FSDP config on
+# the CPU as DDP with :func:`cpu_fallback_warning`.
+FSDP2_RECIPES = ("dpo", "grpo", "raft", "online_dpo", "xpo", "egpo")
+FSDP2_NOTE = ("note: distributed_type: FSDP on the CPU: accelerate 1.15 does not run FSDP there, so align shards the "
+              "policy itself with torch's FSDP2 (fully_shard on each decoder layer and the model; "
+              "docs/architecture.md, Sharding)")
+
+
+def fsdp2_refusal(args) -> str | None:
+    """The one line refusing an option that align's CPU FSDP2 (a recipe of :data:`FSDP2_RECIPES`) cannot run yet,
+    or None."""
+    name = args.recipe_name
+    where = f"under FSDP on the CPU ({name} with align's fully_shard)"
+    if getattr(args, "use_peft", False):
+        return f"use_peft: LoRA is not run {where} yet; launch with configs/accelerate/cpu2.yaml (DDP) for LoRA"
+    if name == "dpo":
+        from align.objectives import registry
+
+        objective = getattr(args, "objective", None)
+        needs = registry()[objective].needs if objective in registry() else ()
+        if getattr(args, "entanglement_steps", None) or getattr(args, "entanglement_action", "none") != "none" or (
+                "grad_norms" in needs):
+            return (f"entanglement_steps / entanglement_action / objective {objective!r}: per-pair gradients are "
+                    f"not computed {where} yet (the live graph's gradients land in the shards); launch with "
+                    "configs/accelerate/cpu2.yaml for them")
+    elif getattr(args, "rollout", "hf") != "hf":
+        return (f"rollout: {args.rollout}: pushing weights to a rollout engine is not done {where} yet; use "
+                "rollout: hf, or launch with configs/accelerate/cpu2.yaml")
+    return None
+
+
 def check_launch(args) -> None:
     """The launcher's sharding against this run, before any model loads (see the module's notes): a one-line
     ConfigError for what cannot run; :func:`cpu_fallback_warning` once (main process) for a sharding run as DDP."""
@@ -123,6 +154,13 @@ def check_launch(args) -> None:
                 "accelerators only: on the CPU (use_cpu) it would fall back to plain DDP after transformers had "
                 "already partitioned the weights for ZeRO-3; launch on GPUs, or on the CPU with "
                 "configs/accelerate/zero2.yaml or cpu2.yaml")
+        if shards.kind == "FSDP" and getattr(args, "recipe_name", None) in FSDP2_RECIPES:
+            line = fsdp2_refusal(args)
+            if line:
+                raise ConfigError(line)
+            if os.environ.get("RANK", "0") == "0":
+                print(FSDP2_NOTE, file=sys.stderr, flush=True)
+            return
         if os.environ.get("RANK", "0") == "0":
             print(cpu_fallback_warning(shards.kind), file=sys.stderr, flush=True)
         return

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from align import progress
+from align.fsdp2 import generate_kwargs
 from align.rollout.base import Rollouts, SamplingParams, check_request, eos_token_ids, sample_seed
 
 
@@ -127,7 +128,7 @@ class HFEngine:
         sampler = GumbelSampler(sampling, [sample_seed(sampling.seed, keys[i], k) for i, k in rows])
         processors.append(sampler)
         gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                                  logits_processor=processors)
+                                  logits_processor=processors, **generate_kwargs(self.model))
         new = gen[:, width:].cpu()
         picked, logps = sampler.recorded()
         eos = torch.tensor(self.eos_ids)

@@ -28,7 +28,7 @@ from contextlib import nullcontext
 import torch
 from transformers import Trainer
 
-from align import progress
+from align import fsdp2, progress
 from align.checkpoints import AtomicCheckpoints, check_checkpoint, resolve_resume
 from align.data.prompts import tokenize_prompts
 from align.errors import TrainingError
@@ -77,16 +77,32 @@ class RepeatRoundSampler(torch.utils.data.Sampler):
                 yield from order[s : s + self.global_batch]
 
 
-class AlignTrainer(NoTrainerPush, MetricsMixin, AtomicCheckpoints, Trainer):
+class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCheckpoints, Trainer):
     """``transformers.Trainer`` with the set-up every align trainer shares (it never pushes to the Hub itself:
     :mod:`align.trainers.hub_sync`). Subclasses wrap the model with
     :func:`wrap_peft` first, then call this ``__init__`` (the ``Trainer``'s arguments), then set up what they
     need: :meth:`setup_reference`, :meth:`setup_rollout`."""
 
     state_file: str | None = None  # file name of the resume state in each checkpoint; None: nothing to keep
+    fsdp2_on_cpu = False  # whether align shards this trainer's policy itself under FSDP on the CPU (align/fsdp2.py)
+    fsdp2_reference_copy = False  # under it, whether setup_reference may need a frozen copy of the initial policy
+
+    def wants_reference_copy(self, args) -> bool:
+        """Under align's FSDP2: whether :meth:`setup_reference` will copy the initial policy (the copy is taken whole
+        before the policy is sharded, then sharded too)."""
+        return self.fsdp2_reference_copy
 
     def __init__(self, model, args, **trainer_kwargs):
+        self.fsdp2 = fsdp2.wanted(args, type(self))
+        self._fsdp2_reference_source = None
+        if self.fsdp2:  # before any pass reads the policy and before the Trainer builds the optimizer on it
+            if self.wants_reference_copy(args):  # the frozen reference: copied whole now, sharded by setup_reference
+                self._fsdp2_reference_source = copy.deepcopy(model)
+            model = fsdp2.shard(model, fsdp2.reshard_after_forward(args))
+            print(fsdp2.describe(model), flush=True)
         super().__init__(model=model, args=args, **trainer_kwargs)
+        if self.fsdp2:  # the Trainer's path for a model that owns its sharding: prepared without DDP
+            self.is_distributed_loading_by_transformers = True
         check_in_effect(args, self.accelerator)  # FSDP / DeepSpeed asked for is in effect, not a quiet DDP run
         self.is_peft = hasattr(model, "disable_adapter")
         self.ref_model = None
@@ -105,6 +121,13 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, AtomicCheckpoints, Trainer):
     def setup_reference(self, ref_model=None, needed: bool = True) -> None:
         """``self.ref_model``: ``ref_model`` if given; else, when ``needed`` and the policy has no LoRA adapter to
         switch off, a frozen copy of the initial policy; else None. Frozen, in eval mode, on the device."""
+        source, self._fsdp2_reference_source = self._fsdp2_reference_source, None
+        if ref_model is None and needed and not self.is_peft and self.fsdp2:
+            if source is None:  # align.sharding.fsdp2_refusal refuses these configs before any model loads
+                raise TrainingError("a frozen copy of the policy cannot be made from its FSDP2 shards; precompute "
+                                    "the reference log-probs or pass ref_model")
+            self.ref_model = fsdp2.shard(source.requires_grad_(False), fsdp2.reshard_after_forward(self.args)).eval()
+            return  # sharded like the policy, frozen: its forwards run in step on every process, or gathered
         if ref_model is None and needed and not self.is_peft:
             ref_model = copy.deepcopy(self.model)
         if ref_model is not None:

@@ -75,17 +75,11 @@ class EGPOTrainer(OnlinePreferenceTrainer):
 
     def backup(self) -> None:
         """θ_t and the optimizer state, copied to the CPU."""
-        params = [p.detach().to("cpu", copy=True) for p in self._trainable()]
-        state = _to_cpu(copy.deepcopy(self.optimizer.optimizer.state_dict()))
-        self._backup = (params, state)
+        self._backup = snapshot(self._trainable(), self.optimizer.optimizer)
 
     def restore(self) -> None:
         """Parameters and optimizer state back to θ_t, exactly."""
-        params, state = self._backup
-        with torch.no_grad():
-            for p, saved in zip(self._trainable(), params, strict=True):
-                p.copy_(saved.to(p.device))
-        self.optimizer.optimizer.load_state_dict(state)
+        restore(self._trainable(), self.optimizer.optimizer, self._backup)
         self._backup = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -100,6 +94,21 @@ class EGPOTrainer(OnlinePreferenceTrainer):
         """On a full step the samples came from θ_{t+½}; the gradient is taken at θ_t."""
         if self.args.egpo_extragradient and not self.is_half_step:
             self.restore()
+
+
+def snapshot(params, optimizer) -> tuple:
+    """``params`` and ``optimizer``'s state, copied to the CPU. Under FSDP2 each process copies its own shards (the
+    parameters and the Adam moments are DTensors whose local part is this process's rows)."""
+    return [p.detach().to("cpu", copy=True) for p in params], _to_cpu(copy.deepcopy(optimizer.state_dict()))
+
+
+def restore(params, optimizer, saved: tuple) -> None:
+    """``params`` and ``optimizer``'s state back to a :func:`snapshot`, bit for bit."""
+    values, state = saved
+    with torch.no_grad():
+        for p, value in zip(params, values, strict=True):
+            p.copy_(value.to(p.device))
+    optimizer.load_state_dict(state)
 
 
 def _to_cpu(obj):

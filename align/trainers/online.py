@@ -37,6 +37,7 @@ from accelerate.utils import gather_object
 
 from align import progress
 from align.errors import TrainingError
+from align.fsdp2 import gathered
 from align.logps import pack, scoring, token_logps
 from align.objectives import build
 from align.rollout import HFEngine, SamplingParams
@@ -69,6 +70,8 @@ class Pairs:
 class OnlinePreferenceTrainer(RolloutTrainer):
     method = "online_dpo"
     state_file = "online_state.json"  # the oracle-call counter, saved in every checkpoint
+    fsdp2_on_cpu = True  # align/fsdp2.py: sampling and evaluation run gathered, the reference sharded too
+    fsdp2_reference_copy = True
 
     def __init__(self, model, args: OnlineArguments, train_dataset, eval_dataset=None, processing_class=None,
                  oracle=None, ref_model=None, peft_config=None, callbacks=None, engine=None):
@@ -111,11 +114,15 @@ class OnlinePreferenceTrainer(RolloutTrainer):
         if engine is None and not reference:
             engine = self.engine
             self.weight_sync(self.policy, self.state.global_step)
+            # FSDP2: generation from the whole weights, gathered once, each process its own forwards (align/fsdp2.py)
+            whole = gathered(self.policy) if a.rollout == "hf" else nullcontext()
         else:
+            whole = gathered(self.policy, self.ref_model) if engine is not None else None  # EGPO's mixture
             model, ctx = self.reference() if reference else (self.policy, nullcontext())
+            whole = whole or gathered(model)
             engine = engine or self.hf_engine
             engine.model = model
-        with ctx, self.stage(f"sampling {role!r}", len(rows), "completions") as stage:
+        with ctx, whole, self.stage(f"sampling {role!r}", len(rows), "completions") as stage:
             out = engine.generate([r["prompt_ids"] for r in rows], [1] * len(rows), sampling, keys)
             stage.finish()
         return out.completion_ids
@@ -253,10 +260,11 @@ class OnlinePreferenceTrainer(RolloutTrainer):
         a = self.args
         ref_model, ctx = self.reference()
         calls = self.oracle.calls
-        result = win_rate(self.policy, ref_model, self.processing_class, [ds[i] for i in range(len(ds))],
-                          self.oracle, a.eval_num_samples, a.eval_max_new_tokens or a.max_completion_length,
-                          a.temperature, a.seed, a.generation_batch_size, baseline_context=ctx,
-                          progress=progress.shown(a, self.is_world_process_zero()))
+        with gathered(self.policy, self.ref_model):  # FSDP2: each process generates its own share (align/fsdp2.py)
+            result = win_rate(self.policy, ref_model, self.processing_class, [ds[i] for i in range(len(ds))],
+                              self.oracle, a.eval_num_samples, a.eval_max_new_tokens or a.max_completion_length,
+                              a.temperature, a.seed, a.generation_batch_size, baseline_context=ctx,
+                              progress=progress.shown(a, self.is_world_process_zero()))
         self.oracle.calls = calls  # evaluation judgements are not training labels
         metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in result.items()}
         self.log(metrics)

@@ -120,6 +120,10 @@ def pair_sizes(ds, rows) -> list[tuple[int]]:
 
 
 class PreferenceTrainer(AlignTrainer):
+    fsdp2_on_cpu = True  # align/fsdp2.py
+
+    def wants_reference_copy(self, args) -> bool:
+        return not args.precompute_ref_logps  # the live reference: a frozen copy (of the sharded policy's start)
     def __init__(self, model, args: PreferenceArguments, train_dataset=None, eval_dataset=None,
                  processing_class=None, ref_model=None, peft_config=None, callbacks=None):
         model = wrap_peft(model, peft_config, args.seed)

@@ -28,7 +28,7 @@ from align.objectives.advantages import ADVANTAGES, SCALES
 from align.objectives.policy import KL_ESTIMATOR_NAMES, LOSS_TYPES, POLICY_LOSSES
 from align.rollout.args import RolloutArguments
 from align.sampling.allocators import ALLOCATORS as ALLOCATOR_REGISTRY
-from align.sharding import sharding
+from align.sharding import FSDP2_RECIPES, runs_on_cpu, sharding
 from align.timeouts import REWARD_TIMEOUT_HELP, REWARD_TIMEOUT_S, check_timeout
 from align.tracking import CompletionsLogArguments
 
@@ -185,7 +185,9 @@ class RLConfig(RLArguments, CPUSaneDefaults, TrainingArguments):
             raise ConfigError(f"save_steps: must be a multiple of the {self.updates_per_round} updates per round "
                               "(num_minibatches x num_iterations), so a resumed run restarts at a round boundary")
         shards = sharding(self)
-        if shards.shards_weights:
+        own_fsdp2 = shards.kind == "FSDP" and runs_on_cpu(self) and getattr(self, "recipe_name", None) in (
+            None, *FSDP2_RECIPES)  # align's own fully_shard on the CPU, with gathered generation (align/fsdp2.py)
+        if shards.shards_weights and not own_fsdp2:
             raise ConfigError(f"distributed_type: the RL loop does not run under {shards.kind} yet (each process "
                               "generates its own groups and estimates G_i on unsharded weights, so sharded forwards "
                               "would not line up and would hang); launch with configs/accelerate/ddp.yaml, "

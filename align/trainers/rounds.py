@@ -24,6 +24,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ from accelerate.utils import gather_object
 
 from align import progress
 from align.errors import TrainingError
+from align.fsdp2 import gathered
 from align.logps import pack, scoring, token_logps
 from align.microbatch import token_budget_batches
 from align.monitors.grad_norm import sequence_grad_norms
@@ -90,9 +92,8 @@ class RoundBuilder:
         self.allocate = ALLOCATORS.get(args.allocator).fn
         self.advantages = ESTIMATORS.bind(args.advantage, scale_rewards=args.scale_rewards,
                                           accept_threshold=args.accept_threshold)
-        self.grad_params = None
-        if args.allocator == "gvm" or args.grad_norm_monitor_steps:
-            self.grad_params = [p for _, p in select_parameters(policy(), args.gvm_grad_params)]
+        if args.allocator == "gvm" or args.grad_norm_monitor_steps:  # a name matching nothing: refused now
+            select_parameters(policy(), args.gvm_grad_params)
         self.stats = PromptStats()
         self.rollouts_total = 0
         self.timing = {"generate": 0.0, "sync": 0.0}
@@ -139,7 +140,10 @@ class RoundBuilder:
         self.timing["sync"] += self.weight_sync(self.policy(), self.step())
         stage = progress.bar(stage_name(tag), sum(counts), "completions", show=self.show,
                              groups=[counts[i] for i in mine], groups_total=sum(n > 0 for n in counts))
-        with stage:  # the HF engine ticks it per batch; the other processes' shares come in with the gather
+        # FSDP2: the HF engine generates from the whole weights, gathered once for the generation, so each process
+        # runs as many forwards as its own groups need (align/fsdp2.py)
+        whole = gathered(self.policy()) if getattr(self.args, "rollout", "hf") == "hf" else nullcontext()
+        with stage, whole:  # the HF engine ticks it per batch; the other processes' shares come in with the gather
             start = time.perf_counter()
             out = self.engine.generate([rows[i]["prompt_ids"] for i in mine], [counts[i] for i in mine],
                                        sampling or self.sampling(), keys=[f"{tag}:{rows[i]['uid']}" for i in mine])
@@ -207,9 +211,12 @@ class RoundBuilder:
         name = {"gvm": "GVM estimation: gradient norms", "grad_norm": "gradient-norm monitor"}.get(prefix, prefix)
         with progress.bar(f"{name} (round {index})", sum(s.reward > self.args.accept_threshold for s in samples),
                           "samples", show=self.show) as stage:  # ticked per sequence by sequence_grad_norms
-            norms = sequence_grad_norms(self.policy(), [s.prompt_ids for s in accepted],
-                                        [s.completion_ids for s in accepted], self.pad_id, self.grad_params,
-                                        block_size=self.args.logits_block_size)
+            policy = self.policy()
+            with gathered(policy):  # FSDP2: whole gradients against the gathered weights, any count per process
+                params = [p for _, p in select_parameters(policy, self.args.gvm_grad_params)]
+                norms = sequence_grad_norms(policy, [s.prompt_ids for s in accepted],
+                                            [s.completion_ids for s in accepted], self.pad_id, params,
+                                            block_size=self.args.logits_block_size)
             found = dict(gather_object([((s.g, s.k), n) for s, n in zip(accepted, norms)]))
             stage.finish()
         groups: dict[int, list[Sample]] = {}
@@ -261,16 +268,19 @@ class RoundBuilder:
                              "samples", show=self.show)
         was_training = policy.training
         policy.eval()
+        reference = self.reference()[0] if a.beta else None
         try:
-            for samples, attr, fn in passes:
-                sizes = [(len(s.prompt_ids), len(s.completion_ids)) for s in samples]
-                for batch in token_budget_batches(sizes, a.max_tokens_per_micro_batch, max_items=a.micro_batch_size):
-                    chunk = [samples[j] for j in batch]
-                    ids, attn, _, width = pack([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk],
-                                               self.pad_id, a.device)
-                    for s, row in zip(chunk, fn(ids, attn, width)):
-                        setattr(s, attr, row[: s.length].cpu())
-                    stage.advance(len(batch))
+            with gathered(policy, None if reference is policy else reference):  # FSDP2: each process its own count
+                for samples, attr, fn in passes:
+                    sizes = [(len(s.prompt_ids), len(s.completion_ids)) for s in samples]
+                    for batch in token_budget_batches(sizes, a.max_tokens_per_micro_batch,
+                                                      max_items=a.micro_batch_size):
+                        chunk = [samples[j] for j in batch]
+                        ids, attn, _, width = pack([s.prompt_ids for s in chunk], [s.completion_ids for s in chunk],
+                                                   self.pad_id, a.device)
+                        for s, row in zip(chunk, fn(ids, attn, width)):
+                            setattr(s, attr, row[: s.length].cpu())
+                        stage.advance(len(batch))
         finally:
             policy.train(was_training)
             stage.close()

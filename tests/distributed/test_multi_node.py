@@ -5,9 +5,9 @@ launchers started as subprocesses on this host: machine 0 with ``accelerate laun
 losses of one process with the same global batch (16 pairs), and the run's model card says it had 2 processes on 2
 machines.
 
-On the CPU accelerate 1.15 runs the FSDP config as plain DDP (the documented fallback, one warning from the main
-process); the rendezvous, the node ranks and the cross-machine all-reduce are the real multi-node path, and the
-losses must be one process's whichever data-parallel wrapper runs them."""
+On the CPU accelerate 1.15 runs no FSDP, so align shards the policy itself with FSDP2 (align/fsdp2.py); the
+rendezvous, the node ranks and the cross-machine all-gathers and reduce-scatters are the real multi-node path, and the
+losses must be one process's."""
 
 import json
 import math
@@ -21,7 +21,7 @@ import pytest
 import yaml
 from ports import free_port
 
-from align.sharding import cpu_fallback_warning
+from align.sharding import FSDP2_NOTE, cpu_fallback_warning
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 DPO = ["--config", "configs/dpo/testbed.yaml", "max_steps=3", "logging_steps=1", "save_strategy=no",
@@ -84,10 +84,13 @@ def test_two_machines_of_one_process_give_one_process_losses(repo, testbed, tmp_
     # a world of 2 over 2 machines: the card of the run (written by global rank 0, on machine 0) and the batch line
     assert "- Processes: 2 on 2 machines (CPU)" in (out / "README.md").read_text()
     assert "x processes 2 = 16 sequences per optimizer step" in stdout0
-    # accelerate 1.15 runs the FSDP config as DDP on the CPU, said once by the main process (at most once: a CPU run
-    # that really shards, driving fully_shard itself, has nothing to say)
-    warning = cpu_fallback_warning("FSDP")
-    assert err[0].count(warning) <= 1 and warning not in err[1]
+    # accelerate 1.15 runs no FSDP on the CPU: align shards DPO's policy itself (align/fsdp2.py), said once by the
+    # main process; each machine's process holds half of the embedding's rows, the gathers cross the machines
+    assert err[0].count(FSDP2_NOTE) == 1 and FSDP2_NOTE not in err[1]
+    assert cpu_fallback_warning("FSDP") not in err[0] + err[1]
+    assert ("FSDP2 (process 0 of 2): fully_shard on 5 modules, DTensor parameters; model.embed_tokens.weight: "
+            "192 x 256 here of 384 x 256") in stdout0
+    assert "FSDP2 (process 1 of 2)" in (tmp_path / "machine1.out").read_text()
 
     mine, single = steps_of(out), steps_of(tmp_path / "one")
     assert [s["step"] for s in mine] == [s["step"] for s in single] == [1, 2, 3]

@@ -158,7 +158,13 @@ def test_bad_options_fail_before_any_work(repo, tmp_path, method, overrides, mat
 
 
 def test_egpo_refuses_a_sharded_optimizer(repo, tmp_path, monkeypatch):
+    """On GPUs (accelerate's FSDP, DeepSpeed); on the CPU align's own FSDP2 restores each process's shards
+    (tests/distributed/test_fsdp2.py)."""
+    import align.trainers.online_args
+
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg(repo, tmp_path, "egpo")  # the CPU: align's FSDP2
+    monkeypatch.setattr(align.trainers.online_args, "runs_on_cpu", lambda args: False)
     with pytest.raises(ConfigError, match="egpo_extragradient: .* under FSDP"):
         cfg(repo, tmp_path, "egpo")
     cfg(repo, tmp_path, "egpo", egpo_extragradient=False)  # plain online IPO has nothing to restore

@@ -40,8 +40,13 @@ def test_bad_options_fail_before_any_work(repo, tmp_path, overrides, match):
         build_trainer(cfg(repo, tmp_path, **overrides))  # reward specs are checked when the set is built
 
 
-def test_fsdp_is_refused_at_start(repo, tmp_path, monkeypatch):
+def test_fsdp_on_gpus_is_refused_at_start(repo, tmp_path, monkeypatch):
+    """On the CPU align runs FSDP itself (align/fsdp2.py, tests/distributed/test_fsdp2.py); accelerate's FSDP on
+    GPUs is not run by the RL loop yet."""
+    import align.trainers.rl_args
+
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    monkeypatch.setattr(align.trainers.rl_args, "runs_on_cpu", lambda args: False)
     with pytest.raises(ConfigError, match="distributed_type: the RL loop does not run under FSDP"):
         cfg(repo, tmp_path)
 

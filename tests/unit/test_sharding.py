@@ -47,12 +47,36 @@ def on_gpu(monkeypatch):
 ])
 def test_sharding_on_the_cpu_warns_once_and_runs_as_ddp(launcher, capsys, env, kind, engine):
     launcher(**env)
-    sh.check_launch(run_args())
+    sh.check_launch(run_args("iterative_dpo" if kind == "FSDP" else "dpo"))  # dpo: align's own FSDP2, below
     assert capsys.readouterr().err.splitlines() == [
         f"warning: distributed_type: {kind} was asked for, but accelerate 1.15 does not run {engine} on the CPU "
         "(use_cpu): this run is plain data parallel (DDP), every process holding the whole model and optimizer state. "
         f"The numbers are DDP's, which are {kind}'s up to float rounding (docs/architecture.md, Sharding); the memory "
         "saving is not there."]
+
+
+@pytest.mark.parametrize("recipe", sh.FSDP2_RECIPES)
+def test_fsdp_on_the_cpu_is_aligns_own_fsdp2_for_the_ported_recipes(launcher, capsys, recipe):
+    launcher(ACCELERATE_USE_FSDP="true")
+    sh.check_launch(run_args(recipe, use_peft=False, precompute_ref_logps=True, beta=0.0, rollout="hf",
+                             objective="dpo", entanglement_steps=None, entanglement_action="none"))
+    assert capsys.readouterr().err.splitlines() == [sh.FSDP2_NOTE]
+
+
+@pytest.mark.parametrize("recipe, option, start", [
+    ("dpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP on the CPU (dpo with align's fully_shard) yet"),
+    ("grpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP on the CPU (grpo with align's fully_shard)"),
+    ("dpo", {"entanglement_steps": 2}, "entanglement_steps / entanglement_action / objective 'dpo': per-pair"),
+    ("dpo", {"objective": "pairnorm"}, "entanglement_steps / entanglement_action / objective 'pairnorm': per-pair"),
+    ("grpo", {"rollout": "vllm"}, "rollout: vllm: pushing weights to a rollout engine is not done under FSDP"),
+])
+def test_what_aligns_fsdp2_cannot_run_is_refused_in_one_line(launcher, recipe, option, start):
+    launcher(ACCELERATE_USE_FSDP="true")
+    base = dict(use_peft=False, precompute_ref_logps=True, beta=0.0, rollout="hf", objective="dpo",
+                entanglement_steps=None, entanglement_action="none", ref_model_name_or_path=None)
+    with pytest.raises(ConfigError) as err:
+        sh.check_launch(run_args(recipe, **{**base, **option}))
+    assert str(err.value).startswith(start) and "\n" not in str(err.value)
 
 
 def test_fsdp_warning_only_from_the_main_process(launcher, capsys):
@@ -248,3 +272,26 @@ def test_no_launcher_inside_a_launcher(launcher, repo, monkeypatch):
 def test_a_flag_without_its_value():
     with pytest.raises(ConfigError, match=r"^--num_processes: needs a value \(--num_processes VALUE\)$"):
         split_launcher_flags(["--accelerate_config", "x.yaml", "--num_processes"])
+
+
+# --- align's own FSDP2 on the CPU (align/fsdp2.py; the 2-process runs: tests/distributed/test_fsdp2.py) ----------
+
+
+def test_fsdp2_finds_the_decoder_layers_and_its_config(launcher, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from align import fsdp2
+    from align.trainers.preference import PreferenceTrainer
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert fsdp2.decoder_layers(model) == list(model.model.layers)  # by _no_split_modules: LlamaDecoderLayer
+    model._no_split_modules = None
+    assert fsdp2.decoder_layers(model) == list(model.model.layers)  # else model.model.layers
+    assert fsdp2.reshard_after_forward(SimpleNamespace(fsdp_config={})) is True
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")  # the accelerate config's fsdp_reshard_after_forward
+    assert fsdp2.reshard_after_forward(SimpleNamespace(fsdp_config={"reshard_after_forward": True})) is False
+    launcher(ACCELERATE_USE_FSDP="true")
+    assert not fsdp2.wanted(run_args("dpo"), PreferenceTrainer)  # no process group of 2+: nothing to shard
+    assert not fsdp2.wanted(run_args("iterative_dpo"), PreferenceTrainer)  # its rounds run as DDP
+    assert not fsdp2.is_sharded(model)

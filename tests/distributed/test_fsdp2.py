@@ -1,0 +1,268 @@
+"""FSDP2 on two CPU processes (gloo), driven by align (align/fsdp2.py: accelerate 1.15 runs no FSDP on the CPU):
+FSDP is really in effect (an FSDP module, DTensor parameters, half the testbed embedding's rows per process), and
+DPO (preference trainer) and GRPO with the GVM allocator under ``configs/accelerate/fsdp2.yaml`` adapted to the CPU
+give the 1-process numbers with the same global batch: the same losses at every step (1e-5), the same allocations
+and G_i, final saved weights (full, the 1-process files) within 1e-4 of the update's norm; a run resumed from a
+sharded checkpoint equals the uninterrupted one. Every run has a timeout: a gathered pass that needed a collective
+(generation, per-sequence gradients with a different amount of work per process) would hang and fail."""
+
+import json
+import math
+import shutil
+import sys
+
+import pytest
+import torch
+from ports import free_port
+from safetensors.torch import load_file
+from test_sharded_configs import cpu_variant, run_group
+
+from align.sharding import FSDP2_NOTE, cpu_fallback_warning
+
+DPO = ["--config", "configs/dpo/testbed.yaml", "max_steps=4", "logging_steps=1", "max_train_samples=64",
+       "dataset_test_split=null", "disable_tqdm=true", "overwrite_output_dir=true"]
+GRPO = ["--config", "configs/grpo/testbed.yaml", "max_steps=4", "logging_steps=1", "num_generations=8",
+        "num_minibatches=2", "micro_batch_size=16", "max_train_samples=128", "dataset_test_split=null",
+        "disable_tqdm=true", "overwrite_output_dir=true", "learning_rate=1e-4", "allocator=gvm"]
+SAVE = ["save_strategy=steps", "save_steps=2"]
+NO_SAVE = ["save_strategy=no"]
+GRPO_KEYS = ("loss", "grad_norm", "reward", "reward_std", "rollouts/total", "allocation/min", "allocation/median",
+             "allocation/max", "allocation/prompts_dropped", "gvm/p_mean", "gvm/G_mean", "entropy")
+SHARD_LINE = "FSDP2 (process {r} of 2): fully_shard on 5 modules, DTensor parameters; model.embed_tokens.weight: " \
+             "192 x 256 here of 384 x 256"
+
+
+def launch(repo, out, recipe, args, config=None):
+    """The recipe on 1 process (``config`` None) or 2 under ``config``; the process and its step records."""
+    if config is None:
+        cmd = [sys.executable, "-m", f"align.recipes.{recipe}"]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+               "--main_process_port", str(free_port()), "-m", f"align.recipes.{recipe}"]
+    proc = run_group([*cmd, *args, f"output_dir={out}"], repo, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return proc, [r for r in steps if "loss" in r]
+
+
+def runs(repo, tmp, recipe, args, per_device_one):
+    """1 process (no checkpoints), 2 under FSDP2 (checkpoints every 2 steps), and 2 under FSDP2 resumed from a copy of
+    the sharded run's checkpoint-2 in a fresh folder."""
+    config = cpu_variant(repo, tmp, "fsdp2")
+    one = launch(repo, tmp / "one", recipe, [*args, *NO_SAVE, f"per_device_train_batch_size={per_device_one}"])
+    two = launch(repo, tmp / "two", recipe, [*args, *SAVE, f"per_device_train_batch_size={per_device_one // 2}"],
+                 config)
+    shutil.copytree(tmp / "two" / "checkpoint-2", tmp / "copy" / "checkpoint-2")
+    resumed = launch(repo, tmp / "resumed", recipe, [*args, *SAVE, f"per_device_train_batch_size={per_device_one // 2}",
+                                                     f"resume_from_checkpoint={tmp / 'copy' / 'checkpoint-2'}"], config)
+    return {"one": one, "two": two, "resumed": resumed, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(repo, testbed, tmp_path_factory):
+    return runs(repo, tmp_path_factory.mktemp("fsdp2-dpo"), "dpo", DPO, 16)
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(repo, testbed, tmp_path_factory):
+    return runs(repo, tmp_path_factory.mktemp("fsdp2-grpo"), "grpo", GRPO, 8)
+
+
+def assert_sharded(proc):
+    """The run said it sharded (each process its half of the embedding) and did not fall back to DDP."""
+    assert proc.stderr.count(FSDP2_NOTE) == 1
+    assert cpu_fallback_warning("FSDP") not in proc.stderr
+    for r in (0, 1):
+        assert SHARD_LINE.format(r=r) in proc.stdout
+
+
+def weight_gap(testbed, one, two) -> tuple[float, float]:
+    w0 = load_file(str(testbed.policy / "model.safetensors"))
+    w1, w2 = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    assert all(w1[k].shape == w2[k].shape and w1[k].dtype == w2[k].dtype for k in w1)  # full weights, 1-process files
+    gap = sum(((w1[k] - w2[k]) ** 2).sum().item() for k in w1) ** 0.5
+    update = sum(((w1[k] - w0[k]) ** 2).sum().item() for k in w1) ** 0.5
+    print(f"||w1 - w2|| / ||update|| = {gap / update:.2e} (update {update:.3g})")
+    return gap, update
+
+
+def assert_resume_exact(runs_):
+    """Steps 3-4 of the resumed run and its final weights are the uninterrupted sharded run's."""
+    tmp = runs_["tmp"]
+    two, resumed = runs_["two"][1], runs_["resumed"][1]
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(two[2:], resumed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    w, v = load_file(str(tmp / "two" / "model.safetensors")), load_file(str(tmp / "resumed" / "model.safetensors"))
+    diff = max((w[k] - v[k]).abs().max().item() for k in w)
+    print(f"resumed vs uninterrupted: max |w - w'| = {diff:.2e}")
+    assert diff <= 1e-6
+
+
+def assert_checkpoint_format(folder, one_folder):
+    """A sharded run's checkpoint holds the full weights and the optimizer state in the 1-process format."""
+    weights = load_file(str(folder / "model.safetensors"))
+    final_one = load_file(str(one_folder / "model.safetensors"))
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in final_one.items()}
+    opt = torch.load(folder / "optimizer.pt", weights_only=True)
+    n = sum(len(g["params"]) for g in opt["param_groups"])
+    assert sorted(opt["state"]) == list(range(n)) == sorted(i for g in opt["param_groups"] for i in g["params"])
+    assert n == len(weights)
+    for s in opt["state"].values():
+        assert type(s["exp_avg"]) is torch.Tensor and s["exp_avg"].shape == s["exp_avg_sq"].shape  # plain, whole
+
+
+@pytest.mark.slow
+def test_fully_shard_and_gathered_passes(repo, testbed, tmp_path):
+    """align.fsdp2 on its own (fsdp2_check.py): sharding, a training step equal to the unsharded one, gathered
+    generation and per-sequence gradient norms with a different amount of work per process, state round trips."""
+    script = repo / "tests" / "distributed" / "fsdp2_check.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), str(tmp_path)]
+    proc = run_group(cmd, repo, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["fsdp_module"] and r["all_dtensor"] and r["units"] == 5  # 4 decoder layers + the model
+        assert r["emb_global"] == [384, 256] and r["emb_local"] == [192, 256]
+        assert r["grad_norm"] == pytest.approx(r["ref_grad_norm"], rel=1e-5)  # global norm: partial sums all-reduced
+        assert r["gathered_param_types"] == ["Parameter"]  # whole tensors inside gathered()
+        assert r["norms"] == pytest.approx(r["ref_norms"], rel=1e-5)
+        assert r["sharded_after"] and r["reload_exact"]
+        assert r["egpo_half_step_moved"] and r["egpo_restore_exact"]  # each process restores its own shards
+    assert (len(r0["norms"]), len(r1["norms"])) == (1, 3)  # different work per process, no hang
+    assert (r0["generated"], r1["generated"]) == (6, 11)  # 2 and 7 new tokens: 2 forwards, 2 x 7 forwards
+    assert r0["step_max_diff"] < 1e-6 and r0["full_keys_equal"]
+    assert r0["opt_format"] == [True, True] and r0["opt_max_diff"] < 1e-8
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp2_matches_one_process(dpo_runs, testbed):
+    (proc1, one), (proc2, two) = dpo_runs["one"], dpo_runs["two"]
+    assert_sharded(proc2)
+    assert "x processes 2 = 16 sequences" in proc2.stdout and "x processes 1 = 16 sequences" in proc1.stdout
+    assert len(one) == len(two) == 4
+    assert two[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the reference is the initial policy
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-5)
+    assert one[-1]["loss"] != pytest.approx(one[0]["loss"], abs=1e-3)  # the run moved
+    gap, update = weight_gap(testbed, dpo_runs["tmp"] / "one", dpo_runs["tmp"] / "two")
+    assert update > 1e-2 and gap / update < 1e-4  # 3.0e-6 measured
+    assert_checkpoint_format(dpo_runs["tmp"] / "two" / "checkpoint-4", dpo_runs["tmp"] / "one")
+
+
+@pytest.mark.slow
+def test_dpo_resumed_from_a_sharded_checkpoint(repo, dpo_runs):
+    assert_sharded(dpo_runs["resumed"][0])
+    assert_resume_exact(dpo_runs)
+    # the checkpoint is a 1-process one (full weights, torch's optimizer format): one process resumes it too, and with
+    # the same global batch continues as the 2 sharded processes did
+    tmp = dpo_runs["tmp"]
+    _, single = launch(repo, tmp / "resumed-one", "dpo", [*DPO, *SAVE, "per_device_train_batch_size=16",
+                                                         f"resume_from_checkpoint={tmp / 'copy' / 'checkpoint-2'}"])
+    assert [r["step"] for r in single] == [3, 4]
+    assert [r["loss"] for r in single] == pytest.approx([r["loss"] for r in dpo_runs["two"][1][2:]], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_grpo_gvm_under_fsdp2_matches_one_process(grpo_runs, testbed):
+    (proc1, one), (proc2, two) = grpo_runs["one"], grpo_runs["two"]
+    assert_sharded(proc2)
+    assert "x processes 2 = 8 prompts" in proc2.stdout and "x processes 1 = 8 prompts" in proc1.stdout
+    assert len(one) == len(two) == 4
+    for key in GRPO_KEYS:
+        first, second = [r.get(key) for r in one], [r.get(key) for r in two]
+        assert first[0] is not None, key
+        assert [x is None for x in second] == [x is None for x in first], key
+        assert [x for x in second if x is not None] == pytest.approx([x for x in first if x is not None], rel=1e-5,
+                                                                     abs=1e-5), key
+    assert any(r["allocation/max"] > r["allocation/min"] for r in one if "allocation/max" in r)  # ragged groups
+    rounds = [[json.loads(x) for x in (grpo_runs["tmp"] / n / "allocation.jsonl").read_text().splitlines()]
+              for n in ("one", "two")]
+    assert len(rounds[0]) == len(rounds[1]) == 2
+    for a, b in zip(*rounds, strict=True):  # every prompt's n_i, p_i and G_i (GVM's per-sequence gradient norms)
+        assert (a["uid"], a["n"], a["p"]) == (b["uid"], b["n"], b["p"])
+        assert b["G"] == pytest.approx(a["G"], rel=1e-5)
+    gap, update = weight_gap(testbed, grpo_runs["tmp"] / "one", grpo_runs["tmp"] / "two")
+    assert update > 1e-2 and gap / update < 1e-4  # 3.0e-6 measured
+    assert_checkpoint_format(grpo_runs["tmp"] / "two" / "checkpoint-4", grpo_runs["tmp"] / "one")
+
+
+@pytest.mark.slow
+def test_grpo_resumed_from_a_sharded_checkpoint(grpo_runs):
+    assert_sharded(grpo_runs["resumed"][0])
+    assert_resume_exact(grpo_runs)
+    stats = [json.loads((grpo_runs["tmp"] / n / "checkpoint-4" / "rl_state.json").read_text())
+             for n in ("two", "resumed")]
+    assert stats[0] == stats[1]  # rollouts so far and every prompt's p_i, G_i
+
+
+@pytest.mark.slow
+def test_dpo_gradient_accumulation_under_fsdp2(repo, dpo_runs):
+    """2 processes x 4 sequences x 2 accumulation steps = the 1-process run's 16 per step: FSDP2 reduce-scatters
+    after each micro-batch's backward, the Trainer scales the loss for the accumulation."""
+    tmp = dpo_runs["tmp"]
+    proc, steps = launch(repo, tmp / "accumulated", "dpo", [*DPO, *NO_SAVE, "per_device_train_batch_size=4",
+                                                             "gradient_accumulation_steps=2"],
+                         cpu_variant(repo, tmp, "fsdp2"))
+    assert_sharded(proc)
+    one = dpo_runs["one"][1]
+    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in steps] == pytest.approx([r["grad_norm"] for r in one], rel=1e-5)
+
+
+ONLINE = ["logging_steps=1", "save_strategy=no", "max_train_samples=64", "dataset_test_split=null",
+          "disable_tqdm=true", "overwrite_output_dir=true"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, extra", [("online_dpo", ["max_steps=3"]),
+                                           ("egpo", ["max_steps=4", "mixture_coef=0.5"])])
+def test_online_trainers_under_fsdp2_match_one_process(repo, testbed, tmp_path, recipe, extra):
+    """Online DPO and EGPO (extragradient: each process restores its own parameter and Adam-moment shards before the
+    full step; the geometric mixture samples from the gathered policy and reference): the policy and its frozen
+    reference copy both sharded, the same losses at every step as one process with the same global batch."""
+    args = ["--config", f"configs/{recipe}/testbed.yaml", *ONLINE, *extra]
+    _, one = launch(repo, tmp_path / "one", recipe, [*args, "per_device_train_batch_size=8"])
+    proc, two = launch(repo, tmp_path / "two", recipe, [*args, "per_device_train_batch_size=4"],
+                       cpu_variant(repo, tmp_path, "fsdp2"))
+    assert_sharded(proc)
+    assert len(one) == len(two) == int(extra[0].split("=")[1])
+    for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
+    gap, update = weight_gap(testbed, tmp_path / "one", tmp_path / "two")
+    assert update > 1e-3 and gap / update < 1e-4
+
+
+RAFT = ["--config", "configs/raft/testbed.yaml", "max_steps=4", "logging_steps=1", "num_generations=8",
+        "micro_batch_size=16", "max_train_samples=128", "dataset_test_split=null", "disable_tqdm=true",
+        "overwrite_output_dir=true"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, args, per_device", [
+    ("dpo", [*DPO, "max_steps=3", "precompute_ref_logps=false"], 16),
+    ("grpo", [*GRPO, "beta=0.04", "num_minibatches=1"], 8),
+    ("raft", [*RAFT, "beta=0.04", "num_minibatches=1", "allocator=dynamic"], 8)],
+    ids=["dpo-live-reference", "grpo-gvm-kl", "raft-dynamic-kl"])
+def test_frozen_reference_copy_under_fsdp2(repo, testbed, tmp_path, recipe, args, per_device):
+    """A frozen copy of the initial policy (DPO's live reference, the RL loop's KL term), copied before the policy is
+    sharded and sharded the same way: the 1-process numbers at every step (RAFT with dynamic sampling: the RL trainer's
+    other allocator and advantage)."""
+    _, one = launch(repo, tmp_path / "one", recipe, [*args, *NO_SAVE, f"per_device_train_batch_size={per_device}"])
+    proc, two = launch(repo, tmp_path / "two", recipe, [*args, *NO_SAVE,
+                                                        f"per_device_train_batch_size={per_device // 2}"],
+                       cpu_variant(repo, tmp_path, "fsdp2"))
+    assert_sharded(proc)
+    keys = ("loss", "grad_norm", "rewards/chosen") if recipe == "dpo" else ("loss", "grad_norm", "kl", "reward")
+    assert len(one) == len(two) >= 3
+    for key in keys:
+        first = [r.get(key) for r in one]
+        assert first[0] is not None, key
+        assert [r.get(key) for r in two] == pytest.approx(first, rel=1e-5, abs=1e-5), key
+    if recipe == "dpo":
+        assert two[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    else:
+        assert two[-1]["kl"] > 0  # the policy moved away from the sharded reference
