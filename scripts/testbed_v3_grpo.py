@@ -46,7 +46,7 @@ def run(seed: int, args, rows) -> dict:
     c0, t0 = time.process_time(), time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         over = {"output_dir": out, "disable_tqdm": True, "max_steps": args.steps, "seed": seed, "report_to": "none",
-                **({"learning_rate": args.lr} if args.lr else {})}
+                "logging_steps": args.log_every, **({"learning_rate": args.lr} if args.lr else {})}
         trainer = build_trainer(load_config(GRPORecipeConfig, CONFIG, over))
         trainer.train()
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's max_steps)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the config's)")
+    parser.add_argument("--log-every", type=int, default=10, help="trainer logging_steps (reward, loss)")
     parser.add_argument("--eval-per-task", type=int, default=16, help="held-out problems per task of the mix")
     parser.add_argument("--k", type=int, default=8, help="samples per held-out problem for mean@k")
     parser.add_argument("--out", default="outputs/testbed_v3_grpo", help="results.json goes here")

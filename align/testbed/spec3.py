@@ -12,8 +12,8 @@ from align.testbed.tokenizer import CHAT_TEMPLATE, EOS, IM_START, PAD, SPECIAL_T
 
 VOCAB_SIZE = 320
 MODEL_SHAPE = dict(
-    hidden_size=256,
-    intermediate_size=512,
+    hidden_size=128,
+    intermediate_size=384,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
@@ -29,15 +29,15 @@ WARMUP = dict(
     testbed_tasks=["add2d", "add3d", "add4d", "add5d", "sub2d", "sub3d", "sub4d", "sub5d",
                    "mul2d", "mul3d", "mul4d", "mul5d"],
     max_train_samples=16384,
-    max_steps=300,
+    max_steps=400,
     per_device_train_batch_size=64,
-    learning_rate=2e-3,
+    learning_rate=3e-3,
     lr_scheduler_type="cosine",
     warmup_steps=20,
     weight_decay=0.0,
     logging_steps=20,
     save_strategy="no",
-    max_length=112,
+    max_length=96,
     seed=0,
 )
 
