@@ -46,7 +46,8 @@ def run(seed: int, args, rows) -> dict:
     c0, t0 = time.process_time(), time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         over = {"output_dir": out, "disable_tqdm": True, "max_steps": args.steps, "seed": seed, "report_to": "none",
-                "logging_steps": args.log_every, **({"learning_rate": args.lr} if args.lr else {})}
+                "logging_steps": args.log_every, "testbed_tasks": list(args.tasks),
+                **({"learning_rate": args.lr} if args.lr else {})}
         trainer = build_trainer(load_config(GRPORecipeConfig, CONFIG, over))
         trainer.train()
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's max_steps)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the config's)")
+    parser.add_argument("--tasks", default=None, help="comma-separated spec-3 tasks (default: the config's mix)")
     parser.add_argument("--log-every", type=int, default=10, help="trainer logging_steps (reward, loss)")
     parser.add_argument("--eval-per-task", type=int, default=16, help="held-out problems per task of the mix")
     parser.add_argument("--k", type=int, default=8, help="samples per held-out problem for mean@k")
@@ -74,18 +76,20 @@ def main() -> None:
 
     config = yaml.safe_load(open(CONFIG, encoding="utf-8"))
     args.steps = args.steps or config["max_steps"]
-    tasks = tuple(config["testbed_tasks"])
+    tasks = args.tasks = tuple(args.tasks.split(",") if args.tasks else config["testbed_tasks"])
     rows = rl_rows(tasks, n=args.eval_per_task * len(tasks), split="test")
     policy = ensure_testbed(spec=3).policy
     before = held_out(load_model(str(policy)), load_tokenizer(str(policy)), rows, args.k)
     spread = statistics.pstdev(before["solve_rates"])
     print(f"before: greedy {before['greedy']:.3f}  mean@{args.k} {before['mean_at_k']:.3f}  "
-          f"(solve rates: {sum(0 < s < 1 for s in before['solve_rates'])}/{len(rows)} in (0,1), sd {spread:.2f})",
+          f"{json.dumps(before['per_task'])} (solve rates: {sum(0 < s < 1 for s in before['solve_rates'])}/"
+          f"{len(rows)} in (0,1), sd {spread:.2f})",
           flush=True)
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
         r = run(seed, args, rows)
         runs.append(r)
+        print(json.dumps(r["after"]["per_task"]))
         print(f"seed {seed}: greedy {r['after']['greedy']:.3f} ({r['after']['greedy'] - before['greedy']:+.3f})  "
               f"mean@{args.k} {r['after']['mean_at_k']:.3f} ({r['after']['mean_at_k'] - before['mean_at_k']:+.3f})  "
               f"train {r['train_cpu_s']:.0f} CPU-s / {r['train_wall_s']:.0f} s wall, {r['rollouts']} rollouts",
