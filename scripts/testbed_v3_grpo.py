@@ -47,7 +47,7 @@ def run(seed: int, args, rows) -> dict:
     with tempfile.TemporaryDirectory() as out:
         over = {"output_dir": out, "disable_tqdm": True, "max_steps": args.steps, "seed": seed, "report_to": "none",
                 "logging_steps": args.log_every, "testbed_tasks": list(args.tasks),
-                **({"learning_rate": args.lr} if args.lr else {})}
+                **({"learning_rate": args.lr} if args.lr else {}), **dict(args.set)}
         trainer = build_trainer(load_config(GRPORecipeConfig, CONFIG, over))
         trainer.train()
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -58,17 +58,20 @@ def run(seed: int, args, rows) -> dict:
 
 
 def main() -> None:
+    import yaml
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's max_steps)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the config's)")
     parser.add_argument("--tasks", default=None, help="comma-separated spec-3 tasks (default: the config's mix)")
+    parser.add_argument("--set", nargs="*", default=[], type=lambda kv: (kv.split("=", 1)[0], yaml.safe_load(
+        kv.split("=", 1)[1])), help="more config overrides, key=value (e.g. advantage=raft policy_loss=nll)")
     parser.add_argument("--log-every", type=int, default=10, help="trainer logging_steps (reward, loss)")
     parser.add_argument("--eval-per-task", type=int, default=16, help="held-out problems per task of the mix")
     parser.add_argument("--k", type=int, default=8, help="samples per held-out problem for mean@k")
     parser.add_argument("--out", default="outputs/testbed_v3_grpo", help="results.json goes here")
     args = parser.parse_args()
-    import yaml
 
     from align.modeling import load_model, load_tokenizer
     from align.testbed.arith import rl_rows
