@@ -34,6 +34,7 @@ from align.hub_args import HubArguments
 from align.options import option
 from align.precision import apply_master_weights
 from align.sharding import check_launch, has_accelerator
+from align.testbed.arith import TASKS as SPEC3_TASKS
 from align.testbed.tasks import DEFAULT_TASKS, FORMATS, TASKS
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -159,7 +160,8 @@ class DataArguments:
     eval_dataset_name: str | None = option(None, "Evaluation data, if not dataset_name (same forms as dataset_name).")
     max_train_samples: int | None = option(None, "Use at most this many training rows (testbed default: 1024).")
     max_eval_samples: int | None = option(None, "Use at most this many eval rows (testbed default: 64).")
-    testbed_tasks: list[str] = option(list(DEFAULT_TASKS), f"Testbed tasks to mix, from {list(TASKS)}.")
+    testbed_tasks: list[str] = option(list(DEFAULT_TASKS), f"Testbed tasks to mix, from spec 2's {list(TASKS)} or "
+                                      f"spec 3's {list(SPEC3_TASKS)} (one spec at a time).")
     testbed_format: str = option("conversational", f"Testbed row format, one of {FORMATS}.")
 
     def validate(self) -> None:
@@ -172,10 +174,12 @@ class DataArguments:
             check_dataset_name(self.eval_dataset_name, "eval_dataset_name")
         if self.testbed_format not in FORMATS:
             raise ConfigError(f"testbed_format: must be one of {FORMATS}, got {self.testbed_format!r}")
-        unknown = [t for t in self.testbed_tasks if t not in TASKS]
+        unknown = [t for t in self.testbed_tasks if t not in TASKS and t not in SPEC3_TASKS]
         if unknown or not self.testbed_tasks:
-            raise ConfigError(f"testbed_tasks: unknown task {unknown[0]!r} (known: {', '.join(TASKS)})" if unknown
-                              else "testbed_tasks: at least one task is needed")
+            raise ConfigError(f"testbed_tasks: unknown task {unknown[0]!r} (known: {', '.join(TASKS)}; spec 3: "
+                              f"{', '.join(SPEC3_TASKS)})" if unknown else "testbed_tasks: at least one task is needed")
+        if 0 < sum(t in SPEC3_TASKS for t in self.testbed_tasks) < len(self.testbed_tasks):
+            raise ConfigError(f"testbed_tasks: {self.testbed_tasks} mixes spec-2 and spec-3 tasks; name one spec's")
         for key in ("max_train_samples", "max_eval_samples"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")

@@ -44,11 +44,11 @@ def _testbed(args) -> int:
     from align.testbed.build import default_dir, ensure_testbed
 
     if args.action == "build":
-        tb = ensure_testbed(args.dir, force=args.force)
+        tb = ensure_testbed(args.dir, force=args.force, spec=args.spec)
         print(f"testbed ready at {tb.root}")
         print(json.dumps({k: tb.info[k] for k in ("parameters", "build_seconds", "held_out_accuracy")}, indent=2))
     else:
-        root = args.dir or default_dir()
+        root = args.dir or default_dir(args.spec)
         path = os.path.join(root, "testbed.json")
         if not os.path.isfile(path):
             print(f"no testbed at {root} (run: align testbed build)")
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     testbed.add_argument("action", choices=["build", "info"])
     testbed.add_argument("--dir", default=None, help="cache folder (default: $ALIGN_TESTBED_DIR or ~/.cache/align)")
     testbed.add_argument("--force", action="store_true", help="rebuild even if a build is cached")
+    testbed.add_argument("--spec", type=int, default=2, choices=[2, 3],
+                         help="2: single-digit facts (the default); 3: multi-digit arithmetic with a scratchpad")
     testbed.set_defaults(func=_testbed)
 
     quick = sub.add_parser("quickstart", help="testbed + SFT warm-up + a short alignment run, with plots")

@@ -1,7 +1,9 @@
 """Build (once) and cache the testbed: tokenizer, random tiny model, and its SFT warm-up.
 
+Two specs are built here: spec 2 (the default: single-digit fact tables, :mod:`align.testbed.tasks`) and spec 3
+(multi-digit arithmetic with a worked scratchpad, :mod:`align.testbed.arith` and :mod:`align.testbed.spec3`).
 Layout of the cache folder (``$ALIGN_TESTBED_DIR``, else ``~/.cache/align/testbed-v<SPEC>-<hash of the
-testbed sources>``)::
+testbed sources>``; spec 3 reads ``$ALIGN_TESTBED_V3_DIR``)::
 
     base/          tokenizer + randomly initialised tiny Llama (an ordinary HF folder)
     policy/        the same model after a short SFT warm-up (:func:`align.trainers.sft.train_sft`)
@@ -30,7 +32,8 @@ from pathlib import Path
 
 from align.errors import ConfigError
 
-SPEC_VERSION = 2
+SPEC_VERSION = 2  # the default spec
+SPECS = (2, 3)
 # Pinned numerics of the build (see the module docstring); part of the spec hash.
 BUILD_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -75,29 +78,47 @@ class Testbed:
         return json.loads((self.root / "testbed.json").read_text())
 
 
-def spec_hash() -> str:
+def check_spec(spec: int) -> None:
+    if spec not in SPECS:
+        raise ConfigError(f"testbed spec {spec!r}: unknown (known: {', '.join(map(str, SPECS))})")
+
+
+def warmup(spec: int = SPEC_VERSION) -> dict:
+    """The SFT warm-up settings of testbed ``spec``."""
+    if spec == 3:
+        from align.testbed.spec3 import WARMUP as WARMUP3
+
+        return WARMUP3
+    return WARMUP
+
+
+def spec_hash(spec: int = SPEC_VERSION) -> str:
     """A digest of everything that shapes the testbed, so a changed spec never reuses a stale cache."""
     import hashlib
 
+    check_spec(spec)
     here = Path(__file__).parent
-    digest = hashlib.sha1(json.dumps([WARMUP, BUILD_ENV], sort_keys=True).encode())
-    for name in ("tasks.py", "tokenizer.py", "model.py"):
+    digest = hashlib.sha1(json.dumps([warmup(spec), BUILD_ENV], sort_keys=True).encode())
+    sources = ("tasks.py", "tokenizer.py", "model.py") + (("arith.py", "spec3.py") if spec == 3 else ())
+    for name in sources:
         digest.update((here / name).read_bytes())
     return digest.hexdigest()[:10]
 
 
-def default_dir() -> Path:
-    env = os.environ.get("ALIGN_TESTBED_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "align" / f"testbed-v{SPEC_VERSION}-{spec_hash()}"
+def default_dir(spec: int = SPEC_VERSION) -> Path:
+    env = os.environ.get("ALIGN_TESTBED_DIR" if spec == SPEC_VERSION else f"ALIGN_TESTBED_V{spec}_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "align" / f"testbed-v{spec}-{spec_hash(spec)}"
 
 
-def ensure_testbed(root: str | os.PathLike | None = None, force: bool = False, progress: bool = True) -> Testbed:
-    """The cached testbed, building it first if it is missing (or ``force``). The build goes into a fresh sibling
-    folder that then takes ``root``'s place; a ``root`` that holds anything but a testbed is refused (ConfigError),
-    never deleted."""
+def ensure_testbed(root: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
+                   spec: int = SPEC_VERSION) -> Testbed:
+    """The cached testbed of ``spec``, building it first if it is missing (or ``force``). The build goes into a
+    fresh sibling folder that then takes ``root``'s place; a ``root`` that holds anything but a testbed is refused
+    (ConfigError), never deleted."""
     from filelock import FileLock
 
-    root = Path(os.path.abspath(root or default_dir()))  # "--dir ." has a name and a parent
+    check_spec(spec)
+    root = Path(os.path.abspath(root or default_dir(spec)))  # "--dir ." has a name and a parent
     if root.parent == root:
         raise ConfigError(f"testbed folder {str(root)!r}: a filesystem root cannot hold the testbed; name a folder")
     check_replaceable(root)
@@ -113,7 +134,7 @@ def ensure_testbed(root: str | os.PathLike | None = None, force: bool = False, p
         tmp.mkdir()
         old = tmp.with_name(tmp.name + ".old")
         try:
-            _build_in_child(tmp, progress)
+            _build_in_child(tmp, progress, spec)
             check_replaceable(root)  # still a testbed, empty or absent after the build
             if root.exists() and not is_testbed(root):
                 root.rmdir()  # empty (rmdir refuses anything else): nothing to lose
@@ -144,16 +165,25 @@ def check_replaceable(root: Path) -> None:
                       "it is left untouched: name a new or empty folder")
 
 
-def held_out_accuracy(model, tokenizer, tasks=None, progress: bool = False) -> dict:
-    """Greedy accuracy on every held-out problem of ``tasks`` (default: the warm-up tasks)."""
+def held_out_accuracy(model, tokenizer, tasks=None, progress: bool = False, spec: int = SPEC_VERSION) -> dict:
+    """Greedy accuracy on the held-out problems of ``tasks`` (default: the warm-up tasks): spec 2, every one;
+    spec 3, the first :data:`align.testbed.spec3.EVAL_PER_TASK` of each task's pool."""
     from align.evaluation import accuracy
+
+    tasks = tuple(tasks or warmup(spec)["testbed_tasks"])
+    if spec == 3:
+        from align.testbed.arith import rl_rows as rows3
+        from align.testbed.spec3 import EVAL_PER_TASK, MAX_NEW_TOKENS
+
+        rows = rows3(tasks, n=EVAL_PER_TASK * len(tasks), split="test")
+        return accuracy(model, tokenizer, rows, max_new_tokens=MAX_NEW_TOKENS, progress=progress)
     from align.testbed.tasks import rl_rows
 
-    rows = rl_rows(tuple(tasks or WARMUP["testbed_tasks"]), n=None, split="test")
+    rows = rl_rows(tasks, n=None, split="test")
     return accuracy(model, tokenizer, rows, progress=progress)
 
 
-def _build_in_child(tmp: Path, progress: bool) -> None:
+def _build_in_child(tmp: Path, progress: bool, spec: int = SPEC_VERSION) -> None:
     """Run :func:`build` in a fresh interpreter under :data:`BUILD_ENV` (the env must be set before torch loads)."""
     import subprocess
     import sys
@@ -161,21 +191,26 @@ def _build_in_child(tmp: Path, progress: bool) -> None:
     repo = Path(__file__).resolve().parents[2]
     path = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, **BUILD_ENV, "PYTHONPATH": path}
-    code = "import sys, pathlib, align.testbed.build as b; b.build(pathlib.Path(sys.argv[1]), sys.argv[2] == '1')"
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp), "1" if progress else "0"], env=env)
+    code = ("import sys, pathlib, align.testbed.build as b; "
+            "b.build(pathlib.Path(sys.argv[1]), sys.argv[2] == '1', int(sys.argv[3]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp), "1" if progress else "0", str(spec)], env=env)
     if proc.returncode != 0 or not (tmp / "testbed.json").is_file():
         raise RuntimeError(f"testbed build failed (exit status {proc.returncode}); its output is above")
 
 
-def build(tmp: Path, progress: bool) -> None:
-    """Build the testbed into folder ``tmp`` in this process (run it under :data:`BUILD_ENV`, as
+def build(tmp: Path, progress: bool, spec: int = SPEC_VERSION) -> None:
+    """Build the testbed of ``spec`` into folder ``tmp`` in this process (run it under :data:`BUILD_ENV`, as
     :func:`ensure_testbed` does)."""
     from align.config import load_config
     from align.modeling import load_model, load_tokenizer
     from align.recipe import start
-    from align.testbed.model import build_model
-    from align.testbed.tokenizer import train_tokenizer
     from align.trainers.sft import SFTArguments, train_sft
+
+    if spec == 3:
+        from align.testbed.spec3 import build_model, train_tokenizer
+    else:
+        from align.testbed.model import build_model
+        from align.testbed.tokenizer import train_tokenizer
 
     t0 = time.perf_counter()
     tokenizer = train_tokenizer()
@@ -183,24 +218,24 @@ def build(tmp: Path, progress: bool) -> None:
     tokenizer.save_pretrained(tmp / "base")
     model.save_pretrained(tmp / "base")
     n_params = sum(p.numel() for p in model.parameters())
-    before = held_out_accuracy(model, tokenizer, progress=progress)
+    before = held_out_accuracy(model, tokenizer, progress=progress, spec=spec)
 
     config = load_config(
         SFTArguments,
-        overrides={**WARMUP, "model_name_or_path": str(tmp / "base"), "output_dir": str(tmp / "policy"),
+        overrides={**warmup(spec), "model_name_or_path": str(tmp / "base"), "output_dir": str(tmp / "policy"),
                    "disable_tqdm": not progress},
     )
     train_sft(config, callbacks=lambda: start(config))
     for junk in ("align_config.yaml", "training_args.bin"):
         (tmp / "policy" / junk).unlink(missing_ok=True)
     policy = load_model(str(tmp / "policy"))
-    after = held_out_accuracy(policy, load_tokenizer(str(tmp / "policy")), progress=progress)
+    after = held_out_accuracy(policy, load_tokenizer(str(tmp / "policy")), progress=progress, spec=spec)
     info = {
-        "spec_version": SPEC_VERSION,
+        "spec_version": spec,
         "build_env": BUILD_ENV,
         "parameters": n_params,
         "vocab_size": len(tokenizer),
-        "warmup": WARMUP,
+        "warmup": warmup(spec),
         "build_seconds": round(time.perf_counter() - t0, 1),
         "held_out_accuracy": {"base": before, "policy": after},
     }

@@ -173,4 +173,4 @@ def test_testbed_prefix_is_a_plugin(testbed):
     """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == [str(testbed.policy), "model_name_or_path: unknown testbed model 'testbed:large' "
-                                        "(use testbed:base or testbed:policy)"]
+                                        "(use testbed:base, testbed:policy, testbed:v3-base or testbed:v3-policy)"]
