@@ -16,8 +16,9 @@ MODEL_SHAPE = dict(
 )
 
 
-def build_model(tokenizer, seed: int = 0):
-    """A freshly initialised ``LlamaForCausalLM`` sized for ``tokenizer``, in fp32."""
+def build_model(tokenizer, seed: int = 0, shape: dict | None = None, max_new_tokens: int = 32):
+    """A freshly initialised ``LlamaForCausalLM`` of ``shape`` (default: spec 2's :data:`MODEL_SHAPE`) sized for
+    ``tokenizer``, in fp32, greedy for ``max_new_tokens`` by default."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -26,11 +27,12 @@ def build_model(tokenizer, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        **MODEL_SHAPE,
+        **(MODEL_SHAPE if shape is None else shape),
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
     model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=32, do_sample=False
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+        do_sample=False
     )
     return model

@@ -1,14 +1,12 @@
 """Testbed spec 3's tokenizer, model shape and SFT warm-up (the tasks are :mod:`align.testbed.arith`).
 
-Spec 2's modules (``tasks.py``, ``tokenizer.py``, ``model.py``) are left byte for byte as they were: their
-bytes name spec 2's cache folder, so spec 3 lives beside them.
+The tokenizer recipe and the model builder are spec 2's (``tokenizer.py``, ``model.py``), given spec 3's corpus and
+shape; every source file that shapes a spec is in its cache folder's name (``build.spec_hash``).
 """
 
 from __future__ import annotations
 
 import random
-
-from align.testbed.tokenizer import CHAT_TEMPLATE, EOS, IM_START, PAD, SPECIAL_TOKENS
 
 VOCAB_SIZE = 320
 MODEL_SHAPE = dict(
@@ -54,34 +52,15 @@ def corpus(n_per_task: int = 200) -> list[str]:
 
 
 def train_tokenizer(vocab_size: int = VOCAB_SIZE):
-    """Byte-level BPE trained on spec-3 text, one token per digit, spec 2's specials and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """Spec 2's tokenizer recipe (byte-level BPE, one token per digit, its specials and chat template) trained on
+    spec-3 text."""
+    from align.testbed.tokenizer import train_tokenizer as train
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS,
-                                   additional_special_tokens=[IM_START], model_max_length=256, padding_side="right")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return train(vocab_size, corpus())
 
 
 def build_model(tokenizer, seed: int = 0):
     """A freshly initialised ``LlamaForCausalLM`` of :data:`MODEL_SHAPE` sized for ``tokenizer``, in fp32."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from align.testbed.model import build_model as build
 
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **MODEL_SHAPE)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id,
-                                               max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return model
+    return build(tokenizer, seed, MODEL_SHAPE, MAX_NEW_TOKENS)

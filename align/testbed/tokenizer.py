@@ -41,8 +41,9 @@ def _corpus(n_per_task: int = 400) -> list[str]:
     return lines
 
 
-def train_tokenizer(vocab_size: int = VOCAB_SIZE):
-    """Train the testbed tokenizer and wrap it as a ``PreTrainedTokenizerFast`` (nothing is downloaded)."""
+def train_tokenizer(vocab_size: int = VOCAB_SIZE, corpus: list[str] | None = None):
+    """Train the testbed tokenizer and wrap it as a ``PreTrainedTokenizerFast`` (nothing is downloaded): byte-level
+    BPE with one token per digit, on ``corpus`` (default: spec 2's tasks)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,7 +58,7 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,

@@ -147,7 +147,7 @@ def test_testbed_build_refuses_a_folder_that_is_not_a_testbed(tmp_path, capsys, 
 def test_testbed_rebuild_replaces_only_a_testbed(tmp_path, monkeypatch):
     import align.testbed.build as build
 
-    def fake_build(tmp, progress):
+    def fake_build(tmp, progress, spec=build.SPEC_VERSION):
         (tmp / "testbed.json").write_text(json.dumps({"spec_version": build.SPEC_VERSION, "new": True}))
 
     monkeypatch.setattr(build, "_build_in_child", fake_build)
@@ -162,7 +162,7 @@ def test_testbed_rebuild_replaces_only_a_testbed(tmp_path, monkeypatch):
     assert build.ensure_testbed(old, force=True).info["new"] is True
     assert sorted(os.listdir(old)) == ["testbed.json"]  # the old testbed went whole
 
-    def failing_build(tmp, progress):
+    def failing_build(tmp, progress, spec=build.SPEC_VERSION):
         (tmp / "base").mkdir()
         raise RuntimeError("testbed build failed")
 
