@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
-from align.testbed.tasks import FORMATS, SPLITS, Problem
+from align.testbed.tasks import SPLITS, Problem, completion_of, meta_of, prompt_of
 
 OPS = {"add": "+", "sub": "-", "mul": "*"}
 DIGITS = (2, 3, 4, 5)
@@ -175,35 +175,22 @@ def _wrong(p: LongProblem, rng: random.Random) -> int:
     return p.answer + rng.choice((-100, -10, -1, 1, 10, 100))
 
 
-def _prompt(p: LongProblem, fmt: str):
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    return [{"role": "user", "content": p.question}] if fmt == "conversational" else p.question
-
-
-def _completion(text: str, fmt: str):
-    return [{"role": "assistant", "content": text}] if fmt == "conversational" else " " + text
-
-
-def _meta(p: LongProblem) -> dict:
-    return {"task": p.task, "difficulty": p.difficulty, "answer": p.answer}
-
-
 def sft_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
-    return [{"prompt": _prompt(p, fmt), "completion": _completion(p.solution(), fmt), **_meta(p)}
+    return [{"prompt": prompt_of(p, fmt), "completion": completion_of(p.solution(), fmt), **meta_of(p)}
             for p in problems(tasks, n, split, seed)]
 
 
 def preference_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
     rng = random.Random(f"align-testbed-v3-rejected-{seed}-{split}")
-    return [{"prompt": _prompt(p, fmt), "chosen": _completion(p.solution(), fmt),
-             "rejected": _completion(p.solution(_wrong(p, rng)), fmt), **_meta(p)}
+    return [{"prompt": prompt_of(p, fmt), "chosen": completion_of(p.solution(), fmt),
+             "rejected": completion_of(p.solution(_wrong(p, rng)), fmt), **meta_of(p)}
             for p in problems(tasks, n, split, seed)]
 
 
 def rl_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
     """Prompts with their ground truth; ``solution`` is the reference worked solution (plain text)."""
-    return [{"prompt": _prompt(p, fmt), **_meta(p), "solution": p.solution()} for p in problems(tasks, n, split, seed)]
+    return [{"prompt": prompt_of(p, fmt), **meta_of(p), "solution": p.solution()}
+            for p in problems(tasks, n, split, seed)]
 
 
 KINDS = {"sft": sft_rows, "preference": preference_rows, "rl": rl_rows}

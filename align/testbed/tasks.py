@@ -178,23 +178,26 @@ def _message(role: str, text: str) -> list[dict]:
     return [{"role": role, "content": text}]
 
 
-def _prompt(p: Problem, fmt: str):
+def prompt_of(p: Problem, fmt: str):
+    """A problem's prompt in ``fmt`` (a user message, or plain text); shared by every testbed spec."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     return _message("user", p.question) if fmt == "conversational" else p.question
 
 
-def _completion(text: str, fmt: str):
+def completion_of(text: str, fmt: str):
+    """A worked solution as the completion in ``fmt`` (an assistant message, or text after a space)."""
     return _message("assistant", text) if fmt == "conversational" else " " + text
 
 
-def _meta(p: Problem) -> dict:
+def meta_of(p) -> dict:
+    """The row fields every testbed row carries: task, difficulty, answer."""
     return {"task": p.task, "difficulty": p.difficulty, "answer": p.answer}
 
 
 def sft_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
     return [
-        {"prompt": _prompt(p, fmt), "completion": _completion(p.solution(), fmt), **_meta(p)}
+        {"prompt": prompt_of(p, fmt), "completion": completion_of(p.solution(), fmt), **meta_of(p)}
         for p in problems(tasks, n, split, seed)
     ]
 
@@ -203,10 +206,10 @@ def preference_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conv
     rng = random.Random(f"align-testbed-rejected-{seed}-{split}")
     return [
         {
-            "prompt": _prompt(p, fmt),
-            "chosen": _completion(p.solution(), fmt),
-            "rejected": _completion(p.solution(_wrong(p, rng)), fmt),
-            **_meta(p),
+            "prompt": prompt_of(p, fmt),
+            "chosen": completion_of(p.solution(), fmt),
+            "rejected": completion_of(p.solution(_wrong(p, rng)), fmt),
+            **meta_of(p),
         }
         for p in problems(tasks, n, split, seed)
     ]
@@ -214,7 +217,8 @@ def preference_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conv
 
 def rl_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
     """Prompts with their ground truth; ``solution`` is the reference worked solution (plain text)."""
-    return [{"prompt": _prompt(p, fmt), **_meta(p), "solution": p.solution()} for p in problems(tasks, n, split, seed)]
+    return [{"prompt": prompt_of(p, fmt), **meta_of(p), "solution": p.solution()}
+            for p in problems(tasks, n, split, seed)]
 
 
 KINDS = {"sft": sft_rows, "preference": preference_rows, "rl": rl_rows}
