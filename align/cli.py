@@ -82,7 +82,9 @@ def _push(args) -> int:
 
 
 def _serve(args) -> int:
+    from align.errors import ConfigError
     from align.modeling import check_model_path, resolve_model_path
+    from align.rollout.lora import VLLM_RANKS
     from align.rollout.serve_http import check_limits
     from align.rollout.server import serve, serve_api_key
     from align.rollout.vllm_engine import check_max_length, check_tensor_parallel
@@ -94,9 +96,12 @@ def _serve(args) -> int:
     check_model_path(args.model, "--model")
     check_tensor_parallel(args.tensor_parallel_size, "--tensor-parallel-size")
     check_max_length(resolve_model_path(args.model), args.max_model_len, "--max-model-len", "max model length")
+    if args.max_lora_rank not in (0, *VLLM_RANKS):
+        raise ConfigError(f"--max-lora-rank: must be 0 (no LoRA) or one of vLLM's ranks "
+                          f"{', '.join(map(str, VLLM_RANKS))}, got {args.max_lora_rank}")
     serve(resolve_model_path(args.model), args.host, args.port, max_model_len=args.max_model_len,
           tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
-          dtype=args.dtype, seed=args.seed, api_key=api_key, limits=limits)
+          dtype=args.dtype, seed=args.seed, api_key=api_key, limits=limits, max_lora_rank=args.max_lora_rank)
     return 0
 
 
@@ -155,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", default="auto", help="weights dtype: auto (the CPU build picks bfloat16), float32, "
                      "bfloat16, float16; the trainer warns when it differs from the policy's")
     srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--max-lora-rank", type=int, default=0, help="serve a LoRA trainer's adapter (pushed alone, "
+                     "use_peft + vllm_lora_adapter) up to this rank: 8, 16, 32, 64, ...; 0 (default): no LoRA path, "
+                     "a LoRA trainer pushes merged weights")
     srv.add_argument("--api-key", default=None, help="shared key every request must send (Authorization: Bearer); "
                      "default $ALIGN_SERVE_API_KEY, which keeps it out of `ps`; required unless --host is loopback")
     srv.add_argument("--max-body-mb", type=float, default=None, help="largest weight push (default: the model's "

@@ -17,6 +17,11 @@ class TrainingError(AlignError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step."""
 
 
+class ServerUnavailable(TrainingError):
+    """The rollout server did not answer (down, dead, silent past the timeout, busy past the request's bound, or a
+    weight broadcast to it broke off); the message names the server and what was being waited for."""
+
+
 class HubError(AlignError):
     """A push to the Hugging Face Hub failed (no network, no token, refused, server down); the message names the
     repository and the cause, and the run's local output is intact."""

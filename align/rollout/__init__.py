@@ -25,17 +25,22 @@ def build_engine(args, model, tokenizer, *, is_main: bool = True, max_len: int |
         max_len = args.max_prompt_length + max(args.max_completion_length,
                                                getattr(args, "eval_max_new_tokens", 0) or 0)
     if args.rollout == "vllm":
+        from align.rollout.lora import engine_rank
         from align.rollout.vllm_engine import VLLMEngine
 
+        lora_rank = engine_rank(args.lora_r) if getattr(args, "use_peft", False) and args.vllm_lora_adapter else 0
         return VLLMEngine(model, tokenizer, max_model_len=max_len, tensor_parallel_size=args.vllm_tensor_parallel_size,
                           gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                          enable_sleep_mode=args.vllm_enable_sleep_mode, seed=args.seed, dtype=compute_dtype(args))
+                          enable_sleep_mode=args.vllm_enable_sleep_mode, seed=args.seed, dtype=compute_dtype(args),
+                          lora_rank=lora_rank)
     from align.rollout.remote import ServerEngine
 
     engine = ServerEngine.for_policy(model, tokenizer, args.vllm_server_host, args.vllm_server_port,
                                      args.vllm_timeout_s, push_weights=is_main,
-                                     request_timeout_s=args.vllm_request_timeout_s, dtype=compute_dtype(args))
-    engine.check(max_len)
+                                     request_timeout_s=args.vllm_request_timeout_s, dtype=compute_dtype(args),
+                                     sync=args.vllm_sync, group_port=args.vllm_group_port,
+                                     bucket_mb=args.vllm_bucket_mb, lora_adapter=args.vllm_lora_adapter)
+    engine.check(max_len, model)
     return engine
 
 

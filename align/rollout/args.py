@@ -14,6 +14,7 @@ from align.errors import ConfigError
 from align.timeouts import REQUEST_TIMEOUT_S, check_timeout
 
 ROLLOUTS = ("hf", "vllm", "vllm-server")
+SYNCS = ("http", "collective")
 
 
 @dataclass
@@ -34,6 +35,19 @@ class RolloutArguments:
     vllm_timeout_s: float = option(60.0, "rollout: vllm-server: the longest silence of the server (it sends a "
                                          "heartbeat every 0.25 s while it generates or loads weights); then the run "
                                          "stops naming the server and what it waited for.")
+    vllm_sync: str = option("http", f"rollout: vllm-server: how weights reach the server, one of {SYNCS}: http (one "
+                                    "safetensors body per push) or collective (a process group with the server's "
+                                    "workers, NCCL on GPUs, gloo on the CPU; HTTP carries only control messages).")
+    vllm_group_port: int = option(51216, "rollout: vllm-server, vllm_sync: collective: the port on the server's host "
+                                         "for the weight group's store (the server binds it; it must be reachable "
+                                         "from the trainer, as the group's own connections must).")
+    vllm_bucket_mb: float = option(128.0, "rollout: vllm-server, vllm_sync: collective: the most MiB of weights "
+                                          "broadcast at once (a larger single weight goes alone); each side holds "
+                                          "one bucket beyond the model.")
+    vllm_lora_adapter: bool = option(True, "use_peft with rollout: vllm / vllm-server: push only the LoRA adapter "
+                                           "to vLLM's LoRA path (the server needs align serve --max-lora-rank; "
+                                           "without it the merged weights go, said once); false: always the "
+                                           "merged weights.")
     vllm_request_timeout_s: float = option(REQUEST_TIMEOUT_S, "rollout: vllm-server: the longest one request (a "
                                                               "generation, a weight push) may take in all, heartbeats "
                                                               "or not; then the run stops naming the server, the "
@@ -57,8 +71,23 @@ class RolloutArguments:
         if self.vllm_request_timeout_s < self.vllm_timeout_s:
             raise ConfigError(f"vllm_request_timeout_s: must be >= vllm_timeout_s ({self.vllm_timeout_s:g}), got "
                               f"{self.vllm_request_timeout_s:g}")
-        if not 0 < self.vllm_server_port < 65536:
-            raise ConfigError(f"vllm_server_port: must be in 1..65535, got {self.vllm_server_port}")
+        for key in ("vllm_server_port", "vllm_group_port"):
+            if not 0 < getattr(self, key) < 65536:
+                raise ConfigError(f"{key}: must be in 1..65535, got {getattr(self, key)}")
+        if self.vllm_sync not in SYNCS:
+            raise ConfigError(f"vllm_sync: must be one of {SYNCS}, got {self.vllm_sync!r}")
+        if self.vllm_sync == "collective" and self.rollout != "vllm-server":
+            raise ConfigError("vllm_sync: collective is for rollout: vllm-server (the colocated engine loads the "
+                              "weights in place in this process); use vllm_sync: http")
+        if not 0 < self.vllm_bucket_mb <= 1 << 20:
+            raise ConfigError(f"vllm_bucket_mb: must be in (0, 1048576], got {self.vllm_bucket_mb}")
+        if self.vllm_sync == "collective" and self.vllm_group_port == self.vllm_server_port:
+            raise ConfigError(f"vllm_group_port: {self.vllm_group_port} is the server's HTTP port (vllm_server_port); "
+                              "pick another")
+        if getattr(self, "use_peft", False) and self.vllm_lora_adapter:
+            from align.rollout.lora import engine_rank
+
+            engine_rank(getattr(self, "lora_r", 1))
         if self.rollout == "vllm":
             from align.rollout.vllm_engine import check_tensor_parallel, require_vllm
 

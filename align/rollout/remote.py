@@ -27,9 +27,12 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from contextlib import nullcontext
 
-from align.errors import ConfigError, TrainingError
+from align.errors import ConfigError, ServerUnavailable, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, eos_token_ids
+from align.rollout.lora import adapter_config, adapter_payload, check_adapter, has_adapter
+from align.rollout.sender import CollectiveSender
 from align.rollout.serve_http import API_KEY_ENV, BODY_CAPS, MB
 from align.rollout.vllm_engine import merged, policy_weights, request_rows, to_rollouts
 from align.timeouts import REQUEST_TIMEOUT_S
@@ -37,17 +40,17 @@ from align.timeouts import REQUEST_TIMEOUT_S
 logger = logging.getLogger(__name__)
 
 
-class ServerUnavailable(TrainingError):
-    """The rollout server did not answer (down, dead, silent past the timeout, or busy past the request's bound)."""
-
-
 class ServerEngine:
     """:class:`align.rollout.base.RolloutEngine` talking to ``align serve`` at ``host:port``."""
 
     def __init__(self, host: str, port: int, *, eos_ids: list[int], timeout_s: float = 300.0,
                  push_weights: bool = True, dtype: str | None = None,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S):
-        self.url = f"http://{host}:{port}"
+                 request_timeout_s: float = REQUEST_TIMEOUT_S, sync: str = "http", group_port: int = 51216,
+                 bucket_mb: float = 128.0, lora_adapter: bool = True):
+        self.host, self.url = host, f"http://{host}:{port}"
+        self.sync, self.lora_adapter = sync, lora_adapter
+        self.sender = CollectiveSender(self, group_port, bucket_mb) if sync == "collective" and push_weights else None
+        self.adapter = False  # whether pushes send the LoRA adapter alone (decided by check)
         self.dtype = dtype
         self.eos_ids = list(eos_ids)
         self.timeout_s = timeout_s
@@ -59,12 +62,16 @@ class ServerEngine:
 
     @classmethod
     def for_policy(cls, model, tokenizer, host: str, port: int, timeout_s: float, push_weights: bool,
-                   request_timeout_s: float = REQUEST_TIMEOUT_S, dtype: str | None = None) -> ServerEngine:
+                   request_timeout_s: float = REQUEST_TIMEOUT_S, dtype: str | None = None, **channel) -> ServerEngine:
+        """``channel``: ``sync``, ``group_port``, ``bucket_mb``, ``lora_adapter`` (the ``vllm_*`` options)."""
         dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")  # the compute dtype, if given
         return cls(host, port, eos_ids=eos_token_ids(model, tokenizer), timeout_s=timeout_s, push_weights=push_weights,
-                   dtype=dtype, request_timeout_s=request_timeout_s)
+                   dtype=dtype, request_timeout_s=request_timeout_s, **channel)
 
-    def _call(self, path: str, what: str, body: bytes | None = None, content_type: str = "application/json") -> dict:
+    def call(self, path: str, what: str, body: bytes | None = None, content_type: str = "application/json",
+             during=None, timeout_s: float | None = None) -> dict:
+        """One request, bounded (module notes); ``during()`` runs once the answer's headers are in, before its body
+        is read (the collective's broadcast); ``timeout_s``: a shorter bound than ``vllm_timeout_s``."""
         req = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET",
                                      headers={"Content-Type": content_type, **self.auth})
         limit = self.info.get("limits", {}).get(BODY_CAPS.get(path, ""))  # known after the health check
@@ -73,14 +80,21 @@ class ServerEngine:
                                 f"takes (align serve --{BODY_CAPS[path].replace('_', '-')} {limit:g})")
         try:
             deadline = time.monotonic() + self.request_timeout_s
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
+                if during is not None:
+                    during()
                 reply = json.loads(self._read(resp, what, deadline))
         except urllib.error.HTTPError as err:
             if err.code == 401:
                 raise ConfigError(f"{API_KEY_ENV}: vllm-server {self.url} refused {what} (HTTP 401): "
                                   f"{'the key is wrong' if self.auth else 'it needs a key'}; set {API_KEY_ENV} to "
                                   "the key align serve was started with") from None
-            detail = err.read().decode(errors="replace")[:300]
+            detail = err.read().decode(errors="replace")
+            try:
+                detail = json.loads(detail)["error"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            detail = detail[:300]
             raise TrainingError(f"vllm-server {self.url}: {what} failed with HTTP {err.code}: {detail}") from None
         except TimeoutError:
             raise ServerUnavailable(f"vllm-server {self.url}: no answer within vllm_timeout_s={self.timeout_s:g}s "
@@ -112,10 +126,12 @@ class ServerEngine:
                                         "server")
         return bytes(body)
 
-    def check(self, max_model_len: int) -> dict:
-        """The health check before training: the server answers and can hold prompt + completion."""
+    def check(self, max_model_len: int, model=None) -> dict:
+        """The health check before training: the server answers and can hold prompt + completion; where this
+        process pushes, the weight channel is opened (``vllm_sync: collective``) and a LoRA ``model``'s adapter is
+        loaded once (what the server cannot load stops the run here, in one line)."""
         try:
-            self.info = self._call("/health", "the health check")
+            self.info = self.call("/health", "the health check")
         except TrainingError as err:
             raise ConfigError(f"vllm_server_host/vllm_server_port: {err} (start one with: align serve --model "
                               "<model> --port <port>)") from None
@@ -126,7 +142,31 @@ class ServerEngine:
             logger.warning("vllm-server %s holds the weights in %s, the policy trains in %s: expect a larger "
                            "rollout/logp_gap (truncated importance sampling, vllm_is_cap, corrects for it)", self.url,
                            self.info["dtype"], self.dtype)
+        if self.sender is not None:
+            self.sender.join()
+        if self.push_weights and model is not None and has_adapter(model) and self.lora_adapter:
+            self.check_adapter(model)
         return self.info
+
+    def check_adapter(self, model) -> None:
+        rank = self.info.get("max_lora_rank") or 0
+        if not rank:
+            logger.warning("vllm-server %s has no LoRA path (align serve --max-lora-rank): every push sends the "
+                           "merged weights, not the adapter alone", self.url)
+            return
+        check_adapter(adapter_config(model), rank, f"vllm-server {self.url}")
+        self.push_full(model, merge=False)  # the server's base must be the policy's (another run may have pushed)
+        try:
+            self.push_adapter(model)
+        except TrainingError as err:
+            self.close()
+            key = "lora_target_modules" if "target modules" in str(err) else "use_peft"
+            raise ConfigError(f"{key}: {err}; set vllm_lora_adapter: false to push the merged weights") from None
+        self.adapter = True
+
+    def push_adapter(self, model) -> None:
+        reply = self.call("/adapter", "the adapter update", adapter_payload(model), "application/octet-stream")
+        self.info["weights_version"] = reply["weights_version"]
 
     def generate(self, prompts, n_per_prompt, sampling: SamplingParams, keys=None) -> Rollouts:
         rows, seeds = request_rows(prompts, n_per_prompt, sampling, keys)
@@ -135,19 +175,31 @@ class ServerEngine:
         request = {"prompts": [list(p) for p in prompts], "rows": rows, "seeds": seeds, "eos_ids": self.eos_ids,
                    "sampling": {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
                                 "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed}}
-        reply = self._call("/generate", f"{len(rows)} completions", json.dumps(request).encode())
+        reply = self.call("/generate", f"{len(rows)} completions", json.dumps(request).encode())
         return to_rollouts(prompts, rows, [tuple(r) for r in reply["results"]])
 
     def sync_weights(self, model) -> None:
-        """Send the policy's weights (a LoRA adapter merged in) to the server; only where ``push_weights``."""
+        """Send the policy's weights to the server, only where ``push_weights``: a LoRA adapter alone where the
+        server loads it (:meth:`check`), else the whole weights (an adapter merged in) over the collective
+        (:class:`align.rollout.sender.CollectiveSender`) or as one HTTP body."""
         if not self.push_weights:
+            return
+        if self.adapter:
+            return self.push_adapter(model)
+        self.push_full(model)
+
+    def push_full(self, model, merge: bool = True) -> None:
+        """Every weight (a LoRA adapter merged in; ``merge=False``: its base weights) over this engine's channel."""
+        if self.sender is not None:
+            self.info["weights_version"] = self.sender.push(model, merge)["weights_version"]
             return
         from safetensors.torch import save
 
-        with merged(model):
+        with merged(model) if merge else nullcontext():
             payload = save({name: t.cpu().clone() for name, t in policy_weights(model)})  # clone: untie shared
-        self.info["weights_version"] = self._call("/weights", "the weight update", payload,
+        self.info["weights_version"] = self.call("/weights", "the weight update", payload,
                                                   "application/octet-stream")["weights_version"]
 
     def close(self) -> None:
-        pass
+        if self.sender is not None:
+            self.sender.close()

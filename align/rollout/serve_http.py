@@ -18,7 +18,9 @@ What a client that reaches the port can and cannot do:
 * **/generate** is checked before the engine sees it (:func:`check_generate`): a 400 names the field.
 
 Error answers are JSON ``{"error": "..."}`` naming the option or field; the engine is anything with ``info``,
-``generate(request) -> dict`` and ``load_weights(payload) -> dict`` (:class:`align.rollout.server.RolloutServer`).
+``generate(request) -> dict``, ``load_weights(payload) -> dict``, ``load_adapter(payload) -> dict`` and
+``control(path, request)`` for the :data:`CONTROL` paths (a dict answered at once, or work run with heartbeats; a
+:class:`BadRequest` is a 400) (:class:`align.rollout.server.RolloutServer`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ API_KEY_ENV = "ALIGN_SERVE_API_KEY"
 HEARTBEAT_S = 0.25
 MB = 1 << 20
 CHUNK = MB
-BODY_CAPS = {"/weights": "max_body_mb", "/generate": "max_request_mb"}  # each POST endpoint's ServeLimits cap
+CONTROL = ("/collective/join", "/collective/update", "/collective/alive", "/collective/leave")
+BODY_CAPS = {"/weights": "max_body_mb", "/adapter": "max_body_mb", "/generate": "max_request_mb",
+             **{path: "max_request_mb" for path in CONTROL}}  # each POST endpoint's ServeLimits cap
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ def check_limits(values: dict) -> None:
 
 
 class BadRequest(ValueError):
-    """A /generate request the server refuses (400); the message names the field."""
+    """A request the server refuses (400); the message names the field or says why."""
 
 
 def _int_list(value, name: str, *, min_len: int = 0, max_len: int | None = None, low: int = 0,
@@ -268,14 +272,23 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.engine
         if self.path == "/weights":
             work = lambda: engine.load_weights(body)  # noqa: E731
+        elif self.path == "/adapter":
+            work = lambda: engine.load_adapter(body)  # noqa: E731
         else:
             try:
                 request = json.loads(body)
-                check_generate(request, engine.info["max_model_len"], self.server.limits)
+                if self.path == "/generate":
+                    check_generate(request, engine.info["max_model_len"], self.server.limits)
+                    work = lambda: engine.generate(request)  # noqa: E731
+                else:  # a control message: answered now, or work to run with heartbeats
+                    work = engine.control(self.path, request)
+                    if isinstance(work, dict):
+                        self.reply(200, work)
+                        return
             except (ValueError, RecursionError) as err:  # BadRequest, JSON, UTF-8, nesting
-                self.refuse(400, str(err) if isinstance(err, BadRequest) else f"the body is not JSON: {err}"[:300])
+                plain = isinstance(err, BadRequest)
+                self.refuse(400, str(err)[:500] if plain else f"the body is not JSON: {err}"[:300])
                 return
-            work = lambda: engine.generate(request)  # noqa: E731
         self.run_with_heartbeats(work)
 
     def run_with_heartbeats(self, work) -> None:

@@ -8,8 +8,8 @@ required off loopback), caps bodies, bounds reads and runs a fixed pool of worke
 Endpoints (JSON unless said otherwise):
 
 * ``GET /health`` -> ``{"model", "max_model_len", "tensor_parallel_size", "dtype", "weights_version",
-  "limits"}``; answered without waiting for a generation in progress, so a trainer can tell a busy server from
-  a dead one.
+  "collective", "max_lora_rank", "limits"}``; answered without waiting for a generation in progress, so a
+  trainer can tell a busy server from a dead one.
 * ``POST /generate`` ``{"prompts", "rows", "seeds", "sampling", "eos_ids"}`` -> ``{"results": [[token
   ids, finish reason, log-probs], ...]}``: one completion per row, each with its own seed
   (:func:`align.rollout.vllm_engine.run_requests`, the same code the colocated engine runs).
@@ -17,13 +17,18 @@ Endpoints (JSON unless said otherwise):
   model's names) -> ``{"weights_version"}``: loaded in place with vLLM's ``reload_weights``, prefix
   cache reset. HTTP carries the weights, so the same channel works between CPU processes, across
   nodes and on GPUs (where it is slower than NCCL; see docs/rollout.md).
+* ``POST /collective/{join,update,alive,leave}``: the weight group of ``vllm_sync: collective`` (JSON control
+  messages; the weights go by broadcast, :mod:`align.rollout.serve_collective`).
+* ``POST /adapter`` (body: a LoRA adapter as safetensors, its config in the header; ``--max-lora-rank`` > 0) ->
+  ``{"weights_version"}``: loaded into vLLM's LoRA path in place; generations use it until a full-weight push
+  (:mod:`align.rollout.lora`).
 
 While a generation or a weight load runs, the server writes a blank (JSON ignores leading whitespace) every
 ``HEARTBEAT_S`` (0.25) seconds before the JSON answer, so the trainer's timeout measures the server's silence, not
 the length of the work: a slow generation is fine, a server that stops answering is not.
 
-Why our own server instead of TRL's ``vllm_serve``: every wait on the trainer side is a plain socket
-with a timeout (no collective that can block forever), it runs on the CPU build of vLLM, and it keeps
+Why our own server instead of TRL's ``vllm_serve``: every wait on the trainer side is bounded (a plain socket
+with a timeout; the weight group's collectives with ``vllm_timeout_s``), it runs on the CPU build of vLLM, and it keeps
 the per-completion seeds of our protocol. One lock serialises the engine; ``/health`` does not take it.
 """
 
@@ -38,6 +43,9 @@ import threading
 
 from align.errors import ConfigError
 from align.rollout.base import SamplingParams
+from align.rollout.collective import offered_backends
+from align.rollout.lora import AdapterSlot
+from align.rollout.serve_collective import CollectiveHost
 from align.rollout.serve_http import API_KEY_ENV, MB, GuardedHTTPServer, ServeLimits
 from align.rollout.vllm_engine import run_requests, start_llm
 
@@ -46,18 +54,24 @@ logger = logging.getLogger(__name__)
 
 class RolloutServer:
     def __init__(self, model: str, *, max_model_len: int = 2048, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, dtype: str = "auto", seed: int = 0):
+                 gpu_memory_utilization: float = 0.9, dtype: str = "auto", seed: int = 0, max_lora_rank: int = 0):
         self.llm = start_llm(model, max_model_len=max_model_len, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                             gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+                             gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_lora_rank=max_lora_rank,
+                             worker_extension=True)
         self.lock = threading.Lock()
+        self.collective = CollectiveHost(self.llm, self.lock, 1 + tensor_parallel_size)
+        self.adapter = AdapterSlot(self.llm) if max_lora_rank else None
         self.info = {"model": model, "max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel_size,
-                     "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."), "weights_version": 0}
+                     "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."), "weights_version": 0,
+                     "collective": offered_backends(), "max_lora_rank": max_lora_rank}
 
     def generate(self, request: dict) -> dict:
         sampling = SamplingParams(**request["sampling"])
         rows = [tuple(r) for r in request["rows"]]
         with self.lock:
-            results = run_requests(self.llm, request["prompts"], rows, request["seeds"], sampling, request["eos_ids"])
+            lora = self.adapter.request if self.adapter is not None else None
+            results = run_requests(self.llm, request["prompts"], rows, request["seeds"], sampling, request["eos_ids"],
+                                   lora)
         return {"results": results}
 
     def load_weights(self, payload: bytes) -> dict:
@@ -68,8 +82,40 @@ class RolloutServer:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()),
                                                               "is_checkpoint_format": True})
             self.llm.reset_prefix_cache()
-            self.info["weights_version"] += 1
+            if self.adapter is not None:
+                self.adapter.drop()  # merged weights: generate without the adapter
+            return self.pushed()
+
+    def load_adapter(self, payload: bytes) -> dict:
+        if self.adapter is None:
+            raise ValueError("this server has no LoRA path (start align serve with --max-lora-rank)")
+        with self.lock:
+            self.adapter.load_payload(payload)
+            return self.pushed()
+
+    def control(self, path: str, request):
+        """``/collective/*`` (:class:`align.rollout.serve_collective.CollectiveHost`); an update bumps the version."""
+        answer = self.collective.handle(path, request)
+        if isinstance(answer, dict):
+            return answer
+
+        def update() -> dict:
+            done = answer()
+            with self.lock:
+                if self.adapter is not None:
+                    self.adapter.drop()
+                return {**done, **self.pushed()}
+
+        return update
+
+    def pushed(self) -> dict:
+        self.info["weights_version"] += 1
         return {"weights_version": self.info["weights_version"]}
+
+    def close(self) -> None:
+        self.collective.close()
+        if self.adapter is not None:
+            self.adapter.close()
 
 
 def is_loopback(host: str) -> bool:
@@ -155,3 +201,5 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, api_key: str
         pass
     finally:
         httpd.server_close()
+        if httpd.engine is not None:
+            httpd.engine.close()

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 from align.errors import ConfigError, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, check_request, eos_token_ids, sample_seed
+from align.rollout.lora import AdapterSlot, adapter_config, adapter_tensors, check_adapter, has_adapter
 
 
 def require_vllm(key: str = "rollout") -> None:
@@ -67,13 +68,19 @@ def _trainer_world() -> int:
 
 def start_llm(model_path: str, *, max_model_len: int, dtype: str = "float32", tensor_parallel_size: int = 1,
               gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0,
-              in_process: bool = True):
+              in_process: bool = True, max_lora_rank: int = 0, worker_extension: bool = False):
     """A ``vllm.LLM`` on ``model_path``; bad input raises :class:`ConfigError` in one line, before the load (a too
-    long ``max_model_len`` names ``max_completion_length``)."""
+    long ``max_model_len`` names ``max_completion_length``). ``max_lora_rank`` > 0: with vLLM's LoRA path (one
+    adapter); ``worker_extension``: the workers can join a weight group
+    (:class:`align.rollout.collective.WeightReceiver`)."""
     require_vllm()
     check_tensor_parallel(tensor_parallel_size)
     check_max_length(model_path, max_model_len)
     extra = {}
+    if max_lora_rank:
+        extra.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+    if worker_extension:
+        extra["worker_extension_cls"] = "align.rollout.collective.WeightReceiver"
     if in_process and _trainer_world() > 1:
         # one engine in each trainer process, on the process group accelerate launch made (vLLM's external
         # launcher: no processes or rendezvous of its own); each serves its own process's prompts
@@ -90,9 +97,13 @@ def start_llm(model_path: str, *, max_model_len: int, dtype: str = "float32", te
                    enable_sleep_mode=enable_sleep_mode, enforce_eager=not _cuda(), logprobs_mode="raw_logprobs",
                    **extra)
     except Exception as err:  # vLLM raises many types; the user needs the first line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"model_name_or_path: vLLM cannot load {model_path!r}: {type(err).__name__}: "
-                          f"{first[:300]}") from err
+        raise ConfigError(f"model_name_or_path: vLLM cannot load {model_path!r}: {first_line(err)}") from err
+
+
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters): vLLM's errors run to many lines."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:300]}"
 
 
 def _cuda() -> bool:
@@ -109,8 +120,10 @@ def request_rows(prompts, n_per_prompt, sampling: SamplingParams, keys) -> tuple
 
 
 def run_requests(llm, prompts: Sequence[Sequence[int]], rows: Sequence[tuple[int, int]], seeds: Sequence[int],
-                 sampling: SamplingParams, eos_ids: Sequence[int]) -> list[tuple[list[int], str, list[float]]]:
-    """One vLLM request per row; returns ``(token ids, finish reason, sampled-token log-probs)`` per row."""
+                 sampling: SamplingParams, eos_ids: Sequence[int],
+                 lora=None) -> list[tuple[list[int], str, list[float]]]:
+    """One vLLM request per row (with the ``LoRARequest`` ``lora``, if any); returns ``(token ids, finish reason,
+    sampled-token log-probs)`` per row."""
     from vllm import SamplingParams as VLLMSampling
 
     def params(seed: int):
@@ -121,7 +134,7 @@ def run_requests(llm, prompts: Sequence[Sequence[int]], rows: Sequence[tuple[int
     if not rows:
         return []
     outputs = llm.generate([{"prompt_token_ids": list(prompts[i])} for i, _ in rows], [params(s) for s in seeds],
-                           use_tqdm=False)
+                           use_tqdm=False, lora_request=lora)
     results = []
     for out in outputs:
         o = out.outputs[0]
@@ -177,7 +190,7 @@ class VLLMEngine:
 
     def __init__(self, model, tokenizer, *, max_model_len: int, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0,
-                 dtype: str | None = None):
+                 dtype: str | None = None, lora_rank: int = 0):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         path = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None)
         if not path:
@@ -188,8 +201,18 @@ class VLLMEngine:
         self.sleep_mode = enable_sleep_mode
         self.llm = start_llm(path, max_model_len=max_model_len, dtype=dtype,
                              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                             enable_sleep_mode=enable_sleep_mode, seed=seed)
+                             enable_sleep_mode=enable_sleep_mode, seed=seed, max_lora_rank=lora_rank)
         self.asleep = False
+        self.lora_rank = lora_rank
+        self.adapter = AdapterSlot(self.llm) if lora_rank else None
+        if self.adapter is not None and has_adapter(model):  # what vLLM cannot load stops the run here, in one line
+            check_adapter(adapter_config(model), lora_rank, "the colocated vLLM engine")
+            try:
+                self.sync_weights(model)
+            except Exception as err:
+                key = "lora_target_modules" if "target modules" in str(err) else "use_peft"
+                raise ConfigError(f"{key}: vLLM cannot load this adapter: {first_line(err)}; set "
+                                  "vllm_lora_adapter: false to push the merged weights") from err
 
     def _wake(self) -> None:
         if self.asleep:
@@ -199,15 +222,22 @@ class VLLMEngine:
     def generate(self, prompts, n_per_prompt, sampling: SamplingParams, keys=None) -> Rollouts:
         rows, seeds = request_rows(prompts, n_per_prompt, sampling, keys)
         self._wake()
-        out = to_rollouts(prompts, rows, run_requests(self.llm, prompts, rows, seeds, sampling, self.eos_ids))
+        lora = self.adapter.request if self.adapter is not None else None
+        out = to_rollouts(prompts, rows, run_requests(self.llm, prompts, rows, seeds, sampling, self.eos_ids, lora))
         if self.sleep_mode:
             self.llm.sleep(level=1)
             self.asleep = True
         return out
 
     def sync_weights(self, model) -> None:
-        """Copy the policy's current weights into the engine, in place (no file written)."""
+        """Copy the policy's current weights into the engine, in place (no file written); with the engine's LoRA
+        path, a LoRA policy's adapter alone (:mod:`align.rollout.lora`)."""
         self._wake()
+        if self.adapter is not None and has_adapter(model):
+            self.adapter.load(adapter_config(model), adapter_tensors(model))
+            return
+        if self.adapter is not None:
+            self.adapter.drop()
         with merged(model):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model),
                                                               "is_checkpoint_format": True})
@@ -217,6 +247,8 @@ class VLLMEngine:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return
+        if getattr(self, "adapter", None) is not None:
+            self.adapter.close()
         shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
         if shutdown is not None:
             shutdown()

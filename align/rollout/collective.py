@@ -1,0 +1,177 @@
+"""``vllm_sync: collective``: the weight channel between the trainer's main process and ``align serve``'s vLLM workers.
+
+One process group of ``1 + tensor_parallel_size`` members, outside either side's global process group (its own
+TCP store, hosted by the server on ``vllm_group_port``; NCCL on GPUs, gloo on the CPU): the trainer is rank 0 and
+the source of every broadcast, each vLLM worker a receiver. HTTP carries only control messages (join, the plan of
+a push, leave; :mod:`align.rollout.serve_collective` and :class:`align.rollout.remote.ServerEngine`).
+
+A push is a :func:`plan` of buckets: each bucket at most ``bucket_mb`` of consecutive weights (a larger weight
+alone) packed as bytes into one flat tensor, broadcast, unpacked on each worker into views under the weights'
+names and loaded in place with vLLM's ``reload_weights`` (every worker receives every weight; vLLM's loader keeps
+its own tensor-parallel slice). The trainer packs one bucket at a time from the policy's tensors (a sharded
+policy's DTensors gathered one tensor at a time, :func:`full_weight`), so neither side holds more than one
+bucket beyond the model.
+
+Every wait is bounded: the group is created with ``timeout_s`` (store, connection, each collective), so a peer
+that dies or stalls ends the wait with an error instead of a hang; :meth:`WeightGroup.close` tears the group
+down and is called on every exit path of both sides.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+import torch
+
+BACKENDS = ("gloo", "nccl")
+STORE_PREFIX = "align-weights"
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def offered_backends() -> list[str]:
+    """What this process can join a weight group with: NCCL first where there is a GPU, gloo always."""
+    return ["nccl", "gloo"] if torch.cuda.is_available() else ["gloo"]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def plan(specs, bucket_mb: float) -> list[list[list]]:
+    """``specs``: ``(name, dtype name, shape)`` in push order; returns buckets, each a list of ``[name, dtype name,
+    shape, byte offset, byte count]`` whose bytes add up to at most ``bucket_mb`` MiB (a larger weight alone).
+    Every entry starts at a multiple of 16 bytes, so each view is aligned for its dtype."""
+    cap = max(1, int(bucket_mb * (1 << 20)))
+    buckets, current, used = [], [], 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        start = -(-used // 16) * 16
+        if current and start + size > cap:
+            buckets.append(current)
+            current, start = [], 0
+        current.append([name, dtype, list(shape), start, size])
+        used = start + size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def bucket_bytes(bucket) -> int:
+    return max(offset + size for *_, offset, size in bucket)
+
+
+def pack(bucket, tensors: dict, device) -> torch.Tensor:
+    """The bucket's weights (``tensors[name]``) as one flat uint8 tensor on ``device``."""
+    flat = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=device)
+    for name, _, _, offset, size in bucket:
+        t = full_weight(tensors[name]).detach().contiguous()
+        flat[offset:offset + size].copy_(t.reshape(-1).view(torch.uint8), non_blocking=False)
+    return flat
+
+
+def unpack(bucket, flat: torch.Tensor):
+    """``(name, tensor)`` views into ``flat`` for each entry of ``bucket``."""
+    for name, dtype, shape, offset, size in bucket:
+        yield name, flat[offset:offset + size].view(getattr(torch, dtype)).view(shape)
+
+
+def full_weight(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a sharded DTensor gathered (a collective: every trainer process calls it in the same order)."""
+    full = getattr(t, "full_tensor", None)
+    return full() if full is not None else t
+
+
+class WeightGroup:
+    """This process's membership of a weight group (``rank`` of ``world``) on the TCP store at ``host:port``.
+    ``master``: this process hosts the store (the server); the others connect to it. Construction waits at most
+    ``timeout_s`` for the other members; so does every collective afterwards."""
+
+    def __init__(self, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float,
+                 session: str, master: bool = False, store=None):
+        from torch.distributed import PrefixStore, TCPStore
+
+        self.rank, self.world, self.backend, self.timeout = rank, world, backend, timedelta(seconds=timeout_s)
+        self.store = store or TCPStore(host, port, world_size=None, is_master=master, timeout=self.timeout,
+                                       wait_for_workers=False, use_libuv=True)
+        prefixed = PrefixStore(f"{STORE_PREFIX}/{session}", self.store)
+        if backend == "gloo":
+            from torch.distributed import ProcessGroupGloo
+
+            self.pg = ProcessGroupGloo(prefixed, rank, world, self.timeout)
+            self.device = torch.device("cpu")
+        else:
+            from torch.distributed import ProcessGroupNCCL
+
+            options = ProcessGroupNCCL.Options()
+            options._timeout = self.timeout
+            self.pg = ProcessGroupNCCL(prefixed, rank, world, options)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def broadcast(self, flat: torch.Tensor) -> None:
+        """Rank 0's ``flat`` into every member's ``flat`` (same size); waits at most ``timeout_s``."""
+        from torch.distributed import BroadcastOptions
+
+        opts = BroadcastOptions()
+        opts.rootRank, opts.rootTensor, opts.timeout = 0, 0, self.timeout
+        self.pg.broadcast([flat], opts).wait(self.timeout)
+
+    def close(self) -> None:
+        pg, self.pg = getattr(self, "pg", None), None
+        if pg is not None:
+            for name in ("abort", "shutdown"):
+                try:
+                    getattr(pg, name)()
+                    break
+                except Exception:  # noqa: S112 (one of them exists and works per backend; a dead peer may make it raise)
+                    continue
+        self.store = None
+
+
+class WeightReceiver:
+    """vLLM worker extension (``worker_extension_cls``): the worker's end of the weight group. Methods are called
+    through ``LLM.collective_rpc`` by :mod:`align.rollout.serve_collective`; their names start with ``align_`` so
+    they never shadow a vLLM worker method."""
+
+    def align_join(self, host: str, port: int, world: int, backend: str, timeout_s: float, session: str) -> None:
+        self.align_leave()
+        rank = 1 + _worker_rank(self)
+        if backend == "nccl":
+            torch.cuda.set_device(self.device)
+        self.align_group = WeightGroup(host, port, rank, world, backend, timeout_s, session)
+
+    def align_receive(self, buckets: list) -> int:
+        """Receive ``buckets`` (a :func:`plan`) from rank 0 and load them in place; returns the bytes received."""
+        group = getattr(self, "align_group", None)
+        if group is None:
+            raise RuntimeError("this worker is not in a weight group (POST /collective/join first)")
+        received = 0
+
+        def weights():
+            nonlocal received
+            for bucket in buckets:
+                flat = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=group.device)
+                group.broadcast(flat)
+                received += flat.numel()
+                yield from unpack(bucket, flat)
+
+        try:
+            self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
+        except BaseException:
+            self.align_leave()  # a broken broadcast leaves the group unusable: tear it down here too
+            raise
+        return received
+
+    def align_leave(self) -> None:
+        group = getattr(self, "align_group", None)
+        self.align_group = None
+        if group is not None:
+            group.close()
+
+
+def _worker_rank(worker) -> int:
+    """The worker's tensor-parallel rank (0 for a single worker)."""
+    return int(getattr(worker, "rank", 0) or 0)

@@ -1,0 +1,114 @@
+"""A LoRA policy's adapter pushed to a vLLM engine instead of merged weights (``vllm_lora_adapter``).
+
+The adapter (PEFT's own file format: ``adapter_model.safetensors`` + ``adapter_config.json``, the LoRA factors
+only, ~0.1-1% of the model) is loaded into vLLM's LoRA path under one fixed id, replaced in place on every push
+(vLLM's ``load_inplace``), and every generation names it; the base weights stay as the engine loaded them (the
+policy's base is frozen under LoRA). The colocated engine and ``align serve`` (``POST /adapter``, the adapter as one
+safetensors body with its config in the header) share :class:`AdapterSlot`.
+
+What the engine cannot load is refused before training in one line: a rank above the engine's ``max_lora_rank``
+by :func:`check_adapter`, anything else vLLM's loader refuses (DoRA, LoRA biases, modules it does not adapt) by
+loading the initial adapter once when the engine is built. The server's base weights are set to the policy's
+base once then (another run may have pushed other weights). An engine without LoRA (``align serve`` without
+``--max-lora-rank``) gets the merged weights instead, which the trainer says once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from align.errors import ConfigError
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank choices
+ADAPTER_ID = 1
+CONFIG_KEY = "adapter_config"
+
+
+def has_adapter(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def adapter_config(model) -> dict:
+    config = model.peft_config[getattr(model, "active_adapter", "default")]
+    out = config.to_dict()
+    for key, value in out.items():  # sets (target_modules) are not JSON
+        if isinstance(value, set):
+            out[key] = sorted(value)
+    return out
+
+
+def engine_rank(r: int) -> int:
+    """The smallest vLLM ``max_lora_rank`` that holds rank ``r`` (ConfigError naming lora_r above vLLM's largest)."""
+    for rank in VLLM_RANKS:
+        if rank >= r:
+            return rank
+    raise ConfigError(f"lora_r: {r} is more than vLLM's largest LoRA rank {VLLM_RANKS[-1]}; lower lora_r or set "
+                      "vllm_lora_adapter: false (push the merged weights)")
+
+
+def check_adapter(config: dict, max_rank: int, where: str) -> None:
+    """One-line ConfigError for an adapter rank ``where`` (an engine, in words) cannot take; what else vLLM cannot
+    load (DoRA, LoRA biases, modules it does not adapt) its own loader refuses when the engine loads the initial
+    adapter, before training."""
+    ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
+    if max(ranks) > max_rank:
+        raise ConfigError(f"lora_r: rank {max(ranks)} is more than {where} takes (max_lora_rank {max_rank}); lower "
+                          "lora_r, raise the engine's LoRA rank, or set vllm_lora_adapter: false")
+
+
+def adapter_tensors(model) -> dict:
+    """The adapter's factors under PEFT's saved names (CPU copies)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def adapter_payload(model) -> bytes:
+    """The adapter as one safetensors file in memory, its config in the header (what ``POST /adapter`` takes)."""
+    from safetensors.torch import save
+
+    return save(adapter_tensors(model), metadata={CONFIG_KEY: json.dumps(adapter_config(model))})
+
+
+class AdapterSlot:
+    """One adapter id in a ``vllm.LLM``: :meth:`load` writes the adapter to a private folder (tmpfs where there is
+    one) and loads it in place; :attr:`request` is the ``LoRARequest`` every generation passes (None until loaded)."""
+
+    def __init__(self, llm):
+        self.llm, self.request = llm, None
+        self.folder = tempfile.mkdtemp(prefix="align-adapter-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self.version = 0
+
+    def load(self, config: dict, tensors: dict) -> None:
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        save_file(tensors, os.path.join(self.folder, "adapter_model.safetensors"))
+        with open(os.path.join(self.folder, "adapter_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(config, fh)
+        self.version += 1
+        request = LoRARequest("align-policy", ADAPTER_ID, self.folder, load_inplace=True)
+        self.llm.llm_engine.add_lora(request)
+        self.llm.reset_prefix_cache()  # cached KV entries were computed with the old adapter
+        self.request = LoRARequest("align-policy", ADAPTER_ID, self.folder)
+
+    def load_payload(self, payload: bytes) -> None:
+        from safetensors.torch import load
+
+        header = json.loads(payload[8:8 + int.from_bytes(payload[:8], "little")])  # the safetensors header
+        config = (header.get("__metadata__") or {}).get(CONFIG_KEY)
+        if config is None:
+            raise ValueError(f"the adapter body has no {CONFIG_KEY} in its safetensors metadata")
+        self.load(json.loads(config), load(payload))
+
+    def drop(self) -> None:
+        """Generate with the base weights again (after a merged push)."""
+        self.request = None
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
