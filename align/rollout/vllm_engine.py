@@ -203,8 +203,8 @@ class VLLMEngine:
                              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                              enable_sleep_mode=enable_sleep_mode, seed=seed, max_lora_rank=lora_rank)
         self.asleep = False
-        self.lora_rank = lora_rank
         self.adapter = AdapterSlot(self.llm) if lora_rank else None
+        self.push_adapter = bool(lora_rank)  # a LoRA policy's pushes send the adapter alone
         if self.adapter is not None and has_adapter(model):  # what vLLM cannot load stops the run here, in one line
             check_adapter(adapter_config(model), lora_rank, "the colocated vLLM engine")
             try:
@@ -233,7 +233,7 @@ class VLLMEngine:
         """Copy the policy's current weights into the engine, in place (no file written); with the engine's LoRA
         path, a LoRA policy's adapter alone (:mod:`align.rollout.lora`)."""
         self._wake()
-        if self.adapter is not None and has_adapter(model):
+        if self.adapter is not None and self.push_adapter and has_adapter(model):
             self.adapter.load(adapter_config(model), adapter_tensors(model))
             return
         if self.adapter is not None:
