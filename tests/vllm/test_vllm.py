@@ -201,6 +201,12 @@ def test_trainer_with_colocated_engine(repo, tmp_path, testbed):
     ({"vllm_sync_steps": 0}, "vllm_sync_steps: must be >= 1"),
     ({"vllm_enable_sleep_mode": True}, "vllm_enable_sleep_mode: vLLM's sleep mode needs a CUDA GPU"),
     ({"rollout": "vllm_server"}, "rollout: must be one of"),
+    ({"vllm_sync": "nccl"}, r"vllm_sync: must be one of \('http', 'collective'\)"),
+    ({"vllm_sync": "collective"}, "vllm_sync: collective is for rollout: vllm-server"),
+    ({"rollout": "vllm-server", "vllm_sync": "collective", "vllm_group_port": 8000}, "vllm_group_port: 8000 is the "
+                                                                                    "server's HTTP port"),
+    ({"rollout": "vllm-server", "vllm_bucket_mb": 0}, r"vllm_bucket_mb: must be in \(0, 1048576\]"),
+    ({"use_peft": True, "lora_r": 1024}, "lora_r: 1024 is more than vLLM's largest LoRA rank 512"),
 ])
 def test_bad_vllm_options_fail_at_config(repo, tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
