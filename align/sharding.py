@@ -135,9 +135,9 @@ def fsdp2_refusal(args) -> str | None:
             return (f"entanglement_steps / entanglement_action / objective {objective!r}: per-pair gradients are "
                     f"not computed {where} yet (the live graph's gradients land in the shards); launch with "
                     "configs/accelerate/cpu2.yaml for them")
-    elif getattr(args, "rollout", "hf") != "hf":
+    elif getattr(args, "rollout", "hf") == "vllm":  # vllm-server: every process gathers each weight for the push
         return (f"rollout: {args.rollout}: pushing weights to a rollout engine is not done {where} yet; use "
-                "rollout: hf, or launch with configs/accelerate/cpu2.yaml")
+                "rollout: hf or vllm-server, or launch with configs/accelerate/cpu2.yaml")
     return None
 
 

@@ -31,6 +31,7 @@ from contextlib import nullcontext
 
 from align.errors import ConfigError, ServerUnavailable, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, eos_token_ids
+from align.rollout.collective import full_weight
 from align.rollout.lora import adapter_config, adapter_payload, check_adapter, has_adapter
 from align.rollout.sender import CollectiveSender
 from align.rollout.serve_http import API_KEY_ENV, BODY_CAPS, MB
@@ -182,7 +183,10 @@ class ServerEngine:
         """Send the policy's weights to the server, only where ``push_weights``: a LoRA adapter alone where the
         server loads it (:meth:`check`), else the whole weights (an adapter merged in) over the collective
         (:class:`align.rollout.sender.CollectiveSender`) or as one HTTP body."""
-        if not self.push_weights:
+        if not self.push_weights:  # a sharded policy: take part in the main process's gather, weight by weight
+            for _, tensor in policy_weights(model):
+                if hasattr(tensor, "full_tensor"):
+                    full_weight(tensor)
             return
         if self.adapter:
             return self.push_adapter(model)
@@ -196,7 +200,7 @@ class ServerEngine:
         from safetensors.torch import save
 
         with merged(model) if merge else nullcontext():
-            payload = save({name: t.cpu().clone() for name, t in policy_weights(model)})  # clone: untie shared
+            payload = save({name: full_weight(t).cpu().clone() for name, t in policy_weights(model)})  # clone: untie
         self.info["weights_version"] = self.call("/weights", "the weight update", payload,
                                                   "application/octet-stream")["weights_version"]
 

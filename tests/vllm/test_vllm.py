@@ -716,12 +716,12 @@ def test_server_killed_mid_broadcast_stops_with_one_line(repo, tmp_path, testbed
     assert json.loads((ckpt / "rl_state.json").read_text())["rollouts_total"] == 2 * 16
 
 
-def run_grpo(repo, out, processes: int, per_device: int, *overrides: str):
-    """``recipes/grpo.py`` (``accelerate launch`` with 2 CPU processes when asked) on the testbed; the logged steps
-    and stdout."""
+def run_grpo(repo, out, processes: int, per_device: int, *overrides: str, launch_config="configs/accelerate/cpu2.yaml"):
+    """``recipes/grpo.py`` (``accelerate launch --config_file launch_config`` with 2 CPU processes when asked) on the
+    testbed; the logged steps and stdout."""
     launcher = [sys.executable, "recipes/grpo.py"]
     if processes > 1:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu2.yaml",
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
                     "--num_processes", str(processes), "--main_process_port", str(free_port()), "recipes/grpo.py"]
     cmd = [*launcher, "--config", "configs/grpo/testbed.yaml", "max_steps=2", "logging_steps=1", "save_strategy=no",
            "num_generations=4", "num_minibatches=2", "max_train_samples=64", "dataset_test_split=null",
@@ -734,19 +734,31 @@ def run_grpo(repo, out, processes: int, per_device: int, *overrides: str):
 
 
 def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
+    """2 DDP processes over HTTP, and 2 FSDP2 processes (align's CPU fully_shard: each process holds half of each
+    weight) over the collective, each log what 1 process logs: under FSDP2 every process gathers each weight in
+    turn (``full_tensor``) while the main process packs and broadcasts it, so no process holds a full copy."""
+    import yaml
+
     _, port = server
     server_args = ("rollout=vllm-server", f"vllm_server_port={port}", "vllm_timeout_s=120")
+    fsdp2 = yaml.safe_load((repo / "configs/accelerate/fsdp2.yaml").read_text())
+    fsdp2.update(use_cpu=True, num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no")
+    (tmp_path / "fsdp2-cpu.yaml").write_text(yaml.safe_dump(fsdp2))
     one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *server_args)
     two, stdout = run_grpo(repo, tmp_path / "two", 2, 4, *server_args)
-    assert "x processes 2 = 8 prompts" in stdout
-    assert len(one) == len(two) == 2
+    sharded, sharded_out = run_grpo(repo, tmp_path / "fsdp2", 2, 4, *server_args, "vllm_sync=collective",
+                                    f"vllm_group_port={free_port()}", "vllm_bucket_mb=1",
+                                    launch_config=tmp_path / "fsdp2-cpu.yaml")
+    assert "x processes 2 = 8 prompts" in stdout and "DTensor parameters" in sharded_out
+    assert len(one) == len(two) == len(sharded) == 2
     assert "reward" in one[0] and "rollout/logp_gap" in one[1]  # round metrics at a round's first step
     for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
-        a, b = [r.get(key) for r in two], [r.get(key) for r in one]
-        assert [x is None for x in a] == [x is None for x in b], key  # pytest 9.2 refuses None in approx
-        a, b = [x for x in a if x is not None], [x for x in b if x is not None]
-        assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
-    assert all(r["rollout/logp_gap"] < 1e-3 for r in one)
+        for run in (two, sharded):
+            a, b = [r.get(key) for r in run], [r.get(key) for r in one]
+            assert [x is None for x in a] == [x is None for x in b], key  # pytest 9.2 refuses None in approx
+            a, b = [x for x in a if x is not None], [x for x in b if x is not None]
+            assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
+    assert all(r["rollout/logp_gap"] < 1e-3 for r in one + sharded if "rollout/logp_gap" in r)
 
 
 def test_two_trainer_processes_with_a_colocated_engine_each(repo, tmp_path):
