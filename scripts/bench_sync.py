@@ -3,7 +3,7 @@
     python scripts/bench_sync.py [--models testbed 100m] [--reps 5] [--bucket-mb 128] [--lora-r 16]
 
 For the testbed policy (2.6M parameters) and a config-built Llama of ~100M parameters (random weights, the testbed
-tokenizer; 12 layers, hidden 768, vocabulary 8192), float32:
+tokenizer; 14 layers, hidden 768, vocabulary 8192: 100.6M), float32:
 
 1. Server engine (``align serve`` on this machine, ``--max-lora-rank 16``; this process is the trainer): a full
    push over HTTP (``vllm_sync: http``, one safetensors body) and over the collective (``vllm_sync: collective``,
@@ -14,6 +14,9 @@ tokenizer; 12 layers, hidden 768, vocabulary 8192), float32:
 
 Each figure is the median of ``--reps`` pushes after one untimed push (the fastest in brackets); a push ends when
 the engine has loaded the weights (the server's answer). Ratios: collective / HTTP, adapter / merged.
+
+On GPUs (the GPU check, scripts/gpu_check.py, runs it when vLLM is there) the trainer's policy is on GPU 0 and the
+server on GPU 1 (NCCL needs a device per member), so it needs 2 GPUs; the colocated engine shares GPU 0.
 """
 
 from __future__ import annotations
@@ -40,14 +43,14 @@ def model_path(name: str) -> str:
     policy = str(ensure_testbed(progress=False).policy)
     if name == "testbed":
         return policy
-    out = "/tmp/align-bench-llama-100m"
+    out = "/tmp/align-bench-llama-101m"
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+    config = LlamaConfig(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_hidden_layers=14,
                          num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=256,
                          tie_word_embeddings=False, eos_token_id=1, pad_token_id=0, bos_token_id=None)
     LlamaForCausalLM(config).save_pretrained(out)
@@ -76,6 +79,32 @@ def timed(push, reps: int) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times)}
 
 
+def device():
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def gpu_check_lines(budget_s: float) -> list[str]:
+    """The GPU check's weight-sync part: this benchmark on the ~100M model when vLLM and 2 GPUs are here."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None or torch.cuda.device_count() < 2:
+        return ["weight sync (scripts/bench_sync.py): not measured: it needs vLLM and 2 GPUs here (NCCL needs a GPU "
+                "for the trainer and one for the server)"]
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--models", "100m", "--reps", "3"], capture_output=True,
+                              text=True, timeout=max(1.0, budget_s))
+    except subprocess.TimeoutExpired:
+        return [f"weight sync (scripts/bench_sync.py): not done within the check's budget ({budget_s:.0f} s left)"]
+    if proc.returncode:
+        return [f"weight sync (scripts/bench_sync.py): failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"]
+    return ["weight sync (scripts/bench_sync.py --models 100m --reps 3):",
+            *[x for x in proc.stdout.splitlines() if x.startswith("|")]]
+
+
 def free_port() -> int:
     import socket
 
@@ -85,11 +114,15 @@ def free_port() -> int:
 
 
 def server_part(name: str, path: str, args) -> dict:
+    import torch
+
     from align.modeling import load_model, load_tokenizer
     from align.rollout.remote import ServerEngine
 
     port = free_port()
     env = {**os.environ, **CPU_ENV, "PYTHONPATH": REPO}
+    if torch.cuda.is_available():
+        env["CUDA_VISIBLE_DEVICES"] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "align.cli", "serve", "--model", path, "--port", str(port),
                              "--max-model-len", "128", "--gpu-memory-utilization", "0.1", "--dtype", "float32",
                              "--max-lora-rank", str(args.lora_r)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -104,7 +137,7 @@ def server_part(name: str, path: str, args) -> dict:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     sys.exit(f"align serve for {name} did not come up")
                 time.sleep(1)
-        tok, model = load_tokenizer(path), load_model(path)
+        tok, model = load_tokenizer(path), load_model(path).to(device())
         lora = lora_of(model, args.lora_r)
         out = {}
 
@@ -136,7 +169,7 @@ def colocated_child(path: str, args) -> dict:
     from align.modeling import load_model, load_tokenizer
     from align.rollout.vllm_engine import VLLMEngine
 
-    tok, model = load_tokenizer(path), load_model(path)
+    tok, model = load_tokenizer(path), load_model(path).to(device())
     lora = lora_of(model, args.lora_r)
     engine = VLLMEngine(model, tok, max_model_len=128, gpu_memory_utilization=0.1, lora_rank=args.lora_r)
     out = {"full": timed(lambda: engine.sync_weights(model), args.reps),

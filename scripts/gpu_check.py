@@ -380,6 +380,9 @@ def main(argv=None) -> int:
           f"{s['grpo_steps']} steps (HF generate); memory = {memory}; MFU against {peak or 'n/a'} TFLOP/s")
     lines = report(results, n_params, peak, which)
     print("\n".join(lines))
+    if not args.cpu:  # vLLM weight pushes, HTTP vs NCCL and adapter vs merged, when vLLM is here (it is not today)
+        from bench_sync import gpu_check_lines
+        print("\n".join(gpu_check_lines(deadline - time.monotonic())))
     print(f"gpu_check: done in {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
