@@ -86,16 +86,16 @@ def full_weight(t: torch.Tensor) -> torch.Tensor:
 
 
 class WeightGroup:
-    """This process's membership of a weight group (``rank`` of ``world``) on the TCP store at ``host:port``.
-    ``master``: this process hosts the store (the server); the others connect to it. Construction waits at most
-    ``timeout_s`` for the other members; so does every collective afterwards."""
+    """This process's membership of a weight group (``rank`` of ``world``) on the TCP store at ``host:port`` (the
+    server hosts it, :mod:`align.rollout.serve_collective`). Construction waits at most ``timeout_s`` for the other
+    members; so does every collective afterwards."""
 
     def __init__(self, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float,
-                 session: str, master: bool = False, store=None):
+                 session: str):
         from torch.distributed import PrefixStore, TCPStore
 
         self.rank, self.world, self.backend, self.timeout = rank, world, backend, timedelta(seconds=timeout_s)
-        self.store = store or TCPStore(host, port, world_size=None, is_master=master, timeout=self.timeout,
+        self.store = TCPStore(host, port, world_size=None, is_master=False, timeout=self.timeout,
                                        wait_for_workers=False, use_libuv=True)
         prefixed = PrefixStore(f"{STORE_PREFIX}/{session}", self.store)
         if backend == "gloo":

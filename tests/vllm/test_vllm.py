@@ -149,13 +149,20 @@ def lora_of(model, **kw):
 def test_lora_adapter_push_equals_merged_push(policy, engine, monkeypatch):
     """The colocated engine takes a LoRA policy's adapter alone (vLLM's LoRA path) and then samples the policy: its
     log-probs are the policy's to 1e-5 (measured ~3e-6), and the merged push gives the same completions and
-    log-probs; the base model's differ by > 0.1."""
+    log-probs; the base model's differ by > 0.1. A second adapter push replaces the first in place."""
     model, tok, ids = policy
     lora = lora_of(model)
     sp = SamplingParams(max_new_tokens=12, seed=3)
     engine.sync_weights(lora)
     assert engine.adapter.request is not None
+    first = copy.deepcopy(lora)
+    with torch.no_grad():  # the adapter a step later: every lora_B factor changed
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.mul_(1.5)
+    engine.sync_weights(lora)
     adapter = engine.generate(ids, [2] * len(ids), sp)
+    assert max_gap(first, adapter) > 0.05
     with monkeypatch.context() as m:
         m.setattr(engine, "push_adapter", False)
         engine.sync_weights(lora)
@@ -567,6 +574,34 @@ def test_server_adapter_push_equals_merged_and_refuses_what_it_cannot_load(polic
     remote(model).sync_weights(model)  # back to the shared start (a full push drops the adapter)
     assert remote(model).generate(ids, [1] * len(ids), GREEDY).completion_ids == \
         HFEngine(model, tok).generate(ids, [1] * len(ids), GREEDY).completion_ids
+
+
+def test_grpo_with_lora_pushes_the_adapter_to_the_server(repo, tmp_path, policy, server):
+    """GRPO with use_peft (rank 8) and rollout: vllm-server: the build sets the server's base and loads the initial
+    adapter, each round pushes the adapter alone (~40 KB here), and the server samples the policy of that round
+    (rollout/logp_gap < 1e-4); at the end the trained adapter moves the log-probs away from the base by > 1e-3 and
+    the server follows it to 1e-5."""
+    from align.recipes.grpo import build_trainer
+
+    model, tok, ids = policy
+    _, port = server
+    trainer = build_trainer(grpo_cfg(repo, tmp_path, rollout="vllm-server", vllm_server_port=port, use_peft=True,
+                                     lora_r=8, learning_rate=1e-2))
+    try:
+        assert trainer.engine.adapter
+        version = trainer.engine.info["weights_version"]
+        trainer.train()
+        assert trainer.engine.info["weights_version"] == version + 2  # one adapter push a round
+        logs = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        assert len(logs) == 2 and all(r["rollout/logp_gap"] < 1e-4 for r in logs), logs
+        trainer.weight_sync(trainer.policy, trainer.state.global_step)
+        out = trainer.engine.generate(ids, [2] * len(ids), SamplingParams(max_new_tokens=12, seed=4))
+        with trainer.policy.disable_adapter():
+            base = max_gap(trainer.policy, out)
+        assert max_gap(trainer.policy, out) < 1e-5 and base > 1e-3, base
+    finally:
+        trainer.close()
+        trainer.engine.push_full(model)  # back to the shared start (a full push drops the adapter)
 
 
 def test_grpo_over_the_collective_trains_as_over_http(repo, tmp_path, server):
