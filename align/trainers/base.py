@@ -84,7 +84,7 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
     need: :meth:`setup_reference`, :meth:`setup_rollout`."""
 
     state_file: str | None = None  # file name of the resume state in each checkpoint; None: nothing to keep
-    fsdp2_on_cpu = False  # whether align shards this trainer's policy itself under FSDP on the CPU (align/fsdp2.py)
+    fsdp2_supported = False  # whether align shards this trainer's policy itself under an FSDP config (align/fsdp2.py)
     fsdp2_reference_copy = False  # under it, whether setup_reference may need a frozen copy of the initial policy
 
     def wants_reference_copy(self, args) -> bool:

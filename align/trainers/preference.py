@@ -120,7 +120,7 @@ def pair_sizes(ds, rows) -> list[tuple[int]]:
 
 
 class PreferenceTrainer(AlignTrainer):
-    fsdp2_on_cpu = True  # align/fsdp2.py
+    fsdp2_supported = True  # align/fsdp2.py
 
     def wants_reference_copy(self, args) -> bool:
         return not args.precompute_ref_logps  # the live reference: a frozen copy (of the sharded policy's start)
