@@ -128,7 +128,7 @@ def fsdp2_refusal(args) -> str | None:
     name = args.recipe_name
     where = f"under FSDP ({name} with align's fully_shard)"
     ddp = "configs/accelerate/cpu2.yaml" if runs_on_cpu(args) else "configs/accelerate/ddp.yaml or zero2.yaml"
-    if getattr(args, "use_peft", False):
+    if getattr(args, "use_peft", False) and name != "dpo":  # DPO's LoRA: tested (the adapter sharded with its layer)
         return f"use_peft: LoRA is not run {where} yet; launch with {ddp} for LoRA"
     if name in PAIR_TRAINERS:
         from align.objectives import registry
@@ -219,19 +219,25 @@ def share_rank0_weights(model):
     each one through this process's GPU."""
     if not rank0_loads_alone():
         return model
+    broadcast_from_rank0([*model.parameters(), *model.buffers()])
+    return model
+
+
+def broadcast_from_rank0(tensors) -> None:
+    """Rank 0's values of ``tensors`` copied into every process, one tensor at a time (a collective). A backend that
+    cannot send CPU tensors (NCCL alone) gets each one through this process's GPU."""
     import torch
     import torch.distributed as dist
 
     cpu_ok = "gloo" in str(dist.get_backend()).lower() or "mpi" in str(dist.get_backend()).lower()
     device = None if cpu_ok or not torch.cuda.is_available() else torch.device("cuda", torch.cuda.current_device())
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in tensors:
         if device is None or t.device.type != "cpu":
             dist.broadcast(t.data, src=0)
         else:
             moved = t.data.to(device)
             dist.broadcast(moved, src=0)
             t.data.copy_(moved.cpu())
-    return model
 
 
 @contextmanager

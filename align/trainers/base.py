@@ -34,7 +34,7 @@ from align.data.prompts import tokenize_prompts
 from align.errors import TrainingError
 from align.io import atomic_write_json
 from align.rollout import WeightSync, build_engine
-from align.sharding import check_in_effect
+from align.sharding import broadcast_from_rank0, check_in_effect
 from align.stopping import StopCallback
 from align.trainers.hub_sync import NoTrainerPush
 from align.trainers.metric_log import MetricsMixin
@@ -98,6 +98,8 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
         if self.fsdp2:  # before any pass reads the policy and before the Trainer builds the optimizer on it
             if self.wants_reference_copy(args):  # the frozen reference: copied whole now, sharded by setup_reference
                 self._fsdp2_reference_source = copy.deepcopy(model)
+            if hasattr(model, "disable_adapter"):  # LoRA: each process initialised its own adapter; rank 0's for all
+                broadcast_from_rank0([p for p in model.parameters() if p.requires_grad])
             model = fsdp2.shard(model, fsdp2.reshard_after_forward(args))
             print(fsdp2.describe(model), flush=True)
         super().__init__(model=model, args=args, **trainer_kwargs)

@@ -212,6 +212,30 @@ def test_dpo_gradient_accumulation_under_fsdp2(repo, dpo_runs):
     assert [r["grad_norm"] for r in steps] == pytest.approx([r["grad_norm"] for r in one], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_dpo_with_lora_under_fsdp2(repo, tmp_path):
+    """LoRA under align's FSDP2: the adapters are sharded with their layers (rank 0's initial adapter broadcast
+    first), the reference is the adapter switched off; the 1-process losses and grad norms at every step, and the saved
+    adapter (adapter files only, gathered) is the 1-process one up to float rounding of the update."""
+    args = [*DPO, *NO_SAVE, "max_steps=3", "use_peft=true", "lora_r=4", "lora_dropout=0", "learning_rate=1e-3"]
+    _, one = launch(repo, tmp_path / "one", "dpo", [*args, "per_device_train_batch_size=16"])
+    proc, two = launch(repo, tmp_path / "two", "dpo", [*args, "per_device_train_batch_size=8"],
+                       cpu_variant(repo, tmp_path, "fsdp2"))
+    assert proc.stderr.count(FSDP2_NOTE) == 1
+    assert "FSDP2 (process 1 of 2): fully_shard on 5 modules, DTensor parameters; " \
+           "base_model.model.model.embed_tokens.weight: 192 x 256 here of 384 x 256" in proc.stdout
+    assert len(one) == len(two) == 3
+    for key in ("loss", "grad_norm", "logps/chosen"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
+    assert not (tmp_path / "two" / "model.safetensors").exists()
+    w1, w2 = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("one", "two"))
+    assert w1.keys() == w2.keys() and len(w1) == 56  # A and B of 7 projections x 4 layers
+    b = [k for k in w1 if "lora_B" in k]  # B starts at zero: its norm is the update's
+    gap = sum(((w1[k] - w2[k]) ** 2).sum().item() for k in b) ** 0.5
+    update = sum((w1[k] ** 2).sum().item() for k in b) ** 0.5
+    assert update > 1e-2 and gap / update < 1e-4  # 8e-6 measured
+
+
 ONLINE = ["logging_steps=1", "save_strategy=no", "max_train_samples=64", "dataset_test_split=null",
           "disable_tqdm=true", "overwrite_output_dir=true"]
 
