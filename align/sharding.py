@@ -130,6 +130,10 @@ def fsdp2_refusal(args) -> str | None:
     ddp = "configs/accelerate/cpu2.yaml" if runs_on_cpu(args) else "configs/accelerate/ddp.yaml or zero2.yaml"
     if getattr(args, "use_peft", False) and name != "dpo":  # DPO's LoRA: tested (the adapter sharded with its layer)
         return f"use_peft: LoRA is not run {where} yet; launch with {ddp} for LoRA"
+    if getattr(args, "use_peft", False) and str(getattr(args, "resume_from_checkpoint", None) or "").lower() not in (
+            "", "false", "none"):
+        return (f"resume_from_checkpoint: a LoRA run {where} does not resume yet (its checkpoints hold the adapter, "
+                f"not the full weights its shards load); launch with {ddp} to resume it")
     if name in PAIR_TRAINERS:
         from align.objectives import registry
 

@@ -67,6 +67,8 @@ def test_fsdp_on_the_cpu_is_aligns_own_fsdp2_for_the_ported_recipes(launcher, ca
     ("online_dpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP (online_dpo with align's fully_shard) "
                                       "yet; launch with configs/accelerate/cpu2.yaml"),
     ("iterative_dpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP (iterative_dpo with align's"),
+    ("dpo", {"use_peft": True, "resume_from_checkpoint": "out/checkpoint-2"}, "resume_from_checkpoint: a LoRA run "
+                                                                               "under FSDP (dpo with align's"),
     ("grpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP (grpo with align's fully_shard)"),
     ("dpo", {"entanglement_steps": 2}, "entanglement_steps / entanglement_action / objective 'dpo': per-pair"),
     ("dpo", {"objective": "pairnorm"}, "entanglement_steps / entanglement_action / objective 'pairnorm': per-pair"),
