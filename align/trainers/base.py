@@ -33,6 +33,7 @@ from align.checkpoints import AtomicCheckpoints, check_checkpoint, resolve_resum
 from align.data.prompts import tokenize_prompts
 from align.errors import TrainingError
 from align.io import atomic_write_json
+from align.modeling import pad_token_id
 from align.rollout import WeightSync, build_engine
 from align.sharding import broadcast_from_rank0, check_in_effect
 from align.stopping import StopCallback
@@ -217,7 +218,7 @@ class RolloutTrainer(AlignTrainer):
         if len(train_dataset) < need:
             raise TrainingError(f"train dataset: {len(train_dataset)} prompts, fewer than one {self.batch_unit} needs "
                                 f"(per_device_train_batch_size x processes = {need})")
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_token_id(tok)
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
