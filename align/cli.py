@@ -9,7 +9,7 @@ import os
 import sys
 
 from align import __version__
-from align.errors import AlignError
+from align.errors import AlignError, print_error
 from align.quickstart import PAIR_PROMPTS
 
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AlignError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         return 2
 
 

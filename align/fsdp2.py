@@ -1,9 +1,10 @@
-"""FSDP2 on the CPU, driven by align: ``torch.distributed.fsdp.fully_shard`` behind accelerate's FSDP config.
+"""FSDP2 driven by align: ``torch.distributed.fsdp.fully_shard`` behind accelerate's FSDP config.
 
-accelerate 1.15 never builds its FSDP plugin on the CPU (``use_cpu``): it would run an FSDP config as plain DDP. For
-the trainers that support it (:data:`align.sharding.FSDP2_RECIPES`), :class:`align.trainers.base.AlignTrainer`
-shards the policy itself instead, in its ``__init__``, before any pass reads it and before the Trainer builds the
-optimizer:
+accelerate 1.15 never builds its FSDP plugin on the CPU (``use_cpu``): it would run an FSDP config as plain DDP. On
+GPUs it shards at ``prepare``, inside ``train()``: after align's first passes, with generation left to
+``synced_gpus``. For the trainers that support it (:data:`align.sharding.FSDP2_RECIPES`), on either,
+:class:`align.trainers.base.AlignTrainer` shards the policy itself instead, in its ``__init__``, before any pass reads
+it and before the Trainer builds the optimizer (accelerate's ``prepare`` then leaves the FSDP2 module as it is):
 
 * :func:`shard`: ``fully_shard`` on each decoder layer (the classes the model names in ``_no_split_modules``, else
   ``model.model.layers``), then on the whole model, with ``reshard_after_forward`` from the config
@@ -36,20 +37,20 @@ from contextlib import contextmanager
 
 import torch
 
-from align.sharding import FSDP2_RECIPES, env_flag, runs_on_cpu, sharding
+from align.sharding import env_flag, own_fsdp2, runs_on_cpu
 
 
 def wanted(args, trainer_class) -> bool:
-    """Whether align shards this run itself: FSDP asked for, on the CPU, several processes, a trainer that supports
-    it (``trainer_class.fsdp2_on_cpu``) in a recipe that does (:data:`align.sharding.FSDP2_RECIPES`; no recipe:
-    the library used directly)."""
+    """Whether align shards this run itself: an FSDP config, a trainer that supports it
+    (``trainer_class.fsdp2_supported``) in a recipe that does (:func:`align.sharding.own_fsdp2`), a process group of
+    several processes (or of one on a GPU: torchrun starts one for any FSDP launch there)."""
     import torch.distributed as dist
 
-    if not getattr(trainer_class, "fsdp2_on_cpu", False) or sharding(args).kind != "FSDP" or not runs_on_cpu(args):
+    if not getattr(trainer_class, "fsdp2_supported", False) or not own_fsdp2(args):
         return False
-    if getattr(args, "recipe_name", None) not in (None, *FSDP2_RECIPES):
+    if not (dist.is_available() and dist.is_initialized()):
         return False
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.get_world_size() > 1 or not runs_on_cpu(args)
 
 
 def reshard_after_forward(args) -> bool:

@@ -110,6 +110,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, key: str = "model
     return tok
 
 
+def pad_token_id(tokenizer, fallback: int | None = None) -> int:
+    """The id that pads batches: the tokenizer's pad token, else ``fallback`` (e.g. the model's first EOS id), else its
+    EOS token (a tokenizer given directly, not through :func:`load_tokenizer`, may have no pad token)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return fallback if fallback is not None else tokenizer.eos_token_id
+
+
 def require_chat_template(tokenizer, what: str, key: str = "model_name_or_path") -> None:
     """Conversational data (``what``: e.g. "the train dataset") needs the tokenizer's chat template."""
     if getattr(tokenizer, "chat_template", None):

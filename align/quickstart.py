@@ -7,7 +7,8 @@
    ``configs/dpo/quickstart.yaml``) trains on them.
 
 Held-out accuracy is printed before and after each stage; ``metrics.jsonl``, ``training_curves.png``
-and ``summary.json`` are written into the output folder (``outputs/quickstart`` under the current folder by
+and ``summary.json`` are written into the output folder, the aligned model with its card (``README.md``) and plots into
+its ``dpo/`` folder (``outputs/quickstart`` under the current folder by
 default). The config comes from the shipped configs (:mod:`align.shipped`), so it runs from any folder.
 """
 
@@ -53,7 +54,8 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
     from align.metrics import read_jsonl
     from align.modeling import load_model, load_tokenizer
     from align.plots import plot_metrics
-    from align.recipe import get_recipe
+    from align.recipe import finish_run, get_recipe
+    from align.run_info import run_info
     from align.shipped import shipped_config
     from align.testbed.build import default_dir, ensure_testbed, held_out_accuracy
 
@@ -84,7 +86,11 @@ def quickstart(output_dir: str = "outputs/quickstart", align_steps: int | None =
     dpo = get_recipe("dpo")  # by name: the library does not import the recipes package
     config = load_config(dpo.config_class, shipped_config("dpo", "quickstart.yaml"), overrides)
     (out / "dpo" / config.metrics_file).unlink(missing_ok=True)
+    started = time.perf_counter()
     result = dpo.run(config)
+    # the end every `align train` run has: plots and the model card of the aligned model (no push)
+    argv = ["--config", "quickstart", *(f"{k}={v}" for k, v in overrides.items())]
+    finish_run(config.output_dir, config, result, run_info("dpo", argv, config, result, time.perf_counter() - started))
     aligned = held_out_accuracy(load_model(config.output_dir), load_tokenizer(config.output_dir), progress=True)
     print(_row("after SFT", acc["policy"]))
     print(_row(f"after {config.objective.upper()}", aligned))

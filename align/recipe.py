@@ -23,7 +23,7 @@ import yaml
 
 from align.args import world_size
 from align.config import config_help, load_config, to_dict
-from align.errors import AlignError, ConfigError
+from align.errors import AlignError, ConfigError, print_error
 from align.io import atomic_open
 from align.shipped import resolve_config
 from align.stopping import Stopped, after_train, signals_handled, stop_point
@@ -100,7 +100,7 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
                     finish_run(config.output_dir, config, result, run_info(recipe.name, argv, config, result,
                                                                            wall_time_s))
             except AlignError as err:
-                print(f"error: {err}", file=sys.stderr)
+                print_error(err)
                 code = 2
         except Stopped as stop:
             code = stop.report()

@@ -110,22 +110,31 @@ def refusal(args, shards: Sharding) -> str | None:
     return None
 
 
-# Recipes whose trainer align shards itself with FSDP2 on the CPU (align/fsdp2.py); the others run an FSDP config on
-# the CPU as DDP with :func:`cpu_fallback_warning`.
-FSDP2_RECIPES = ("dpo", "grpo", "raft", "online_dpo", "xpo", "egpo")
-FSDP2_NOTE = ("note: distributed_type: FSDP on the CPU: accelerate 1.15 does not run FSDP there, so align shards the "
-              "policy itself with torch's FSDP2 (fully_shard on each decoder layer and the model; "
-              "docs/architecture.md, Sharding)")
+# Recipes whose trainer align shards itself under an FSDP config (align/fsdp2.py), on the CPU, where accelerate 1.15
+# runs no FSDP, and on GPUs, where accelerate's would shard only at ``prepare``, after align's first passes (the
+# reference log-probs, the frozen reference copy) and with generation left to ``synced_gpus``. The iterative driver's
+# rounds are DPO trainers (sharded); its sampling and win-rate models are whole copies it loads in every process. SFT
+# (TRL's SFTTrainer) runs an FSDP config on the CPU as DDP with :func:`cpu_fallback_warning`, on GPUs with
+# accelerate's.
+FSDP2_RECIPES = ("dpo", "grpo", "raft", "online_dpo", "xpo", "egpo", "iterative_dpo")
+PAIR_TRAINERS = ("dpo", "iterative_dpo")  # the recipes whose sharded policy trains on pairs (PreferenceTrainer)
+FSDP2_NOTE = ("note: distributed_type: FSDP: align shards the policy itself with torch's FSDP2 (fully_shard on each "
+              "decoder layer and the model, before its first pass; docs/architecture.md, Sharding)")
 
 
 def fsdp2_refusal(args) -> str | None:
-    """The one line refusing an option that align's CPU FSDP2 (a recipe of :data:`FSDP2_RECIPES`) cannot run yet,
-    or None."""
+    """The one line refusing an option that align's FSDP2 (a recipe of :data:`FSDP2_RECIPES`) cannot run yet, or
+    None."""
     name = args.recipe_name
-    where = f"under FSDP on the CPU ({name} with align's fully_shard)"
-    if getattr(args, "use_peft", False):
-        return f"use_peft: LoRA is not run {where} yet; launch with configs/accelerate/cpu2.yaml (DDP) for LoRA"
-    if name == "dpo":
+    where = f"under FSDP ({name} with align's fully_shard)"
+    ddp = "configs/accelerate/cpu2.yaml" if runs_on_cpu(args) else "configs/accelerate/ddp.yaml or zero2.yaml"
+    if getattr(args, "use_peft", False) and name != "dpo":  # DPO's LoRA: tested (the adapter sharded with its layer)
+        return f"use_peft: LoRA is not run {where} yet; launch with {ddp} for LoRA"
+    if getattr(args, "use_peft", False) and str(getattr(args, "resume_from_checkpoint", None) or "").lower() not in (
+            "", "false", "none"):
+        return (f"resume_from_checkpoint: a LoRA run {where} does not resume yet (its checkpoints hold the adapter, "
+                f"not the full weights its shards load); launch with {ddp} to resume it")
+    if name in PAIR_TRAINERS:
         from align.objectives import registry
 
         objective = getattr(args, "objective", None)
@@ -134,11 +143,26 @@ def fsdp2_refusal(args) -> str | None:
                 "grad_norms" in needs):
             return (f"entanglement_steps / entanglement_action / objective {objective!r}: per-pair gradients are "
                     f"not computed {where} yet (the live graph's gradients land in the shards); launch with "
-                    "configs/accelerate/cpu2.yaml for them")
+                    f"{ddp} for them")
     elif getattr(args, "rollout", "hf") == "vllm":  # vllm-server: every process gathers each weight for the push
         return (f"rollout: {args.rollout}: pushing weights to a rollout engine is not done {where} yet; use "
-                "rollout: hf or vllm-server, or launch with configs/accelerate/cpu2.yaml")
+                f"rollout: hf or vllm-server, or launch with {ddp}")
     return None
+
+
+def own_fsdp2(args) -> bool:
+    """Whether this run's policy is sharded by align (an FSDP config, a recipe of :data:`FSDP2_RECIPES`, or no recipe:
+    the library used directly)."""
+    return sharding(args).kind == "FSDP" and getattr(args, "recipe_name", None) in (None, *FSDP2_RECIPES)
+
+
+def announce_fsdp2(args) -> None:
+    """Refuse what align's FSDP2 cannot run (one line), else say once (main process) that it shards."""
+    line = fsdp2_refusal(args)
+    if line:
+        raise ConfigError(line)
+    if os.environ.get("RANK", "0") == "0":
+        print(FSDP2_NOTE, file=sys.stderr, flush=True)
 
 
 def check_launch(args) -> None:
@@ -154,16 +178,13 @@ def check_launch(args) -> None:
                 "accelerators only: on the CPU (use_cpu) it would fall back to plain DDP after transformers had "
                 "already partitioned the weights for ZeRO-3; launch on GPUs, or on the CPU with "
                 "configs/accelerate/zero2.yaml or cpu2.yaml")
-        if shards.kind == "FSDP" and getattr(args, "recipe_name", None) in FSDP2_RECIPES:
-            line = fsdp2_refusal(args)
-            if line:
-                raise ConfigError(line)
-            if os.environ.get("RANK", "0") == "0":
-                print(FSDP2_NOTE, file=sys.stderr, flush=True)
-            return
+        if own_fsdp2(args):
+            return announce_fsdp2(args)
         if os.environ.get("RANK", "0") == "0":
             print(cpu_fallback_warning(shards.kind), file=sys.stderr, flush=True)
         return
+    if own_fsdp2(args):
+        return announce_fsdp2(args)
     line = refusal(args, shards)
     if line:
         raise ConfigError(line)
@@ -202,19 +223,25 @@ def share_rank0_weights(model):
     each one through this process's GPU."""
     if not rank0_loads_alone():
         return model
+    broadcast_from_rank0([*model.parameters(), *model.buffers()])
+    return model
+
+
+def broadcast_from_rank0(tensors) -> None:
+    """Rank 0's values of ``tensors`` copied into every process, one tensor at a time (a collective). A backend that
+    cannot send CPU tensors (NCCL alone) gets each one through this process's GPU."""
     import torch
     import torch.distributed as dist
 
     cpu_ok = "gloo" in str(dist.get_backend()).lower() or "mpi" in str(dist.get_backend()).lower()
     device = None if cpu_ok or not torch.cuda.is_available() else torch.device("cuda", torch.cuda.current_device())
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in tensors:
         if device is None or t.device.type != "cpu":
             dist.broadcast(t.data, src=0)
         else:
             moved = t.data.to(device)
             dist.broadcast(moved, src=0)
             t.data.copy_(moved.cpu())
-    return model
 
 
 @contextmanager

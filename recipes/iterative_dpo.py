@@ -37,6 +37,13 @@ class IterativeRecipeConfig(IterativeArguments, RecipeArguments, PreferenceConfi
                               "policy; leave it unset")
         if not self.precompute_ref_logps:
             raise ConfigError("precompute_ref_logps: must be true for the iterative driver (it supplies them)")
+        from align.args import world_size  # read at call time (tests patch it)
+
+        world = world_size()
+        if world > 1 and not self.dataloader_drop_last:
+            raise ConfigError(f"dataloader_drop_last: must be true for the iterative driver on {world} processes: a "
+                              "round's pairs are counted only after sampling, and accelerate would fill a last "
+                              "partial batch with pairs repeated from the start (one process trains on the remainder)")
 
     def check_output_dir(self) -> None:
         """Resume means: skip the finished ``iter-*`` folders and continue the unfinished one."""

@@ -23,7 +23,9 @@ mean wall time of the steps after the first; GRPO's step includes its generation
 token, plus 2 N a generated or prompt token for GRPO's sampling, N = every parameter but the input embedding counted
 once; attention's own FLOPs left out; over ``--peak-tflops``), and peak GPU memory (``torch.cuda.max_memory_allocated``
 of that run). Ratios are align / TRL at the same launch. A run that fails or is refused is one line, and the check
-goes on; the exit status is non-zero when any run failed (a refusal is not a failure).
+goes on. align under ``fsdp2`` must be sharded by align itself (``fully_shard``, align/fsdp2.py: the path the RL loop
+and EGPO take on GPUs) and give the one-process losses at every step (to 0.02: bf16 autocast). The exit status is
+non-zero when any run failed or that check did not hold (a refusal is not a failure).
 """
 
 from __future__ import annotations
@@ -222,9 +224,12 @@ def run_one(tool: str, method: str, folder: str, s: dict, cpu: bool) -> dict:
         tokens = g * lengths(folder)["grpo_prompt_tokens_per_step"] + g * s["grpo_prompts"] * s["grpo_tokens"]
         generated = tokens
     peak = peak_memory_mib()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    sharded = bool(getattr(trainer, "fsdp2", False))  # align's own fully_shard in effect (align/fsdp2.py)
     del trainer
     gc.collect()
-    return {"s_per_step": s_per_step, "tokens": tokens, "generated": generated, "peak_mib": peak}
+    return {"s_per_step": s_per_step, "tokens": tokens, "generated": generated, "peak_mib": peak, "losses": losses,
+            "sharded": sharded}
 
 
 def child(tool: str, folder: str, s: dict, cpu: bool, which: list[str]) -> dict:
@@ -317,6 +322,27 @@ def report(results: dict, n_params: int, peak_tflops: float | None, which: list[
     return lines
 
 
+LOSS_TOLERANCE = 0.02  # bf16 autocast: the same kernels on the same weights; the sharded path only adds copies
+
+
+def consistency(results: dict, which: list[str]) -> tuple[list[str], bool]:
+    """align under FSDP2 (one process, sharded by align itself) against align in one process: the launch really
+    sharded, and the losses of every step agree to :data:`LOSS_TOLERANCE`. Lines to print, and whether all held."""
+    lines, ok = [], True
+    for method in which:
+        one = results.get(("align", "single"), {}).get(method)
+        two = results.get(("align", "fsdp2"), {}).get(method)
+        if not one or not two or "losses" not in one or "losses" not in two:
+            continue
+        gap = max((abs(a - b) for a, b in zip(one["losses"], two["losses"])), default=float("inf"))
+        good = two["sharded"] and len(one["losses"]) == len(two["losses"]) and gap <= LOSS_TOLERANCE
+        ok &= good
+        lines.append(f"{method:<6} align fsdp2 vs single: sharded by align {'yes' if two['sharded'] else 'NO'}, "
+                     f"losses {[round(x, 4) for x in two['losses']]} vs {[round(x, 4) for x in one['losses']]}, "
+                     f"max |diff| {gap:.2g} ({'ok' if good else 'FAILED'})")
+    return lines, ok
+
+
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -379,7 +405,8 @@ def main(argv=None) -> int:
           f"GRPO: {s['grpo_prompts']} prompts x {s['grpo_generations']} completions of {s['grpo_tokens']} tokens, "
           f"{s['grpo_steps']} steps (HF generate); memory = {memory}; MFU against {peak or 'n/a'} TFLOP/s")
     lines = report(results, n_params, peak, which)
-    print("\n".join(lines))
+    checked, consistent = consistency(results, which)
+    print("\n".join(lines + checked))
     if not args.cpu:  # vLLM weight pushes, HTTP vs NCCL and adapter vs merged, when vLLM is here (it is not today)
         from bench_sync import gpu_check_lines
         print("\n".join(gpu_check_lines(deadline - time.monotonic())))
@@ -390,7 +417,7 @@ def main(argv=None) -> int:
                        "results": [{"tool": t, "launch": la, "method": m, **r}
                                    for (t, la), per in results.items() for m, r in per.items()]}, fh, indent=1)
     failed = any("failed" in r for per in results.values() for r in per.values())
-    return 1 if failed else 0
+    return 1 if failed or not consistent else 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from align.errors import ConfigError
+from align.modeling import pad_token_id
 from align.monitors.gradients import flat_grad, select_parameters, sequence_grads
 
 CASES = ("ideal", "both_down", "both_up", "inverted")
@@ -162,7 +163,7 @@ class EntanglementMonitor(TrainerCallback):
         self.probe = [probe[i] for i in range(len(probe))]
         self.params = [p for _, p in select_subset(trainer.accelerator.unwrap_model(trainer.model), params)]
         tok = trainer.processing_class
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_token_id(tok)
         self.previous: list[dict] | None = None
         self.history: list[tuple[int, dict[str, float]]] = []
 

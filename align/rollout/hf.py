@@ -20,6 +20,7 @@ import torch
 
 from align import progress
 from align.fsdp2 import generate_kwargs
+from align.modeling import pad_token_id
 from align.rollout.base import Rollouts, SamplingParams, check_request, eos_token_ids, sample_seed
 
 
@@ -79,7 +80,7 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.pad_id = pad_token_id(tokenizer, self.eos_ids[0])
 
     def extra_processors(self, input_ids, attention_mask) -> list:
         """Logits processors that change the distribution sampled from, run before the noise (none here)."""

@@ -33,8 +33,9 @@ from align.checkpoints import AtomicCheckpoints, check_checkpoint, resolve_resum
 from align.data.prompts import tokenize_prompts
 from align.errors import TrainingError
 from align.io import atomic_write_json
+from align.modeling import pad_token_id
 from align.rollout import WeightSync, build_engine
-from align.sharding import check_in_effect
+from align.sharding import broadcast_from_rank0, check_in_effect
 from align.stopping import StopCallback
 from align.trainers.hub_sync import NoTrainerPush
 from align.trainers.metric_log import MetricsMixin
@@ -84,7 +85,7 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
     need: :meth:`setup_reference`, :meth:`setup_rollout`."""
 
     state_file: str | None = None  # file name of the resume state in each checkpoint; None: nothing to keep
-    fsdp2_on_cpu = False  # whether align shards this trainer's policy itself under FSDP on the CPU (align/fsdp2.py)
+    fsdp2_supported = False  # whether align shards this trainer's policy itself under an FSDP config (align/fsdp2.py)
     fsdp2_reference_copy = False  # under it, whether setup_reference may need a frozen copy of the initial policy
 
     def wants_reference_copy(self, args) -> bool:
@@ -98,6 +99,8 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
         if self.fsdp2:  # before any pass reads the policy and before the Trainer builds the optimizer on it
             if self.wants_reference_copy(args):  # the frozen reference: copied whole now, sharded by setup_reference
                 self._fsdp2_reference_source = copy.deepcopy(model)
+            if hasattr(model, "disable_adapter"):  # LoRA: each process initialised its own adapter; rank 0's for all
+                broadcast_from_rank0([p for p in model.parameters() if p.requires_grad])
             model = fsdp2.shard(model, fsdp2.reshard_after_forward(args))
             print(fsdp2.describe(model), flush=True)
         super().__init__(model=model, args=args, **trainer_kwargs)
@@ -215,7 +218,7 @@ class RolloutTrainer(AlignTrainer):
         if len(train_dataset) < need:
             raise TrainingError(f"train dataset: {len(train_dataset)} prompts, fewer than one {self.batch_unit} needs "
                                 f"(per_device_train_batch_size x processes = {need})")
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_token_id(tok)
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset

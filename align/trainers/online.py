@@ -70,7 +70,7 @@ class Pairs:
 class OnlinePreferenceTrainer(RolloutTrainer):
     method = "online_dpo"
     state_file = "online_state.json"  # the oracle-call counter, saved in every checkpoint
-    fsdp2_on_cpu = True  # align/fsdp2.py: sampling and evaluation run gathered, the reference sharded too
+    fsdp2_supported = True  # align/fsdp2.py: sampling and evaluation run gathered, the reference sharded too
     fsdp2_reference_copy = True
 
     def __init__(self, model, args: OnlineArguments, train_dataset, eval_dataset=None, processing_class=None,

@@ -29,6 +29,7 @@ from align.errors import ConfigError
 from align.io import atomic_save
 from align.logps import scoring, sequence_logps
 from align.microbatch import token_budget_batches
+from align.modeling import pad_token_id
 from align.monitors.entanglement import ACTIONS, SUBSETS
 from align.objectives import build, registry
 from align.sharding import full_weights
@@ -120,7 +121,7 @@ def pair_sizes(ds, rows) -> list[tuple[int]]:
 
 
 class PreferenceTrainer(AlignTrainer):
-    fsdp2_on_cpu = True  # align/fsdp2.py
+    fsdp2_supported = True  # align/fsdp2.py
 
     def wants_reference_copy(self, args) -> bool:
         return not args.precompute_ref_logps  # the live reference: a frozen copy (of the sharded policy's start)
@@ -133,7 +134,7 @@ class PreferenceTrainer(AlignTrainer):
             train_dataset = tokenize_preferences(train_dataset, tok, args.max_length, "train")
         if eval_dataset is not None and "prompt_ids" not in eval_dataset.column_names:
             eval_dataset = tokenize_preferences(eval_dataset, tok, args.max_length, "eval")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = pad_token_id(tok)
         super().__init__(model, args, data_collator=PreferenceCollator(pad), train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=tok, callbacks=callbacks)
         self.model_accepts_loss_kwargs = False  # our loss is a batch mean: let Trainer scale it for accumulation

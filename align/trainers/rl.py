@@ -30,7 +30,7 @@ from align.trainers.rounds import Round, RoundBuilder, Sample
 
 class RLTrainer(RolloutTrainer):
     state_file = "rl_state.json"  # rollouts so far and the prompt statistics, saved in every checkpoint
-    fsdp2_on_cpu = True  # align/fsdp2.py: generation and the per-process passes run gathered (RoundBuilder)
+    fsdp2_supported = True  # align/fsdp2.py: generation and the per-process passes run gathered (RoundBuilder)
 
     def wants_reference_copy(self, args) -> bool:
         return bool(args.beta)  # the KL term's reference: a frozen copy, sharded, gathered with the policy

@@ -28,7 +28,7 @@ from align.objectives.advantages import ADVANTAGES, SCALES
 from align.objectives.policy import KL_ESTIMATOR_NAMES, LOSS_TYPES, POLICY_LOSSES
 from align.rollout.args import RolloutArguments
 from align.sampling.allocators import ALLOCATORS as ALLOCATOR_REGISTRY
-from align.sharding import FSDP2_RECIPES, runs_on_cpu, sharding
+from align.sharding import own_fsdp2, sharding
 from align.timeouts import REWARD_TIMEOUT_HELP, REWARD_TIMEOUT_S, check_timeout
 from align.tracking import CompletionsLogArguments
 
@@ -185,13 +185,12 @@ class RLConfig(RLArguments, CPUSaneDefaults, TrainingArguments):
             raise ConfigError(f"save_steps: must be a multiple of the {self.updates_per_round} updates per round "
                               "(num_minibatches x num_iterations), so a resumed run restarts at a round boundary")
         shards = sharding(self)
-        own_fsdp2 = shards.kind == "FSDP" and runs_on_cpu(self) and getattr(self, "recipe_name", None) in (
-            None, *FSDP2_RECIPES)  # align's own fully_shard on the CPU, with gathered generation (align/fsdp2.py)
-        if shards.shards_weights and not own_fsdp2:
+        # align's own fully_shard (align/fsdp2.py), with gathered generation: FSDP configs run, ZeRO-3 does not
+        if shards.shards_weights and not own_fsdp2(self):
             raise ConfigError(f"distributed_type: the RL loop does not run under {shards.kind} yet (each process "
                               "generates its own groups and estimates G_i on unsharded weights, so sharded forwards "
-                              "would not line up and would hang); launch with configs/accelerate/ddp.yaml, "
-                              "zero1.yaml or zero2.yaml, with LoRA for large models")
+                              "would not line up and would hang); launch with configs/accelerate/fsdp2.yaml, "
+                              "ddp.yaml, zero1.yaml or zero2.yaml")
 
     def describe(self, world: int = 1) -> str:
         m = self.per_device_train_batch_size * world

@@ -158,14 +158,17 @@ def test_bad_options_fail_before_any_work(repo, tmp_path, method, overrides, mat
 
 
 def test_egpo_refuses_a_sharded_optimizer(repo, tmp_path, monkeypatch):
-    """On GPUs (accelerate's FSDP, DeepSpeed); on the CPU align's own FSDP2 restores each process's shards
-    (tests/distributed/test_fsdp2.py)."""
-    import align.trainers.online_args
+    """DeepSpeed's sharded optimizer state cannot be restored after the half step; under an FSDP config align's own
+    FSDP2 restores each process's shards, on the CPU and on GPUs (tests/distributed/test_fsdp2.py)."""
+    import align.sharding
 
+    monkeypatch.setattr(align.sharding, "runs_on_cpu", lambda args: False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    cfg(repo, tmp_path, "egpo")  # the CPU: align's FSDP2
-    monkeypatch.setattr(align.trainers.online_args, "runs_on_cpu", lambda args: False)
-    with pytest.raises(ConfigError, match="egpo_extragradient: .* under FSDP"):
+    cfg(repo, tmp_path, "egpo")  # align's FSDP2
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    with pytest.raises(ConfigError, match="^egpo_extragradient: .* under ZeRO-2 .*fsdp2.yaml"):
         cfg(repo, tmp_path, "egpo")
     cfg(repo, tmp_path, "egpo", egpo_extragradient=False)  # plain online IPO has nothing to restore
 

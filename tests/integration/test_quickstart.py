@@ -43,3 +43,5 @@ def test_quickstart_end_to_end(tmp_path, testbed):
     assert stages == {"sft", "dpo"}
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "summary.json").read_text())["held_out_accuracy"]["rpo"] == acc["rpo"]
+    card = (out / "dpo" / "README.md").read_text()  # the aligned model's card, as every `align train` run writes
+    assert "align train dpo --config quickstart" in card and "rpo" in card.lower()

@@ -40,14 +40,19 @@ def test_bad_options_fail_before_any_work(repo, tmp_path, overrides, match):
         build_trainer(cfg(repo, tmp_path, **overrides))  # reward specs are checked when the set is built
 
 
-def test_fsdp_on_gpus_is_refused_at_start(repo, tmp_path, monkeypatch):
-    """On the CPU align runs FSDP itself (align/fsdp2.py, tests/distributed/test_fsdp2.py); accelerate's FSDP on
-    GPUs is not run by the RL loop yet."""
-    import align.trainers.rl_args
+def test_fsdp_on_gpus_is_aligns_own_and_zero3_is_refused_at_start(repo, tmp_path, monkeypatch):
+    """Under an FSDP config align shards the policy itself on GPUs as on the CPU (align/fsdp2.py,
+    tests/distributed/test_fsdp2.py): accepted. ZeRO-3's partitioned weights are not gathered for generation:
+    refused."""
+    import align.sharding
 
+    monkeypatch.setattr(align.sharding, "runs_on_cpu", lambda args: False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
-    monkeypatch.setattr(align.trainers.rl_args, "runs_on_cpu", lambda args: False)
-    with pytest.raises(ConfigError, match="distributed_type: the RL loop does not run under FSDP"):
+    assert cfg(repo, tmp_path).num_generations > 1
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match="^distributed_type: the RL loop does not run under ZeRO-3 yet"):
         cfg(repo, tmp_path)
 
 

@@ -259,6 +259,8 @@ CASES = [
          "num_train_epochs=1", "per_device_train_batch_size: 8 x processes 2 = 16 rows a batch does not divide the 40 "
          "train rows, so accelerate would fill the last batch with 8 rows repeated from the start (one process trains "
          "on the 8 left); set dataloader_drop_last: true, or max_train_samples: 32", world=2),
+    case("iterative-2-processes-no-drop-last", "iterative_dpo", "", "dataloader_drop_last: must be true for the "
+         "iterative driver on 2 processes: a round's pairs are counted only after sampling", world=2),
     case("num-minibatches-3-processes", "grpo", "per_device_train_batch_size=1 num_generations=2 num_minibatches=4",
          "num_minibatches: 4 does not divide the round's 6 rollouts (per_device_train_batch_size 1 x processes 3 x "
          "num_generations 2)", world=3),

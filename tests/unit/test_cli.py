@@ -101,3 +101,17 @@ def test_train_sft_end_to_end(repo, tmp_path, testbed):
 def test_testbed_info(testbed):
     out = align("testbed", "info", env={"ALIGN_TESTBED_DIR": str(testbed.root)})
     assert out.returncode == 0 and json.loads(out.stdout)["parameters"] > 2_000_000
+
+
+def test_error_lines_of_several_processes_never_interleave():
+    """The processes of a launch share one stderr: each prints its refusal as one write of one line (print writes
+    the text and the newline apart, and two processes' copies ran together in CI: '...cpu2.yamlerror: ...')."""
+    code = ("import sys\nfrom align.errors import AlignError, print_error\n"
+            "for _ in range(300):\n    print_error(AlignError('x' * 300))\n")
+    read, write = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=write) for _ in range(4)]
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        lines = pipe.read().decode().splitlines()
+    assert [p.wait() for p in procs] == [0] * 4
+    assert lines == ["error: " + "x" * 300] * 1200

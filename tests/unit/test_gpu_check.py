@@ -43,6 +43,22 @@ def test_figures_and_ratios_by_hand():
     assert "dpo    fsdp2   align    refused: distributed_type: no" in lines
 
 
+def test_fsdp2_run_must_be_sharded_and_give_the_one_process_losses():
+    one = {"losses": [0.6931, 0.61, 0.52], "sharded": False}
+    results = {("align", "single"): {"dpo": one, "grpo": {"losses": [0.1, 0.2], "sharded": False}},
+               ("align", "fsdp2"): {"dpo": {"losses": [0.6931, 0.615, 0.52], "sharded": True},
+                                    "grpo": {"losses": [0.1, 0.2], "sharded": False}}}
+    lines, ok = gpu_check.consistency(results, ["dpo", "grpo"])
+    assert not ok  # GRPO's FSDP2 run was not sharded by align: a quiet fallback is a failure
+    assert lines[0].endswith("max |diff| 0.005 (ok)") and "sharded by align yes" in lines[0]
+    assert "sharded by align NO" in lines[1] and lines[1].endswith("(FAILED)")
+    results[("align", "fsdp2")]["grpo"]["sharded"] = True
+    assert gpu_check.consistency(results, ["dpo", "grpo"])[1]
+    results[("align", "fsdp2")]["dpo"]["losses"][2] = 0.55  # 0.03 apart
+    lines, ok = gpu_check.consistency(results, ["dpo", "grpo"])
+    assert not ok and lines[0].endswith("max |diff| 0.03 (FAILED)")
+
+
 def test_wheel_list_is_what_the_gpu_machine_lacks():
     text = (REPO / "scripts" / "gpu_check.sh").read_text()
     assert "WHEELS_PINNED=(trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)" in text

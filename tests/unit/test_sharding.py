@@ -47,7 +47,7 @@ def on_gpu(monkeypatch):
 ])
 def test_sharding_on_the_cpu_warns_once_and_runs_as_ddp(launcher, capsys, env, kind, engine):
     launcher(**env)
-    sh.check_launch(run_args("iterative_dpo" if kind == "FSDP" else "dpo"))  # dpo: align's own FSDP2, below
+    sh.check_launch(run_args("sft" if kind == "FSDP" else "dpo"))  # dpo: align's own FSDP2, below
     assert capsys.readouterr().err.splitlines() == [
         f"warning: distributed_type: {kind} was asked for, but accelerate 1.15 does not run {engine} on the CPU "
         "(use_cpu): this run is plain data parallel (DDP), every process holding the whole model and optimizer state. "
@@ -64,8 +64,12 @@ def test_fsdp_on_the_cpu_is_aligns_own_fsdp2_for_the_ported_recipes(launcher, ca
 
 
 @pytest.mark.parametrize("recipe, option, start", [
-    ("dpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP on the CPU (dpo with align's fully_shard) yet"),
-    ("grpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP on the CPU (grpo with align's fully_shard)"),
+    ("online_dpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP (online_dpo with align's fully_shard) "
+                                      "yet; launch with configs/accelerate/cpu2.yaml"),
+    ("iterative_dpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP (iterative_dpo with align's"),
+    ("dpo", {"use_peft": True, "resume_from_checkpoint": "out/checkpoint-2"}, "resume_from_checkpoint: a LoRA run "
+                                                                               "under FSDP (dpo with align's"),
+    ("grpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP (grpo with align's fully_shard)"),
     ("dpo", {"entanglement_steps": 2}, "entanglement_steps / entanglement_action / objective 'dpo': per-pair"),
     ("dpo", {"objective": "pairnorm"}, "entanglement_steps / entanglement_action / objective 'pairnorm': per-pair"),
     ("grpo", {"rollout": "vllm"}, "rollout: vllm: pushing weights to a rollout engine is not done under FSDP"),
@@ -77,6 +81,22 @@ def test_what_aligns_fsdp2_cannot_run_is_refused_in_one_line(launcher, recipe, o
     with pytest.raises(ConfigError) as err:
         sh.check_launch(run_args(recipe, **{**base, **option}))
     assert str(err.value).startswith(start) and "\n" not in str(err.value)
+
+
+def test_fsdp_on_gpus_is_aligns_own_fsdp2_for_the_ported_recipes(launcher, capsys, monkeypatch):
+    """On GPUs too (accelerate would shard only at prepare): the same note, the same refusals with GPU advice; the
+    other recipes are left to accelerate's FSDP."""
+    on_gpu(monkeypatch)
+    launcher(ACCELERATE_USE_FSDP="true")
+    base = dict(use_peft=False, precompute_ref_logps=True, beta=0.0, rollout="hf", objective="dpo",
+                entanglement_steps=None, entanglement_action="none")
+    sh.check_launch(run_args("grpo", use_cpu=False, **base))
+    assert capsys.readouterr().err.splitlines() == [sh.FSDP2_NOTE]
+    with pytest.raises(ConfigError, match=r"^use_peft: LoRA is not run under FSDP \(egpo with align's fully_shard\) "
+                                          r"yet; launch with configs/accelerate/ddp.yaml or zero2.yaml for LoRA$"):
+        sh.check_launch(run_args("egpo", use_cpu=False, **{**base, "use_peft": True}))
+    sh.check_launch(run_args("sft", use_cpu=False))  # TRL's SFTTrainer: accelerate's FSDP
+    assert capsys.readouterr().err == ""
 
 
 def test_fsdp_warning_only_from_the_main_process(launcher, capsys):
