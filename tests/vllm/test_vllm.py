@@ -412,8 +412,9 @@ def test_online_and_iterative_rollout_options_fail_at_config(repo, tmp_path, tes
     with monkeypatch.context() as m:
         m.setattr("align.args.world_size", lambda: 2)
         with pytest.raises(ConfigError, match=several):
-            iterative_cfg(repo, tmp_path / "it", rollout="vllm", vllm_tensor_parallel_size=2)
-        iterative_cfg(repo, tmp_path / "it", rollout="vllm")
+            iterative_cfg(repo, tmp_path / "it", rollout="vllm", vllm_tensor_parallel_size=2,
+                          dataloader_drop_last=True)
+        iterative_cfg(repo, tmp_path / "it", rollout="vllm", dataloader_drop_last=True)  # main's rule on 2 processes
     # the iterative default max_prompt_length 256 + 12 new tokens is more than the testbed model's 256 positions:
     # the engine's build stops the run, before anything is sampled, naming the iterative key
     with pytest.raises(ConfigError, match=r"^max_completion_length: max_prompt_length \+ max_completion_length = 268 "
