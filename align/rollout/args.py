@@ -33,8 +33,9 @@ class RolloutArguments:
     vllm_server_host: str = option("127.0.0.1", "rollout: vllm-server: host of `align serve`.")
     vllm_server_port: int = option(8000, "rollout: vllm-server: port of `align serve`.")
     vllm_timeout_s: float = option(60.0, "rollout: vllm-server: the longest silence of the server (it sends a "
-                                         "heartbeat every 0.25 s while it generates or loads weights); then the run "
-                                         "stops naming the server and what it waited for.")
+                                         "heartbeat every 0.25 s while it generates or loads weights), and with "
+                                         "vllm_sync: collective the longest wait of the weight group (joining, each "
+                                         "bucket); then the run stops naming the server and what it waited for.")
     vllm_sync: str = option("http", f"rollout: vllm-server: how weights reach the server, one of {SYNCS}: http (one "
                                     "safetensors body per push) or collective (a process group with the server's "
                                     "workers, NCCL on GPUs, gloo on the CPU; HTTP carries only control messages).")
@@ -71,9 +72,11 @@ class RolloutArguments:
         if self.vllm_request_timeout_s < self.vllm_timeout_s:
             raise ConfigError(f"vllm_request_timeout_s: must be >= vllm_timeout_s ({self.vllm_timeout_s:g}), got "
                               f"{self.vllm_request_timeout_s:g}")
-        for key in ("vllm_server_port", "vllm_group_port"):
-            if not 0 < getattr(self, key) < 65536:
-                raise ConfigError(f"{key}: must be in 1..65535, got {getattr(self, key)}")
+        if not 0 < self.vllm_server_port < 65536:
+            raise ConfigError(f"vllm_server_port: must be in 1..65535, got {self.vllm_server_port}")
+        if not 1024 <= self.vllm_group_port < 65536:
+            raise ConfigError(f"vllm_group_port: must be in 1024..65535 (the server binds it), got "
+                              f"{self.vllm_group_port}")
         if self.vllm_sync not in SYNCS:
             raise ConfigError(f"vllm_sync: must be one of {SYNCS}, got {self.vllm_sync!r}")
         if self.vllm_sync == "collective" and self.rollout != "vllm-server":

@@ -13,6 +13,10 @@ With several trainer processes, every process sends its own groups to the server
 them; completions depend only on their seeds) and only the main process pushes weights; the trainer
 puts a barrier between the push and the next generation (see :class:`align.rollout.sync.WeightSync`).
 
+Weights go as one HTTP body (``vllm_sync: http``) or, with ``vllm_sync: collective``, by broadcast in a process group
+with the server's workers (:class:`align.rollout.sender.CollectiveSender`, joined in :meth:`ServerEngine.check`);
+a LoRA policy sends only its adapter where the server has a LoRA path (:mod:`align.rollout.lora`).
+
 Every request carries ``Authorization: Bearer $ALIGN_SERVE_API_KEY`` when that variable is set (the key is read
 from the environment only, so it never lands in a saved config); a 401 is a one-line :class:`ConfigError` naming
 the variable. A body larger than the server's cap (sent with /health) is refused here, naming the server option.

@@ -68,8 +68,8 @@ class CollectiveHost:
     def join(self, request: dict) -> dict:
         port, backend, timeout_s = request.get("port"), request.get("backend"), request.get("timeout_s")
         session, trainer = request.get("session"), str(request.get("trainer", "?"))[:200]
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise BadRequest(f"port: must be in 1..65535, got {port!r}")
+        if not isinstance(port, int) or not 1024 <= port < 65536:
+            raise BadRequest(f"port: must be in 1024..65535, got {port!r}")
         if backend not in BACKENDS:
             raise BadRequest(f"backend: must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(timeout_s, int | float) or not 0 < timeout_s <= 86400:

@@ -212,6 +212,8 @@ def test_trainer_with_colocated_engine(repo, tmp_path, testbed):
     ({"vllm_sync": "collective"}, "vllm_sync: collective is for rollout: vllm-server"),
     ({"rollout": "vllm-server", "vllm_sync": "collective", "vllm_group_port": 8000}, "vllm_group_port: 8000 is the "
                                                                                     "server's HTTP port"),
+    ({"rollout": "vllm-server", "vllm_group_port": 80}, r"vllm_group_port: must be in 1024..65535 \(the server "
+                                                       r"binds it\), got 80"),
     ({"rollout": "vllm-server", "vllm_bucket_mb": 0}, r"vllm_bucket_mb: must be in \(0, 1048576\]"),
     ({"use_peft": True, "lora_r": 1024}, "lora_r: 1024 is more than vLLM's largest LoRA rank 512"),
 ])
