@@ -124,7 +124,7 @@ class CollectiveHost:
                 self.llm.reset_prefix_cache()
         except BaseException as err:
             if self.on_broken is not None:
-                self.on_broken(f"a collective push broke off ({type(err).__name__}: {str(err)[:200]})")
+                self.on_broken(f"a collective push broke off ({type(err).__name__}: {str(err).splitlines()[0][:150]})")
             with self.state:
                 if self.session == session:
                     self._teardown()

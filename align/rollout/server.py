@@ -71,7 +71,7 @@ class RolloutServer:
         rows = [tuple(r) for r in request["rows"]]
         with self.lock:
             if self.broken:
-                raise RuntimeError(f"the weights are incomplete: {self.broken}; push the weights again")
+                raise RuntimeError(f"the weights are incomplete, push them again: {self.broken}")
             lora = self.adapter.request if self.adapter is not None else None
             results = run_requests(self.llm, request["prompts"], rows, request["seeds"], sampling, request["eos_ids"],
                                    lora)

@@ -239,8 +239,9 @@ def test_serve_refuses_bad_input_in_one_line(repo, testbed):
         (["--max-model-len", "100000"], "error: --max-model-len: max model length = 100000 is more than the model's "
                                         "max_position_embeddings"),
         (["--model", "/no/such/model"], "error: --model: folder '/no/such/model' does not exist"),
-        (["--max-lora-rank", "12"], "error: --max-lora-rank: must be 0 (no LoRA) or one of vLLM's ranks 1, 8, 16, "
-                                    "32, 64, 128, 256, 320, 512, got 12"),
+        (["--max-lora-rank", "12", "--max-model-len", "128"],
+         "error: --max-lora-rank: must be 0 (no LoRA) or one of vLLM's ranks 1, 8, 16, 32, 64, 128, 256, 320, 512, "
+         "got 12"),
     ]:
         cmd = [sys.executable, "-m", "align.cli", "serve", "--model", "testbed:policy", "--port", str(free_port())]
         proc = subprocess.run(cmd + extra, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
@@ -573,7 +574,7 @@ def test_server_that_stalls_mid_broadcast(policy, server, monkeypatch):
             time.sleep(1)
     try:
         with pytest.raises(TrainingError, match=r"6 completions failed on the server: RuntimeError: the weights are "
-                                                "incomplete: a collective push broke off .*; push the weights again"):
+                                                "incomplete, push them again: a collective push broke off"):
             again.generate(ids, [1] * len(ids), GREEDY)  # half of one version, half of the next: refused
         again.sync_weights(model)
         assert_follows(again, model, tok, ids, tol=1e-5)
