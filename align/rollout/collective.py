@@ -144,25 +144,37 @@ class WeightReceiver:
         self.align_group = WeightGroup(host, port, rank, world, backend, timeout_s, session)
 
     def align_receive(self, buckets: list) -> int:
-        """Receive ``buckets`` (a :func:`plan`) from rank 0 and load them in place; returns the bytes received."""
+        """Receive ``buckets`` (a :func:`plan`) from rank 0 and load them in place; returns the bytes received. A
+        broadcast that breaks off ends the weights early, so vLLM's reload finishes (layers not reached keep their
+        weights; an exception inside the reload would leave the model unloadable), then raises: the engine holds a
+        mix of two versions until the next complete push (:class:`align.rollout.server.RolloutServer` refuses to
+        generate until then)."""
         group = getattr(self, "align_group", None)
         if group is None:
             raise RuntimeError("this worker is not in a weight group (POST /collective/join first)")
-        received = 0
+        received, broken = 0, []
 
         def weights():
             nonlocal received
             for bucket in buckets:
                 flat = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=group.device)
-                group.broadcast(flat)
+                try:
+                    group.broadcast(flat)
+                except Exception as err:
+                    broken.append(err)
+                    return
                 received += flat.numel()
                 yield from unpack(bucket, flat)
 
         try:
             self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
         except BaseException:
-            self.align_leave()  # a broken broadcast leaves the group unusable: tear it down here too
+            self.align_leave()
             raise
+        if broken:
+            self.align_leave()  # a broken broadcast leaves the group unusable: tear it down here too
+            raise RuntimeError(f"the weight broadcast broke off after {received} bytes: "
+                               f"{str(broken[0]).splitlines()[0][:200]}")
         return received
 
     def align_leave(self) -> None:

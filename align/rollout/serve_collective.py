@@ -30,10 +30,11 @@ logger = logging.getLogger(__name__)
 
 
 class CollectiveHost:
-    """The weight group of one :class:`align.rollout.server.RolloutServer` (``llm``, its engine ``lock``)."""
+    """The weight group of one :class:`align.rollout.server.RolloutServer` (``llm``, its engine ``lock``);
+    ``on_broken(reason)`` is called, before the group is torn down, when an update fails part way."""
 
-    def __init__(self, llm, lock: threading.Lock, world: int):
-        self.llm, self.lock, self.world = llm, lock, world
+    def __init__(self, llm, lock: threading.Lock, world: int, on_broken=None):
+        self.llm, self.lock, self.world, self.on_broken = llm, lock, world, on_broken
         self.state = threading.Lock()  # guards the fields below; never held while waiting on the engine
         self.session: str | None = None
         self.trainer, self.since, self.seen, self.timeout_s = "", 0.0, 0.0, 0.0
@@ -121,7 +122,9 @@ class CollectiveHost:
             with self.lock:
                 received = self.llm.collective_rpc("align_receive", args=(buckets,))[0]
                 self.llm.reset_prefix_cache()
-        except BaseException:
+        except BaseException as err:
+            if self.on_broken is not None:
+                self.on_broken(f"a collective push broke off ({type(err).__name__}: {str(err).splitlines()[0][:150]})")
             with self.state:
                 if self.session == session:
                     self._teardown()

@@ -59,8 +59,9 @@ class RolloutServer:
                              gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_lora_rank=max_lora_rank,
                              worker_extension=True)
         self.lock = threading.Lock()
-        self.collective = CollectiveHost(self.llm, self.lock, 1 + tensor_parallel_size)
+        self.collective = CollectiveHost(self.llm, self.lock, 1 + tensor_parallel_size, self.mark_broken)
         self.adapter = AdapterSlot(self.llm) if max_lora_rank else None
+        self.broken = ""  # why the weights are a mix of two versions (a push that broke off), until a full push
         self.info = {"model": model, "max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel_size,
                      "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."), "weights_version": 0,
                      "collective": offered_backends(), "max_lora_rank": max_lora_rank}
@@ -69,6 +70,8 @@ class RolloutServer:
         sampling = SamplingParams(**request["sampling"])
         rows = [tuple(r) for r in request["rows"]]
         with self.lock:
+            if self.broken:
+                raise RuntimeError(f"the weights are incomplete, push them again: {self.broken}")
             lora = self.adapter.request if self.adapter is not None else None
             results = run_requests(self.llm, request["prompts"], rows, request["seeds"], sampling, request["eos_ids"],
                                    lora)
@@ -108,7 +111,15 @@ class RolloutServer:
 
         return update
 
+    def mark_broken(self, reason: str) -> None:
+        """A push broke off part way: the engine holds a mix of two versions until a full push."""
+        with self.lock:
+            self.broken = reason
+
     def pushed(self) -> dict:
+        """Called with the lock held after a push completed."""
+        if self.adapter is None or self.adapter.request is None:  # a full push: every weight is new again
+            self.broken = ""
         self.info["weights_version"] += 1
         return {"weights_version": self.info["weights_version"]}
 

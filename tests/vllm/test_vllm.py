@@ -239,6 +239,9 @@ def test_serve_refuses_bad_input_in_one_line(repo, testbed):
         (["--max-model-len", "100000"], "error: --max-model-len: max model length = 100000 is more than the model's "
                                         "max_position_embeddings"),
         (["--model", "/no/such/model"], "error: --model: folder '/no/such/model' does not exist"),
+        (["--max-lora-rank", "12", "--max-model-len", "128"],
+         "error: --max-lora-rank: must be 0 (no LoRA) or one of vLLM's ranks 1, 8, 16, 32, 64, 128, 256, 320, 512, "
+         "got 12"),
     ]:
         cmd = [sys.executable, "-m", "align.cli", "serve", "--model", "testbed:policy", "--port", str(free_port())]
         proc = subprocess.run(cmd + extra, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
@@ -484,9 +487,10 @@ def test_server_matches_colocated_and_follows_pushed_weights(policy, engine, ser
     assert remote.generate(ids, [3] * len(ids), sp).completion_ids == here.completion_ids
 
 
-def collective_engine(model, tok, port: int, group_port: int | None = None, **kw) -> ServerEngine:
-    return ServerEngine.for_policy(model, tok, "127.0.0.1", port, timeout_s=30, push_weights=True, sync="collective",
-                                   group_port=group_port or free_port(), **kw)
+def collective_engine(model, tok, port: int, group_port: int | None = None, timeout_s: float = 30,
+                      **kw) -> ServerEngine:
+    return ServerEngine.for_policy(model, tok, "127.0.0.1", port, timeout_s=timeout_s, push_weights=True,
+                                   sync="collective", group_port=group_port or free_port(), **kw)
 
 
 def test_collective_push_follows_the_policy_and_binds_one_trainer(policy, server):
@@ -527,6 +531,57 @@ def test_collective_push_follows_the_policy_and_binds_one_trainer(policy, server
         again.close()
 
 
+def test_server_that_stalls_mid_broadcast(policy, server, monkeypatch):
+    """The server stops (SIGSTOP) while the trainer broadcasts a push (before its 3rd bucket): the push ends within
+    vllm_timeout_s (3 s) plus the leave's bound with one line naming the server and the bucket; once the server
+    runs again its end of the group fails on its own timeout and frees it for the next trainer, and it refuses to
+    generate from its half-updated weights until that trainer's first complete push."""
+    import align.rollout.sender as sender
+
+    model, tok, ids = policy
+    proc, port = server
+    packed, inner = [], sender.pack
+
+    def pack(bucket, tensors, device):
+        packed.append(len(bucket))
+        if len(packed) == 3:
+            proc.send_signal(signal.SIGSTOP)
+        return inner(bucket, tensors, device)
+
+    remote = collective_engine(model, tok, port, timeout_s=3, bucket_mb=0.25)
+    remote.check(max_model_len=80)
+    monkeypatch.setattr(sender, "pack", pack)
+    start = time.monotonic()
+    try:
+        with pytest.raises(TrainingError, match=rf"^vllm-server http://127.0.0.1:{port}: the weight broadcast broke "
+                                                r"off at bucket \d+ of \d+ \(the server died, or stalled past "
+                                                r"vllm_timeout_s=3s\): [^\n]+$"):
+            remote.sync_weights(model)
+        took = time.monotonic() - start
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    print(f"server stalled mid-broadcast: the push stopped after {took:.1f} s")
+    assert took < 3 + 3 + 5 and remote.sender.group is None
+    monkeypatch.setattr(sender, "pack", inner)
+    deadline = time.monotonic() + 60
+    while True:  # the server frees the group once its side's wait fails (or the trainer's leave arrives)
+        again = collective_engine(model, tok, port)
+        try:
+            again.check(max_model_len=80)
+            break
+        except ConfigError as err:
+            assert "already bound" in str(err) and time.monotonic() < deadline, err
+            time.sleep(1)
+    try:
+        with pytest.raises(TrainingError, match=r"6 completions failed on the server: RuntimeError: the weights are "
+                                                "incomplete, push them again: a collective push broke off"):
+            again.generate(ids, [1] * len(ids), GREEDY)  # half of one version, half of the next: refused
+        again.sync_weights(model)
+        assert_follows(again, model, tok, ids, tol=1e-5)
+    finally:
+        again.close()
+
+
 def test_collective_with_a_server_that_does_not_offer_it(policy):
     model, tok, _ = policy
     old = collective_engine(model, tok, free_port())
@@ -538,7 +593,8 @@ def test_collective_with_a_server_that_does_not_offer_it(policy):
 
 def test_server_adapter_push_equals_merged_and_refuses_what_it_cannot_load(policy, server, caplog):
     """A LoRA policy against align serve --max-lora-rank 8: the build sets the server's base to the policy's, then
-    pushes the adapter alone; the server samples the policy (log-probs to 1e-5), as after a merged push. A server
+    pushes the adapter alone; the server samples the policy (log-probs to 1e-5), as after a merged push (over the
+    collective). A server
     without a LoRA path gets merged weights, said once; a rank above the server's, and an adapter vLLM refuses
     (DoRA), stop the build in one line."""
     model, tok, ids = policy
@@ -554,10 +610,13 @@ def test_server_adapter_push_equals_merged_and_refuses_what_it_cannot_load(polic
     assert adapter.adapter
     adapter.sync_weights(lora)
     by_adapter = adapter.generate(ids, [2] * len(ids), sp)
-    merged_ = remote(lora, lora_adapter=False)
-    merged_.check(max_model_len=80, model=lora)
-    assert not merged_.adapter
-    merged_.sync_weights(lora)
+    merged_ = remote(lora, lora_adapter=False, sync="collective", group_port=free_port())  # merged, by broadcast
+    try:
+        merged_.check(max_model_len=80, model=lora)
+        assert not merged_.adapter
+        merged_.sync_weights(lora)
+    finally:
+        merged_.close()
     by_merged = merged_.generate(ids, [2] * len(ids), sp)
     gaps = [max_gap(lora, by_adapter), max_gap(lora, by_merged)]
     print(f"server LoRA: max |logp gap| adapter {gaps[0]:.1e}, merged {gaps[1]:.1e}")
