@@ -66,6 +66,7 @@ sys.path.insert(1, REPO)
 mount_checkout()
 from _bench import step_timer  # noqa: E402
 from bench_memory import peak_memory_mib, preference_rows, random_ids  # noqa: E402
+from gpu_report import TOOLS, consistency, figures, report  # noqa: E402,F401 (figures: the tests read it here)
 
 PROMPT_TOKENS, LR, BETA = 64, 1e-6, 0.1
 # config.json values of the models (Qwen2.5-0.5B / 1.5B), and a tiny one for the CPU path
@@ -83,7 +84,6 @@ SETTINGS = {  # (dpo pairs a step, dpo completion tokens, dpo steps, grpo prompt
     "tiny": dict(dpo_pairs=2, dpo_tokens=24, dpo_steps=3, grpo_prompts=2, grpo_generations=2, grpo_tokens=8,
                  grpo_steps=2),
 }
-TOOLS = ("trl", "align", "align-pf")  # align-pf: align with padding_free (issue 18), single process only
 
 
 def reward(completions, **_):
@@ -285,62 +285,6 @@ def launch(tool: str, launcher: str, folder: str, args, deadline: float) -> dict
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[-400:]
         return {m: {"failed": f"exit {proc.returncode}: {tail}"} for m in which}
     return json.loads(line[0][len("RESULT "):])
-
-
-def figures(r: dict, n_params: int, peak_tflops: float | None) -> dict:
-    """tokens/s and MFU of one run's result."""
-    tokens_per_s = r["tokens"] / r["s_per_step"]
-    flops = 6 * n_params * r["tokens"] + 2 * n_params * r["generated"]
-    mfu = flops / r["s_per_step"] / (peak_tflops * 1e12) if peak_tflops else None
-    return {"tokens_per_s": tokens_per_s, "mfu": mfu}
-
-
-def report(results: dict, n_params: int, peak_tflops: float | None, which: list[str]) -> list[str]:
-    """The table: one line per (method, launch, tool), align's with its ratios to TRL's at the same launch."""
-    lines = [f"{'method':<6} {'launch':<7} {'tool':<8} {'tokens/s':>10} {'s/step':>8} {'MFU':>7} {'peak MiB':>9} "
-             f"{'tok/s / TRL':>12} {'peak / TRL':>11}"]
-    for method in which:
-        for launcher in ("single", "fsdp2"):
-            trl = results.get(("trl", launcher), {}).get(method)
-            for tool in TOOLS:
-                r = results.get((tool, launcher), {}).get(method)
-                if r is None:
-                    continue
-                head = f"{method:<6} {launcher:<7} {tool:<8}"
-                if "refused" in r or "failed" in r:
-                    what = "refused" if "refused" in r else "FAILED"
-                    lines.append(f"{head} {what}: {r.get('refused') or r['failed']}")
-                    continue
-                f = figures(r, n_params, peak_tflops)
-                mfu = f"{100 * f['mfu']:6.2f}%" if f["mfu"] is not None else "    n/a"
-                line = f"{head} {f['tokens_per_s']:>10.1f} {r['s_per_step']:>8.3f} {mfu:>7} {r['peak_mib']:>9.0f}"
-                if tool != "trl" and trl and "s_per_step" in trl:
-                    t = figures(trl, n_params, peak_tflops)
-                    speed, memory = f["tokens_per_s"] / t["tokens_per_s"], r["peak_mib"] / trl["peak_mib"]
-                    line += f" {speed:>11.2f}x {memory:>10.2f}x"
-                lines.append(line)
-    return lines
-
-
-LOSS_TOLERANCE = 0.02  # bf16 autocast: the same kernels on the same weights; the sharded path only adds copies
-
-
-def consistency(results: dict, which: list[str]) -> tuple[list[str], bool]:
-    """align under FSDP2 (one process, sharded by align itself) against align in one process: the launch really
-    sharded, and the losses of every step agree to :data:`LOSS_TOLERANCE`. Lines to print, and whether all held."""
-    lines, ok = [], True
-    for method in which:
-        one = results.get(("align", "single"), {}).get(method)
-        two = results.get(("align", "fsdp2"), {}).get(method)
-        if not one or not two or "losses" not in one or "losses" not in two:
-            continue
-        gap = max((abs(a - b) for a, b in zip(one["losses"], two["losses"])), default=float("inf"))
-        good = two["sharded"] and len(one["losses"]) == len(two["losses"]) and gap <= LOSS_TOLERANCE
-        ok &= good
-        lines.append(f"{method:<6} align fsdp2 vs single: sharded by align {'yes' if two['sharded'] else 'NO'}, "
-                     f"losses {[round(x, 4) for x in two['losses']]} vs {[round(x, 4) for x in one['losses']]}, "
-                     f"max |diff| {gap:.2g} ({'ok' if good else 'FAILED'})")
-    return lines, ok
 
 
 def versions() -> str:
