@@ -171,6 +171,8 @@ def check_launch(args) -> None:
     shards = sharding(args)
     if shards.kind is None:
         return
+    if own_fsdp2(args):  # an FSDP config align shards itself, on the CPU and on GPUs
+        return announce_fsdp2(args)
     if runs_on_cpu(args):
         if shards.kind == "ZeRO-3":
             raise ConfigError(
@@ -178,13 +180,9 @@ def check_launch(args) -> None:
                 "accelerators only: on the CPU (use_cpu) it would fall back to plain DDP after transformers had "
                 "already partitioned the weights for ZeRO-3; launch on GPUs, or on the CPU with "
                 "configs/accelerate/zero2.yaml or cpu2.yaml")
-        if own_fsdp2(args):
-            return announce_fsdp2(args)
         if os.environ.get("RANK", "0") == "0":
             print(cpu_fallback_warning(shards.kind), file=sys.stderr, flush=True)
         return
-    if own_fsdp2(args):
-        return announce_fsdp2(args)
     line = refusal(args, shards)
     if line:
         raise ConfigError(line)
