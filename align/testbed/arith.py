@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
-from align.testbed.tasks import SPLITS, Problem, completion_of, meta_of, prompt_of
+from align.testbed.tasks import SPLITS, Problem, preference_row, rl_row, rows_dataset, sft_row
 
 OPS = {"add": "+", "sub": "-", "mul": "*"}
 DIGITS = (2, 3, 4, 5)
@@ -176,21 +176,16 @@ def _wrong(p: LongProblem, rng: random.Random) -> int:
 
 
 def sft_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
-    return [{"prompt": prompt_of(p, fmt), "completion": completion_of(p.solution(), fmt), **meta_of(p)}
-            for p in problems(tasks, n, split, seed)]
+    return [sft_row(p, fmt) for p in problems(tasks, n, split, seed)]
 
 
 def preference_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
     rng = random.Random(f"align-testbed-v3-rejected-{seed}-{split}")
-    return [{"prompt": prompt_of(p, fmt), "chosen": completion_of(p.solution(), fmt),
-             "rejected": completion_of(p.solution(_wrong(p, rng)), fmt), **meta_of(p)}
-            for p in problems(tasks, n, split, seed)]
+    return [preference_row(p, _wrong(p, rng), fmt) for p in problems(tasks, n, split, seed)]
 
 
 def rl_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
-    """Prompts with their ground truth; ``solution`` is the reference worked solution (plain text)."""
-    return [{"prompt": prompt_of(p, fmt), **meta_of(p), "solution": p.solution()}
-            for p in problems(tasks, n, split, seed)]
+    return [rl_row(p, fmt) for p in problems(tasks, n, split, seed)]
 
 
 KINDS = {"sft": sft_rows, "preference": preference_rows, "rl": rl_rows}
@@ -198,8 +193,4 @@ KINDS = {"sft": sft_rows, "preference": preference_rows, "rl": rl_rows}
 
 def dataset(kind: str, tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational"):
     """The spec-3 rows of ``kind`` (``sft``, ``preference`` or ``rl``) as a ``datasets.Dataset``."""
-    from datasets import Dataset
-
-    if kind not in KINDS:
-        raise ValueError(f"unknown testbed dataset kind {kind!r} (known: {', '.join(KINDS)})")
-    return Dataset.from_list(KINDS[kind](tuple(tasks), n, split, seed, fmt))
+    return rows_dataset(KINDS, kind, tasks, n, split, seed, fmt)

@@ -195,30 +195,42 @@ def meta_of(p) -> dict:
     return {"task": p.task, "difficulty": p.difficulty, "answer": p.answer}
 
 
+def sft_row(p, fmt: str) -> dict:
+    """One SFT row of a problem (any spec's): its prompt and worked solution."""
+    return {"prompt": prompt_of(p, fmt), "completion": completion_of(p.solution(), fmt), **meta_of(p)}
+
+
+def preference_row(p, wrong: int, fmt: str) -> dict:
+    """One preference row of a problem: the worked solution chosen, the same solution ending in ``wrong`` rejected."""
+    return {"prompt": prompt_of(p, fmt), "chosen": completion_of(p.solution(), fmt),
+            "rejected": completion_of(p.solution(wrong), fmt), **meta_of(p)}
+
+
+def rl_row(p, fmt: str) -> dict:
+    """One RL row of a problem: the prompt, its ground truth, and the reference worked solution (plain text)."""
+    return {"prompt": prompt_of(p, fmt), **meta_of(p), "solution": p.solution()}
+
+
+def rows_dataset(kinds: dict, kind: str, tasks, n, split, seed, fmt):
+    """``kinds[kind]``'s rows (a spec's ``KINDS``: ``sft``, ``preference``, ``rl``) as a ``datasets.Dataset``."""
+    from datasets import Dataset
+
+    if kind not in kinds:
+        raise ValueError(f"unknown testbed dataset kind {kind!r} (known: {', '.join(kinds)})")
+    return Dataset.from_list(kinds[kind](tuple(tasks), n, split, seed, fmt))
+
+
 def sft_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
-    return [
-        {"prompt": prompt_of(p, fmt), "completion": completion_of(p.solution(), fmt), **meta_of(p)}
-        for p in problems(tasks, n, split, seed)
-    ]
+    return [sft_row(p, fmt) for p in problems(tasks, n, split, seed)]
 
 
 def preference_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
     rng = random.Random(f"align-testbed-rejected-{seed}-{split}")
-    return [
-        {
-            "prompt": prompt_of(p, fmt),
-            "chosen": completion_of(p.solution(), fmt),
-            "rejected": completion_of(p.solution(_wrong(p, rng)), fmt),
-            **meta_of(p),
-        }
-        for p in problems(tasks, n, split, seed)
-    ]
+    return [preference_row(p, _wrong(p, rng), fmt) for p in problems(tasks, n, split, seed)]
 
 
 def rl_rows(tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational") -> list[dict]:
-    """Prompts with their ground truth; ``solution`` is the reference worked solution (plain text)."""
-    return [{"prompt": prompt_of(p, fmt), **meta_of(p), "solution": p.solution()}
-            for p in problems(tasks, n, split, seed)]
+    return [rl_row(p, fmt) for p in problems(tasks, n, split, seed)]
 
 
 KINDS = {"sft": sft_rows, "preference": preference_rows, "rl": rl_rows}
@@ -226,8 +238,4 @@ KINDS = {"sft": sft_rows, "preference": preference_rows, "rl": rl_rows}
 
 def dataset(kind: str, tasks=DEFAULT_TASKS, n=256, split="train", seed=0, fmt="conversational"):
     """The testbed rows of ``kind`` (``sft``, ``preference`` or ``rl``) as a ``datasets.Dataset``."""
-    from datasets import Dataset
-
-    if kind not in KINDS:
-        raise ValueError(f"unknown testbed dataset kind {kind!r} (known: {', '.join(KINDS)})")
-    return Dataset.from_list(KINDS[kind](tuple(tasks), n, split, seed, fmt))
+    return rows_dataset(KINDS, kind, tasks, n, split, seed, fmt)
