@@ -33,7 +33,7 @@ from align.errors import ConfigError
 from align.hub_args import HubArguments
 from align.options import option
 from align.precision import apply_master_weights
-from align.sharding import check_launch, has_accelerator
+from align.sharding import check_launch, deepspeed_on_cpu, has_accelerator
 from align.testbed.arith import TASKS as SPEC3_TASKS
 from align.testbed.tasks import DEFAULT_TASKS, FORMATS, TASKS
 
@@ -363,15 +363,18 @@ class CPUSaneDefaults(HubArguments):
     ddp_find_unused_parameters: bool | None = option(
         False, "DDP: look for parameters without gradients each step (costly; every recipe here uses all of them).")
     use_cpu: bool = field(
-        default_factory=lambda: not has_accelerator(),
+        default_factory=lambda: not has_accelerator() and not deepspeed_on_cpu(),
         metadata={"help": "Train on the CPU (default: true exactly when no GPU is present; several CPU processes "
-                          "under accelerate launch then use torch.distributed with gloo)."},
+                          "under accelerate launch then use torch.distributed with gloo). A DeepSpeed launch without "
+                          "a GPU defaults to false with ddp_backend gloo: DeepSpeed runs on its CPU accelerator."},
     )
 
     @classmethod
     def precheck(cls, values: dict) -> None:
         """Checks on the raw values, before transformers' own ``__post_init__`` reports them less clearly."""
         apply_master_weights(values)  # torch_dtype bfloat16: float32 weights, bf16 autocast (unless pure_bf16)
+        if deepspeed_on_cpu() and not values.get("use_cpu"):  # DeepSpeed's engine on the CPU (align/sharding.py)
+            values["ddp_backend"] = values.get("ddp_backend") or "gloo"
         if values.get("fp16") and values.get("bf16"):
             raise ConfigError("fp16 / bf16: choose at most one")
         if values.get("fp16") and not has_accelerator():

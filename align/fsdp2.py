@@ -37,6 +37,7 @@ from contextlib import contextmanager
 
 import torch
 
+from align import zero3
 from align.sharding import env_flag, own_fsdp2, runs_on_cpu
 
 
@@ -119,7 +120,14 @@ def gathered(*models):
     """The FSDP2 ``models`` with their whole weights gathered in every process for the block (a collective at entry
     and exit: every process enters together), each layer kept gathered after its forward and backward, no gradient
     reduction: forwards and ``autograd.grad`` inside run on local, whole parameters (``model.named_parameters()``
-    gives the gathered ones while open), in any number per process. Models without FSDP2 pass through."""
+    gives the gathered ones while open), in any number per process. Models partitioned by DeepSpeed ZeRO-3 are
+    gathered the same way (:func:`align.zero3.gathered`); others pass through."""
+    with zero3.gathered(*models), _fsdp2_gathered(*models):
+        yield
+
+
+@contextmanager
+def _fsdp2_gathered(*models):
     units = fsdp_modules(*models)
     if not units:
         yield
@@ -150,9 +158,11 @@ def gathered(*models):
 def generate_kwargs(model) -> dict:
     """Extra arguments of HF ``generate`` for ``model``: transformers turns ``synced_gpus`` on for any FSDP-managed
     model in a process group (each process then runs forwards until every process is done, and one that calls
-    ``generate`` fewer times than another hangs it); inside :func:`gathered` no forward needs a collective, so it is
-    turned off and each process generates its own share, any number of calls."""
-    return {"synced_gpus": False} if getattr(model, "align_fsdp2_gathered", False) else {}
+    ``generate`` fewer times than another hangs it), and for every model while DeepSpeed ZeRO-3 is on; inside
+    :func:`gathered`, or for a model with no partitions, no forward needs a collective, so it is turned off and each
+    process generates its own share, any number of calls."""
+    whole = getattr(model, "align_fsdp2_gathered", False) or zero3.whole(model)
+    return {"synced_gpus": False} if whole else {}
 
 
 # --- full state dicts ---------------------------------------------------------------------------------

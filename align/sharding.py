@@ -6,10 +6,13 @@ that run on the weights outside the sharded wrapper (before ``accelerator.prepar
   nothing. Read from what ``accelerate launch`` puts in the environment and from the ``fsdp`` / ``deepspeed``
   training arguments, before any process group or model exists.
 * :func:`check_launch`: the launcher against the run, before any model loads. accelerate 1.15 never builds its FSDP
-  or DeepSpeed plugin on the CPU (``use_cpu``): FSDP and ZeRO-0/1/2 then run as plain DDP (a warning, once: the
-  numbers are DDP's, :func:`cpu_fallback_warning`); ZeRO-3 is refused (transformers has already partitioned the
-  weights with ``zero.Init`` by then, so DDP would train the partitions). Trainers that cannot run under a sharding
-  are refused in one line naming both (:data:`REFUSED`).
+  or DeepSpeed plugin for a CPU run (``use_cpu``). A DeepSpeed launch on a machine without a GPU therefore runs with
+  ``use_cpu: false`` and ``ddp_backend: gloo`` (:func:`deepspeed_on_cpu`, the defaults align gives it): accelerate
+  then starts DeepSpeed's engine on DeepSpeed's CPU accelerator, so ZeRO-1/2/3 really shard there, as on GPUs. With
+  ``use_cpu: true`` set by hand, FSDP and ZeRO-0/1/2 run as plain DDP (a warning, once: the numbers are DDP's,
+  :func:`cpu_fallback_warning`) and ZeRO-3 is refused (transformers has already partitioned the weights with
+  ``zero.Init`` by then, so DDP would train the partitions). Trainers that cannot run under a sharding are refused
+  in one line naming both (:data:`REFUSED`).
 * :func:`share_rank0_weights`: ``fsdp_cpu_ram_efficient_loading`` makes transformers load the real weights on local
   rank 0 only and zeros everywhere else, for FSDP to broadcast at ``prepare``; every pass align runs before that
   (reference log-probs, a frozen reference copy, sampling, a reward model) would read the zeros, so the loaders
@@ -67,10 +70,21 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def deepspeed_on_cpu() -> bool:
+    """Whether this is a DeepSpeed launch (``accelerate launch`` with a DeepSpeed config) on a machine without a GPU:
+    align then runs DeepSpeed itself on the CPU, with ``use_cpu: false`` and ``ddp_backend: gloo`` as the run's
+    defaults (accelerate starts the DeepSpeed engine only for a run that is not ``use_cpu``; with a backend named it
+    joins the gloo process group, and DeepSpeed picks its CPU accelerator)."""
+    return env_flag("ACCELERATE_USE_DEEPSPEED") and not has_accelerator()
+
+
 def runs_on_cpu(args) -> bool:
-    """Whether accelerate runs this job on the CPU: ``use_cpu`` (the config's, or the launcher's ``use_cpu: true``),
-    or no accelerator at all. accelerate 1.15 builds its FSDP and DeepSpeed plugins only for accelerator devices."""
-    return bool(getattr(args, "use_cpu", False)) or env_flag("ACCELERATE_USE_CPU") or not has_accelerator()
+    """Whether accelerate runs this job as a CPU run, where it builds no FSDP or DeepSpeed plugin: ``use_cpu`` (the
+    config's, or the launcher's ``use_cpu: true``), or no accelerator at all, except a DeepSpeed launch that is not
+    ``use_cpu`` (:func:`deepspeed_on_cpu`: DeepSpeed's own CPU accelerator)."""
+    if bool(getattr(args, "use_cpu", False)) or env_flag("ACCELERATE_USE_CPU"):
+        return True
+    return not has_accelerator() and not env_flag("ACCELERATE_USE_DEEPSPEED")
 
 
 def cpu_fallback_warning(kind: str) -> str:
@@ -83,16 +97,16 @@ def cpu_fallback_warning(kind: str) -> str:
 
 
 # (trainer, sharding) pairs that cannot run yet, and why: refused in one line before any model loads. The trainer is
-# the recipe's name; ZeRO-3 means weights partitioned outside the DeepSpeed engine by zero.Init at load.
-ZERO3_REFERENCE = ("keeps a frozen reference copied from the policy outside the DeepSpeed engine, whose ZeRO-3 "
-                   "partitions no forward can gather")
+# the recipe's name. Under ZeRO-3 the other trainers run: the frozen reference is a partitioned copy and the passes
+# where processes do different work gather the weights (align/zero3.py).
 REFUSED = {
-    "online_dpo": ("ZeRO-3", ZERO3_REFERENCE),
-    "xpo": ("ZeRO-3", ZERO3_REFERENCE),
-    "egpo": ("ZeRO-3", ZERO3_REFERENCE),
+    "egpo": ("ZeRO-3", "restores the half step's parameters and optimizer state, which DeepSpeed holds in its own "
+                       "partitions"),
     "iterative_dpo": ("ZeRO-3", "samples and scores with models it loads outside the DeepSpeed engine in every "
                                 "iteration, and starts a DeepSpeed engine per round"),
 }
+# the rollout engines that need the whole weights pushed: not from ZeRO-3 partitions yet
+ZERO3_ROLLOUTS = ("vllm", "vllm-server")
 ZERO3_ADVICE = "launch with configs/accelerate/zero2.yaml (or zero1.yaml, ddp.yaml, fsdp2.yaml)"
 
 
@@ -102,11 +116,9 @@ def refusal(args, shards: Sharding) -> str | None:
     refused = REFUSED.get(name)
     if refused and shards.kind == refused[0]:
         return f"distributed_type: {name} does not run under {shards.kind} yet (it {refused[1]}); {ZERO3_ADVICE}"
-    if shards.kind == "ZeRO-3" and getattr(args, "precompute_ref_logps", True) is False and not getattr(
-            args, "use_peft", False):
-        return (f"precompute_ref_logps: false under ZeRO-3 keeps a frozen reference copied from the policy outside the "
-                f"DeepSpeed engine, whose partitions no forward can gather; set precompute_ref_logps: true (or "
-                f"use_peft: true), or {ZERO3_ADVICE}")
+    if shards.kind == "ZeRO-3" and getattr(args, "rollout", "hf") in ZERO3_ROLLOUTS:
+        return (f"rollout: {args.rollout}: pushing weights to a rollout engine from ZeRO-3 partitions is not done yet; "
+                f"use rollout: hf, or {ZERO3_ADVICE}")
     return None
 
 
@@ -176,10 +188,9 @@ def check_launch(args) -> None:
     if runs_on_cpu(args):
         if shards.kind == "ZeRO-3":
             raise ConfigError(
-                "distributed_type: DeepSpeed (ZeRO-3) was asked for, but accelerate 1.15 runs DeepSpeed on "
-                "accelerators only: on the CPU (use_cpu) it would fall back to plain DDP after transformers had "
-                "already partitioned the weights for ZeRO-3; launch on GPUs, or on the CPU with "
-                "configs/accelerate/zero2.yaml or cpu2.yaml")
+                "use_cpu: true makes accelerate 1.15 run a DeepSpeed launch as plain DDP, after transformers had "
+                "already partitioned the weights for ZeRO-3; leave use_cpu unset (a DeepSpeed launch without a GPU "
+                "then runs DeepSpeed on the CPU), or launch with configs/accelerate/zero2.yaml or cpu2.yaml")
         if os.environ.get("RANK", "0") == "0":
             print(cpu_fallback_warning(shards.kind), file=sys.stderr, flush=True)
         return
@@ -273,8 +284,11 @@ def _gather_per_module(model):
 
     open_ = {}
 
-    def before(module, _inputs):
-        ctx = deepspeed.zero.GatheredParameters([p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")])
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    def before(module, _inputs):  # what an enclosing gather (align.zero3.gathered, a tied weight's) holds stays
+        ctx = deepspeed.zero.GatheredParameters([p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")
+                                                 and p.ds_status == ZeroParamStatus.NOT_AVAILABLE])
         ctx.__enter__()
         open_.setdefault(id(module), []).append(ctx)
 

@@ -26,9 +26,9 @@ import os
 from contextlib import nullcontext
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
-from align import fsdp2, progress
+from align import fsdp2, progress, zero3
 from align.checkpoints import AtomicCheckpoints, check_checkpoint, resolve_resume
 from align.data.prompts import tokenize_prompts
 from align.errors import TrainingError
@@ -113,6 +113,7 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
         self.weight_sync = None
         self._init_metrics()
         self.add_callback(StopCallback(self))  # SIGTERM / SIGINT: a checkpoint at the step's end, then stop
+        self.add_callback(EngineCallback(self))  # DeepSpeed: the engine known to align.zero3, and said
 
     @property
     def policy(self):
@@ -131,8 +132,9 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
                                     "the reference log-probs or pass ref_model")
             self.ref_model = fsdp2.shard(source.requires_grad_(False), fsdp2.reshard_after_forward(self.args)).eval()
             return  # sharded like the policy, frozen: its forwards run in step on every process, or gathered
-        if ref_model is None and needed and not self.is_peft:
-            ref_model = copy.deepcopy(self.model)
+        if ref_model is None and needed and not self.is_peft:  # ZeRO-3: the partitions copied (align/zero3.py)
+            ref_model = zero3.partitioned_copy(self.model) if zero3.is_partitioned(self.model) else copy.deepcopy(
+                self.model)
         if ref_model is not None:
             ref_model.requires_grad_(False).eval().to(self.args.device)
         self.ref_model = ref_model
@@ -140,8 +142,8 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
     def reference(self):
         """(model, context) that computes or samples the reference policy: the frozen ``ref_model``, else the
         policy with its LoRA adapter off, else (only before training moves it) the policy itself."""
-        if self.ref_model is not None:
-            return self.ref_model, nullcontext()
+        if self.ref_model is not None:  # ZeRO-3: the partitioned reference gathered whole for the pass
+            return self.ref_model, zero3.gathered(self.ref_model)
         policy = self.policy
         return policy, (policy.disable_adapter() if self.is_peft else nullcontext())
 
@@ -196,6 +198,20 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite {what} ({loss.item()}) at step {self.state.global_step + 1}{detail}; "
                                 f"stopped before the update, checkpoints already in {self.args.output_dir!r} are kept")
+
+
+class EngineCallback(TrainerCallback):
+    """Once ``prepare`` has built a DeepSpeed engine: the module learns its engine (:func:`align.zero3.gathered`
+    turns its hooks off) and each process says how it holds the model (:func:`align.zero3.describe`)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        engine = self.trainer.model_wrapped
+        if getattr(self.trainer, "is_deepspeed_enabled", False) and hasattr(engine, "zero_optimization_stage"):
+            zero3.remember_engine(engine)
+            print(zero3.describe(engine), flush=True)
 
 
 class RolloutTrainer(AlignTrainer):

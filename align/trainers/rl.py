@@ -103,7 +103,8 @@ class RLTrainer(RolloutTrainer):
 
     def _update(self, model, rnd: Round, minibatch: int) -> torch.Tensor:
         """Forward/backward of one mini-batch in micro-batches; every process runs the same number of
-        micro-batches (padding with zero-weight ones), so DDP, FSDP and ZeRO-3 collectives line up."""
+        micro-batches (padding with zero-weight ones), so DDP, FSDP and ZeRO-3 collectives line up; one optimizer
+        update after the last (:meth:`_backward`)."""
         a = self.args
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         members = [s for s in rnd.samples if s.minibatch == minibatch]
@@ -131,7 +132,7 @@ class RLTrainer(RolloutTrainer):
             ctx = self.accelerator.no_sync(model) if j < steps - 1 else nullcontext()
             with ctx:
                 loss, metrics, n_tok = self._micro_loss(model, chunk, mask_of, norm)
-                self.accelerator.backward(loss * (scale * weight))
+                self._backward(model, loss * (scale * weight), last=j == steps - 1)
             if weight:
                 total += loss.detach() * (scale / world)
                 tokens += n_tok
@@ -144,6 +145,16 @@ class RLTrainer(RolloutTrainer):
         n = max(packed[0].item(), 1.0)
         self.record_global("train", {k: v / n for k, v in zip(self._step_keys(), packed[1:].tolist())})
         return total
+
+    def _backward(self, model, loss: torch.Tensor, last: bool) -> None:
+        """``accelerator.backward``, except before the last micro-batch under DeepSpeed: accelerate's backward steps
+        the engine (an optimizer update) after every call, so the others go through the engine's own backward with
+        the gradient-accumulation boundary off (the gradients add up, nothing is updated)."""
+        if not last and hasattr(model, "set_gradient_accumulation_boundary"):
+            model.set_gradient_accumulation_boundary(False)
+            model.backward(loss)
+            return
+        self.accelerator.backward(loss)
 
     def _step_keys(self) -> tuple[str, ...]:
         keys = ["entropy"]

@@ -185,8 +185,9 @@ class RLConfig(RLArguments, CPUSaneDefaults, TrainingArguments):
             raise ConfigError(f"save_steps: must be a multiple of the {self.updates_per_round} updates per round "
                               "(num_minibatches x num_iterations), so a resumed run restarts at a round boundary")
         shards = sharding(self)
-        # align's own fully_shard (align/fsdp2.py), with gathered generation: FSDP configs run, ZeRO-3 does not
-        if shards.shards_weights and not own_fsdp2(self):
+        # align's own fully_shard (align/fsdp2.py) and ZeRO-3 (align/zero3.py) both generate from gathered weights;
+        # an FSDP config align does not shard itself would leave generation to accelerate's FSDP
+        if shards.kind == "FSDP" and not own_fsdp2(self):
             raise ConfigError(f"distributed_type: the RL loop does not run under {shards.kind} yet (each process "
                               "generates its own groups and estimates G_i on unsharded weights, so sharded forwards "
                               "would not line up and would hang); launch with configs/accelerate/fsdp2.yaml, "
