@@ -288,3 +288,76 @@ def test_frozen_reference_copy_under_fsdp2(repo, testbed, tmp_path, recipe, args
         assert two[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     else:
         assert two[-1]["kl"] > 0  # the policy moved away from the sharded reference
+
+
+# --- DeepSpeed ZeRO-3 on the CPU, against the same 1-process runs ----------------------------------------------------
+# A DeepSpeed launch without a GPU runs DeepSpeed's engine on its CPU accelerator (align sets use_cpu false and
+# ddp_backend gloo): ZeRO-3 partitions every weight (half the testbed embedding's elements per process), and the
+# passes where processes do different work run on gathered weights with the engine's hooks off (align/zero3.py).
+
+ZERO3_LINE = ("DeepSpeed ZeRO-3 (process {r} of 2): DeepSpeedEngine, optimizer DeepSpeedZeroOptimizer_Stage3; "
+              "model.embed_tokens.weight: 49152 of 98304 elements here")
+
+
+def assert_zero3(proc):
+    """DeepSpeed's ZeRO-3 engine ran in each process (its partition said), not a DDP fallback."""
+    for r in (0, 1):
+        assert ZERO3_LINE.format(r=r) in proc.stdout
+    assert "DeepSpeed" not in "".join(x for x in proc.stderr.splitlines() if x.startswith("warning: distributed_type"))
+
+
+@pytest.mark.slow
+def test_grpo_gvm_under_zero3_matches_one_process(repo, testbed, grpo_runs, tmp_path):
+    """GRPO with GVM and a KL term under zero3.yaml: generation, the old / reference log-probs and GVM's per-sequence
+    gradient norms on gathered weights (each process its own count), a frozen reference copied partition by partition,
+    two micro-batches per update (before the fix accelerate's DeepSpeed backward stepped the optimizer after each:
+    step 1's kl was 0.0069 instead of 0): the 1-process numbers, allocations and G_i at every step."""
+    (_, one) = grpo_runs["one"]
+    proc, three = launch(repo, tmp_path / "zero3", "grpo", [*GRPO, *SAVE, "per_device_train_batch_size=4"],
+                         cpu_variant(repo, tmp_path, "zero3"))
+    assert_zero3(proc)
+    assert len(three) == len(one) == 4
+    assert three[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # the reference copy is the initial policy
+    for key in GRPO_KEYS:
+        first, second = [r.get(key) for r in one], [r.get(key) for r in three]
+        assert [x is None for x in second] == [x is None for x in first], key
+        assert [x for x in second if x is not None] == pytest.approx([x for x in first if x is not None], rel=1e-5,
+                                                                     abs=1e-5), key
+    rounds = [[json.loads(x) for x in (folder / "allocation.jsonl").read_text().splitlines()]
+              for folder in (grpo_runs["tmp"] / "one", tmp_path / "zero3")]
+    for a, b in zip(*rounds, strict=True):
+        assert (a["uid"], a["n"], a["p"]) == (b["uid"], b["n"], b["p"]) and b["G"] == pytest.approx(a["G"], rel=1e-5)
+    gap, update = weight_gap(testbed, grpo_runs["tmp"] / "one", tmp_path / "zero3")
+    assert update > 1e-2 and gap / update < 1e-4
+    assert (tmp_path / "zero3" / "checkpoint-4" / "model.safetensors").is_file()  # full weights in the checkpoint
+
+
+@pytest.mark.slow
+def test_dpo_live_reference_under_zero3_matches_one_process(repo, testbed, dpo_runs, tmp_path):
+    """DPO with a live frozen reference under ZeRO-3 (a partitioned copy, gathered for its pass; nested with the
+    per-module gather of the first forwards) gives the 1-process run that precomputed the same reference's
+    log-probs."""
+    (_, one) = dpo_runs["one"]
+    proc, three = launch(repo, tmp_path / "zero3", "dpo", [*DPO, *NO_SAVE, "per_device_train_batch_size=8",
+                                                          "precompute_ref_logps=false"],
+                         cpu_variant(repo, tmp_path, "zero3"))
+    assert_zero3(proc)
+    assert three[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("loss", "grad_norm", "rewards/chosen", "logps/chosen"):
+        assert [r[key] for r in three] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
+    gap, update = weight_gap(testbed, dpo_runs["tmp"] / "one", tmp_path / "zero3")
+    assert update > 1e-2 and gap / update < 1e-4
+
+
+@pytest.mark.slow
+def test_online_dpo_under_zero3_matches_one_process(repo, testbed, tmp_path):
+    """Online DPO under ZeRO-3: sampling from the gathered policy, the reference a partitioned copy: the 1-process
+    numbers at every step."""
+    args = ["--config", "configs/online_dpo/testbed.yaml", *ONLINE, "max_steps=2"]
+    _, one = launch(repo, tmp_path / "one", "online_dpo", [*args, "per_device_train_batch_size=8"])
+    proc, three = launch(repo, tmp_path / "zero3", "online_dpo", [*args, "per_device_train_batch_size=4"],
+                         cpu_variant(repo, tmp_path, "zero3"))
+    assert_zero3(proc)
+    assert three[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/chosen"):
+        assert [r[key] for r in three] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key

@@ -5,7 +5,8 @@ On the CPU accelerate 1.15 runs an FSDP or ZeRO-1/2 config as plain DDP (a warni
 GRPO, RAFT, online DPO, XPO, EGPO and the iterative driver's DPO rounds run FSDP configs with align's own
 ``fully_shard`` (align/fsdp2.py, test_fsdp2.py); FSDP's ``fsdp_cpu_ram_efficient_loading`` still makes transformers
 load zeros on every process but local rank 0, which align now replaces by rank 0's weights before its first pass (the
-reference log-probs, the frozen reference copy, the samples). ZeRO-3 is refused on the CPU. ``align train
+reference log-probs, the frozen reference copy, the samples). A DeepSpeed config runs DeepSpeed's engine on the CPU
+(ZeRO-2 here, ZeRO-3 in test_fsdp2.py); with use_cpu: true set by hand ZeRO-3 is refused. ``align train
 --accelerate_config`` gives the 1-process numbers. ZeRO-3's gathered reference pass is checked with weights
 partitioned by DeepSpeed's ``zero.Init`` on two gloo processes (zero3_gather_check.py)."""
 
@@ -88,12 +89,17 @@ def own_fsdp2(proc) -> bool:
 
 
 def test_dpo_under_zero2_on_one_cpu_machine(repo, tmp_path, testbed, dpo_one):
-    """ZeRO-1/2 on the CPU: accelerate runs plain DDP, said once, with the 1-process numbers. (fsdp2.yaml is in
-    test_fsdp2.py and in the next test, multi_node.yaml in test_multi_node.py.)"""
+    """ZeRO-1/2 on the CPU: DeepSpeed's engine really runs (align gives the DeepSpeed launch use_cpu false and
+    ddp_backend gloo; each process holds half the optimizer state, said once per process), with the 1-process
+    numbers. Before, accelerate ran it as DDP. (fsdp2.yaml and zero3.yaml: test_fsdp2.py, multi_node.yaml:
+    test_multi_node.py.)"""
     proc, steps = run(repo, tmp_path / "out", "dpo", [*DPO, "per_device_train_batch_size=8"],
                       cpu_variant(repo, tmp_path, "zero2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert warned_once(proc, "ZeRO-2")
+    assert not warned_once(proc, "ZeRO-2")
+    for r in (0, 1):
+        assert (f"DeepSpeed ZeRO-2 (process {r} of 2): DeepSpeedEngine, optimizer DeepSpeedZeroOptimizer; optimizer "
+                "state: 1279104 of 2558208 elements here") in proc.stdout
     assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in dpo_one], abs=1e-5)
 
 
@@ -159,13 +165,14 @@ def test_iterative_driver_under_fsdp2_on_the_cpu(repo, tmp_path, testbed):
     assert update > 1e-3 and gap / update < 1e-4, (gap, update)
 
 
-def test_zero3_on_the_cpu_is_refused_in_one_line(repo, tmp_path, testbed):
-    proc, steps = run(repo, tmp_path / "out", "dpo", [*DPO, "per_device_train_batch_size=8"],
+def test_zero3_with_use_cpu_true_is_refused_in_one_line(repo, tmp_path, testbed):
+    """use_cpu: true by hand makes accelerate run a DeepSpeed launch as DDP, on weights ZeRO-3 already partitioned:
+    one line from each process, before any model loads."""
+    proc, steps = run(repo, tmp_path / "out", "dpo", [*DPO, "per_device_train_batch_size=8", "use_cpu=true"],
                       cpu_variant(repo, tmp_path, "zero3"))
-    line = ("error: distributed_type: DeepSpeed (ZeRO-3) was asked for, but accelerate 1.15 runs DeepSpeed on "
-            "accelerators only: on the CPU (use_cpu) it would fall back to plain DDP after transformers had already "
-            "partitioned the weights for ZeRO-3; launch on GPUs, or on the CPU with configs/accelerate/zero2.yaml or "
-            "cpu2.yaml")
+    line = ("error: use_cpu: true makes accelerate 1.15 run a DeepSpeed launch as plain DDP, after transformers had "
+            "already partitioned the weights for ZeRO-3; leave use_cpu unset (a DeepSpeed launch without a GPU then "
+            "runs DeepSpeed on the CPU), or launch with configs/accelerate/zero2.yaml or cpu2.yaml")
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert proc.returncode != 0 and steps == []
     assert errors == [line, line]  # the same one line from each of the two processes

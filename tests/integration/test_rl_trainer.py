@@ -40,10 +40,10 @@ def test_bad_options_fail_before_any_work(repo, tmp_path, overrides, match):
         build_trainer(cfg(repo, tmp_path, **overrides))  # reward specs are checked when the set is built
 
 
-def test_fsdp_on_gpus_is_aligns_own_and_zero3_is_refused_at_start(repo, tmp_path, monkeypatch):
+def test_fsdp_and_zero3_on_gpus_are_accepted_at_start(repo, tmp_path, monkeypatch):
     """Under an FSDP config align shards the policy itself on GPUs as on the CPU (align/fsdp2.py,
-    tests/distributed/test_fsdp2.py): accepted. ZeRO-3's partitioned weights are not gathered for generation:
-    refused."""
+    tests/distributed/test_fsdp2.py); under ZeRO-3 generation runs on gathered weights (align/zero3.py,
+    tests/distributed/test_zero3.py): both accepted; ZeRO-3 with a vLLM push is refused in one line."""
     import align.sharding
 
     monkeypatch.setattr(align.sharding, "runs_on_cpu", lambda args: False)
@@ -52,8 +52,10 @@ def test_fsdp_on_gpus_is_aligns_own_and_zero3_is_refused_at_start(repo, tmp_path
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(ConfigError, match="^distributed_type: the RL loop does not run under ZeRO-3 yet"):
-        cfg(repo, tmp_path)
+    monkeypatch.setattr("align.args.deepspeed_on_cpu", lambda: False)  # as on GPUs: no gloo engine to set up here
+    assert cfg(repo, tmp_path).num_generations > 1
+    with pytest.raises(ConfigError, match="^rollout: vllm-server: pushing weights to a rollout engine from ZeRO-3 "):
+        cfg(repo, tmp_path, rollout="vllm-server")
 
 
 @pytest.mark.parametrize("env,deepspeed,expected,optimizer", [
