@@ -168,6 +168,7 @@ def test_egpo_refuses_a_sharded_optimizer(repo, tmp_path, monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.setattr("align.args.deepspeed_on_cpu", lambda: False)  # as on GPUs: no gloo engine to set up here
     with pytest.raises(ConfigError, match="^egpo_extragradient: .* under ZeRO-2 .*fsdp2.yaml"):
         cfg(repo, tmp_path, "egpo")
     cfg(repo, tmp_path, "egpo", egpo_extragradient=False)  # plain online IPO has nothing to restore
