@@ -116,6 +116,15 @@ def refusal(args, shards: Sharding) -> str | None:
     refused = REFUSED.get(name)
     if refused and shards.kind == refused[0]:
         return f"distributed_type: {name} does not run under {shards.kind} yet (it {refused[1]}); {ZERO3_ADVICE}"
+    if shards.kind == "ZeRO-3":  # transformers would load these partitioned too, and nothing gathers them
+        models = [f for f in getattr(args, "reward_funcs", None) or [] if str(f).startswith("model:")]
+        oracle = str(getattr(args, "oracle", None) or "")
+        if oracle.startswith(("pairwise:", "reward:model:")):
+            models.append(oracle)
+        if models:
+            return (f"{'oracle' if oracle in models else 'reward_funcs'}: {models[0]}: reward and judge models are "
+                    f"not loaded whole under ZeRO-3 yet (transformers would partition them like the policy); use a "
+                    f"rule-based reward, or {ZERO3_ADVICE}")
     if shards.kind == "ZeRO-3" and getattr(args, "rollout", "hf") in ZERO3_ROLLOUTS:
         return (f"rollout: {args.rollout}: pushing weights to a rollout engine from ZeRO-3 partitions is not done yet; "
                 f"use rollout: hf, or {ZERO3_ADVICE}")

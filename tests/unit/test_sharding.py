@@ -178,6 +178,22 @@ def test_zero3_runs_the_other_trainers_but_not_a_vllm_push(launcher, monkeypatch
                                   "zero1.yaml, ddp.yaml, fsdp2.yaml)")
 
 
+@pytest.mark.parametrize("extra, line", [
+    ({"reward_funcs": ["accuracy", "model:org/rm"]}, "reward_funcs: model:org/rm: reward and judge models"),
+    ({"oracle": "pairwise:org/judge"}, "oracle: pairwise:org/judge: reward and judge models"),
+    ({"oracle": "reward:model:org/rm"}, "oracle: reward:model:org/rm: reward and judge models")])
+def test_zero3_refuses_reward_and_judge_models(launcher, monkeypatch, extra, line):
+    on_gpu(monkeypatch)
+    launcher(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
+    with pytest.raises(ConfigError) as err:
+        sh.check_launch(run_args("grpo" if "reward_funcs" in extra else "online_dpo", **extra))
+    assert str(err.value) == (f"{line} are not loaded whole under ZeRO-3 yet (transformers would partition them like "
+                              "the policy); use a rule-based reward, or launch with configs/accelerate/zero2.yaml (or "
+                              "zero1.yaml, ddp.yaml, fsdp2.yaml)")
+    launcher(ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
+    sh.check_launch(run_args("grpo", **extra))
+
+
 def test_no_sharding_asked_checks_nothing(launcher, capsys):
     sh.check_launch(run_args("online_dpo"))
     assert capsys.readouterr().err == ""
