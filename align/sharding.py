@@ -102,8 +102,6 @@ def cpu_fallback_warning(kind: str) -> str:
 REFUSED = {
     "egpo": ("ZeRO-3", "restores the half step's parameters and optimizer state, which DeepSpeed holds in its own "
                        "partitions"),
-    "iterative_dpo": ("ZeRO-3", "samples and scores with models it loads outside the DeepSpeed engine in every "
-                                "iteration, and starts a DeepSpeed engine per round"),
 }
 # the rollout engines that need the whole weights pushed: not from ZeRO-3 partitions yet
 ZERO3_ROLLOUTS = ("vllm", "vllm-server")

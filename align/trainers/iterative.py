@@ -48,7 +48,7 @@ import os
 
 import torch
 
-from align import progress
+from align import fsdp2, progress
 from align.errors import ConfigError
 from align.hub import push_iteration
 from align.io import atomic_write_text
@@ -215,8 +215,9 @@ class IterativeDPO:
         share = " (main process's share)" if world > 1 else ""  # no gather until the judging's
         with progress.bar(f"iteration {t}: sampling{share}", k * len(mine), "completions", show=self.show,
                           groups=[k] * len(mine)) as stage:  # the HF engine ticks it per batch
-            out = engine.generate([r["prompt_ids"] for r in mine], [k] * len(mine), sampling,
-                                  keys=[f"{t}:{r['uid']}" for r in mine])
+            with fsdp2.gathered(policy):  # ZeRO-3: whole weights for this process's own generations (align/zero3.py)
+                out = engine.generate([r["prompt_ids"] for r in mine], [k] * len(mine), sampling,
+                                      keys=[f"{t}:{r['uid']}" for r in mine])
             stage.finish()
         del policy, engine
         calls = self.oracle.calls
@@ -346,8 +347,9 @@ class IterativeDPO:
         if self.evaluation is None or not c.eval_num_samples:
             return {}
         policy, baseline = self._load(self.iter_dir(t)), self._load(c.model_name_or_path)
-        out = win_rate(policy, baseline, self.tokenizer, list(self.evaluation), self.oracle, c.eval_num_samples,
-                       c.max_completion_length, c.temperature, c.seed, c.generation_batch_size, progress=self.show)
+        with fsdp2.gathered(policy, baseline):  # ZeRO-3: each process samples on whole weights
+            out = win_rate(policy, baseline, self.tokenizer, list(self.evaluation), self.oracle, c.eval_num_samples,
+                           c.max_completion_length, c.temperature, c.seed, c.generation_batch_size, progress=self.show)
         return {f"eval/{k}": v for k, v in out.items()}
 
     def report(self, t: int, metrics: dict) -> None:

@@ -138,27 +138,42 @@ def test_online_trainers_under_fsdp2_on_the_cpu(repo, tmp_path, testbed, recipe,
         assert two[0][key] > -20  # log-probs of the reference's own short samples, not of random tokens
 
 
-def test_iterative_driver_under_fsdp2_on_the_cpu(repo, tmp_path, testbed):
+ITERATIVE = ["--config", "configs/iterative/testbed-ilr-dpo.yaml", "iterations=1", "max_train_samples=48",
+             "samples_per_prompt=2", "max_steps=2", "logging_steps=1", "eval_num_samples=0", "dataset_test_split=null",
+             "overwrite_output_dir=true", "disable_tqdm=true", "dataloader_drop_last=true"]
+
+
+@pytest.fixture(scope="module")
+def iterative_one(repo, testbed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("iterative-one")
+    proc, steps = run(repo, out, "iterative_dpo", [*ITERATIVE, "per_device_train_batch_size=8"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, steps
+
+
+@pytest.mark.parametrize("config", ["fsdp2", "zero3"])
+def test_iterative_driver_under_fsdp2_and_zero3_on_the_cpu(repo, tmp_path, testbed, iterative_one, config):
     """The iterative driver samples with whole models it loads itself on every process (rank 1's pairs must be rank
-    0's: before the rank-0 weights fix they were random bytes) and trains each round with a DPO trainer that align
-    shards: the 1-process losses at every step, the same saved policy."""
+    0's: before the rank-0 weights fix they were random bytes; under ZeRO-3 they load partitioned and sample on
+    gathered weights) and trains each round with a DPO trainer that align shards (FSDP2) or DeepSpeed partitions
+    (ZeRO-3): the 1-process losses at every step, the same saved policy."""
     from safetensors.torch import load_file
 
-    args = ["--config", "configs/iterative/testbed-ilr-dpo.yaml", "iterations=1", "max_train_samples=48",
-            "samples_per_prompt=2", "max_steps=2", "logging_steps=1", "eval_num_samples=0",
-            "dataset_test_split=null", "overwrite_output_dir=true", "disable_tqdm=true", "dataloader_drop_last=true"]
-    proc1, one = run(repo, tmp_path / "one", "iterative_dpo", [*args, "per_device_train_batch_size=8"])
-    assert proc1.returncode == 0, proc1.stderr[-3000:]
-    proc2, two = run(repo, tmp_path / "two", "iterative_dpo", [*args, "per_device_train_batch_size=4"],
-                     cpu_variant(repo, tmp_path, "fsdp2"))
+    one_dir, one = iterative_one
+    proc2, two = run(repo, tmp_path / "two", "iterative_dpo", [*ITERATIVE, "per_device_train_batch_size=4"],
+                     cpu_variant(repo, tmp_path, config))
     assert proc2.returncode == 0, proc2.stderr[-3000:]
-    assert own_fsdp2(proc2) and "FSDP2 (process 1 of 2): fully_shard on 5 modules" in proc2.stdout
-    pairs1, pairs2 = ((tmp_path / n / "iter-0" / "pairs.jsonl").read_text().splitlines() for n in ("one", "two"))
+    if config == "fsdp2":
+        assert own_fsdp2(proc2) and "FSDP2 (process 1 of 2): fully_shard on 5 modules" in proc2.stdout
+    else:
+        assert ("DeepSpeed ZeRO-3 (process 1 of 2): DeepSpeedEngine, optimizer DeepSpeedZeroOptimizer_Stage3; "
+                "model.embed_tokens.weight: 49152 of 98304 elements here") in proc2.stdout
+    pairs1, pairs2 = ((d / "iter-0" / "pairs.jsonl").read_text().splitlines() for d in (one_dir, tmp_path / "two"))
     assert len(pairs1) >= 16  # two whole global batches of 8
     assert [json.loads(p) for p in pairs2] == [json.loads(p) for p in pairs1]
     assert len(one) == len(two) == 2
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5, abs=1e-5)
-    w1, w2 = (load_file(str(tmp_path / n / "iter-0" / "model.safetensors")) for n in ("one", "two"))
+    w1, w2 = (load_file(str(d / "iter-0" / "model.safetensors")) for d in (one_dir, tmp_path / "two"))
     w0 = load_file(str(testbed.policy / "model.safetensors"))
     gap = sum(((w1[k] - w2[k]) ** 2).sum().item() for k in w1) ** 0.5
     update = sum(((w1[k] - w0[k]) ** 2).sum().item() for k in w1) ** 0.5
