@@ -11,8 +11,8 @@ that run on the weights outside the sharded wrapper (before ``accelerator.prepar
   then starts DeepSpeed's engine on DeepSpeed's CPU accelerator, so ZeRO-1/2/3 really shard there, as on GPUs. With
   ``use_cpu: true`` set by hand, FSDP and ZeRO-0/1/2 run as plain DDP (a warning, once: the numbers are DDP's,
   :func:`cpu_fallback_warning`) and ZeRO-3 is refused (transformers has already partitioned the weights with
-  ``zero.Init`` by then, so DDP would train the partitions). Trainers that cannot run under a sharding are refused
-  in one line naming both (:data:`REFUSED`).
+  ``zero.Init`` by then, so DDP would train the partitions). Options that cannot run under a sharding are refused
+  in one line naming both (:func:`refusal`).
 * :func:`share_rank0_weights`: ``fsdp_cpu_ram_efficient_loading`` makes transformers load the real weights on local
   rank 0 only and zeros everywhere else, for FSDP to broadcast at ``prepare``; every pass align runs before that
   (reference log-probs, a frozen reference copy, sampling, a reward model) would read the zeros, so the loaders
@@ -96,24 +96,14 @@ def cpu_fallback_warning(kind: str) -> str:
             "the memory saving is not there.")
 
 
-# (trainer, sharding) pairs that cannot run yet, and why: refused in one line before any model loads. The trainer is
-# the recipe's name. Under ZeRO-3 the other trainers run: the frozen reference is a partitioned copy and the passes
-# where processes do different work gather the weights (align/zero3.py).
-REFUSED = {
-    "egpo": ("ZeRO-3", "restores the half step's parameters and optimizer state, which DeepSpeed holds in its own "
-                       "partitions"),
-}
 # the rollout engines that need the whole weights pushed: not from ZeRO-3 partitions yet
 ZERO3_ROLLOUTS = ("vllm", "vllm-server")
 ZERO3_ADVICE = "launch with configs/accelerate/zero2.yaml (or zero1.yaml, ddp.yaml, fsdp2.yaml)"
 
 
 def refusal(args, shards: Sharding) -> str | None:
-    """The one line refusing this trainer under ``shards``, or None when it runs."""
-    name = getattr(args, "recipe_name", None)
-    refused = REFUSED.get(name)
-    if refused and shards.kind == refused[0]:
-        return f"distributed_type: {name} does not run under {shards.kind} yet (it {refused[1]}); {ZERO3_ADVICE}"
+    """The one line refusing an option of this run under ``shards`` (every trainer runs under every sharding: the
+    options below do not yet under ZeRO-3), or None."""
     if shards.kind == "ZeRO-3":  # transformers would load these partitioned too, and nothing gathers them
         models = [f for f in getattr(args, "reward_funcs", None) or [] if str(f).startswith("model:")]
         oracle = str(getattr(args, "oracle", None) or "")

@@ -136,3 +136,61 @@ def describe(engine) -> str:
     here = sum(t.numel() for t in groups)
     total = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return f"{head}; optimizer state: {here} of {total} elements here"
+
+
+# --- exact snapshots of a DeepSpeed ZeRO optimizer (EGPO's half step) -------------------------------------------
+
+
+def zero_optimizer(optimizer):
+    """The DeepSpeed ZeRO optimizer inside accelerate's wrapper (stage 1/2: ``DeepSpeedZeroOptimizer``, stage 3:
+    ``DeepSpeedZeroOptimizer_Stage3``), or None for any other optimizer."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    zero = hasattr(inner, "single_partition_of_fp32_groups") or hasattr(inner, "fp32_partitioned_groups_flat")
+    return inner if zero else None
+
+
+def _zero_tensors(zero) -> list[torch.Tensor]:
+    """What this process's ZeRO optimizer keeps of the weights: the fp32 master partitions, the working
+    (bit16 / model-dtype) flat groups the model reads (stage 1/2: whole; stage 3: this process's partitions) and,
+    under ZeRO-3 the parameters' ``ds_tensor`` partitions are views into the working groups."""
+    masters = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
+    working = getattr(zero, "bit16_groups_flat", None) or zero.fp16_partitioned_groups_flat
+    return [*masters, *working]
+
+
+def zero_snapshot(optimizer) -> tuple:
+    """This process's part of a DeepSpeed ZeRO optimizer, copied: master and working partitions, and the inner
+    optimizer's state (Adam's moments and step counts) per master tensor."""
+    zero = zero_optimizer(optimizer)
+    tensors = [t.detach().clone() for t in _zero_tensors(zero)]
+    state = {id(k): {n: (v.detach().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+             for k, s in zero.optimizer.state.items()}
+    return tensors, state
+
+
+def zero_restore(optimizer, saved: tuple) -> None:
+    """A DeepSpeed ZeRO optimizer back to :func:`zero_snapshot`, bit for bit, in every process (each restores its
+    own part). Under ZeRO-3 the parameters gathered whole at that moment (the small persistent ones DeepSpeed keeps
+    gathered) still hold the half step's values: they are released and gathered again from the restored partitions
+    (a collective; the same parameters in every process)."""
+    zero = zero_optimizer(optimizer)
+    tensors, state = saved
+    with torch.no_grad():
+        for t, value in zip(_zero_tensors(zero), tensors, strict=True):
+            t.copy_(value)
+        for key, entries in list(zero.optimizer.state.items()):
+            if id(key) not in state:  # created by the half step: gone again
+                del zero.optimizer.state[key]
+                continue
+            for name, value in state[id(key)].items():
+                if torch.is_tensor(value) and torch.is_tensor(entries.get(name)):
+                    entries[name].copy_(value)
+                else:
+                    entries[name] = value
+    if hasattr(zero, "fp32_partitioned_groups_flat"):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        stale = [p for group in zero.fp16_groups for p in group if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if stale:
+            stale[0].partition(param_list=stale, has_been_updated=False)
+            stale[0].all_gather(param_list=stale)

@@ -31,6 +31,7 @@ import copy
 
 import torch
 
+from align import zero3
 from align.errors import TrainingError
 from align.rollout.mixture import MixtureEngine
 from align.trainers.online import OnlinePreferenceTrainer, Pairs
@@ -74,12 +75,19 @@ class EGPOTrainer(OnlinePreferenceTrainer):
         return [p for p in self.policy.parameters() if p.requires_grad]
 
     def backup(self) -> None:
-        """θ_t and the optimizer state, copied to the CPU."""
+        """θ_t and the optimizer state, copied to the CPU (under DeepSpeed: each process's master and working
+        partitions and its optimizer state, where they live: :func:`align.zero3.zero_snapshot`)."""
+        if zero3.zero_optimizer(self.optimizer) is not None:
+            self._backup = zero3.zero_snapshot(self.optimizer)
+            return
         self._backup = snapshot(self._trainable(), self.optimizer.optimizer)
 
     def restore(self) -> None:
         """Parameters and optimizer state back to θ_t, exactly."""
-        restore(self._trainable(), self.optimizer.optimizer, self._backup)
+        if zero3.zero_optimizer(self.optimizer) is not None:
+            zero3.zero_restore(self.optimizer, self._backup)
+        else:
+            restore(self._trainable(), self.optimizer.optimizer, self._backup)
         self._backup = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):

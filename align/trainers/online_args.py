@@ -24,7 +24,6 @@ from align.args import CPUSaneDefaults, GenerationArguments, ObjectiveArguments,
 from align.errors import ConfigError
 from align.rewards.preference import ORACLE_KINDS
 from align.rollout.args import RolloutArguments
-from align.sharding import own_fsdp2, sharding
 from align.timeouts import REWARD_TIMEOUT_HELP, REWARD_TIMEOUT_S, check_timeout
 from align.tracking import CompletionsLogArguments
 
@@ -130,8 +129,5 @@ class OnlineConfig(OnlineArguments, CPUSaneDefaults, TrainingArguments):
         if save == "steps" and int(self.save_steps) % 2:
             raise ConfigError(f"save_steps: must be even with EGPO's extragradient (a checkpoint between a half and a "
                               f"full step cannot be resumed exactly), got {self.save_steps}")
-        shards = sharding(self)
-        if shards.shards_optimizer and not own_fsdp2(self):  # align's fully_shard: each process restores its shards
-            raise ConfigError(f"egpo_extragradient: the half step's parameters and optimizer state cannot be "
-                              f"restored exactly under {shards.kind} (sharded optimizer state); launch with "
-                              "configs/accelerate/fsdp2.yaml (align restores each process's shards) or ddp.yaml")
+        # under align's fully_shard and DeepSpeed's ZeRO optimizers each process restores its own part of the
+        # parameters and optimizer state (align/fsdp2.py, align/zero3.py): every sharding runs

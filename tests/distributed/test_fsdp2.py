@@ -146,6 +146,7 @@ def test_fully_shard_and_gathered_passes(repo, testbed, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp2-dpo")  # one worker builds the shared runs
 def test_dpo_under_fsdp2_matches_one_process(dpo_runs, testbed):
     (proc1, one), (proc2, two) = dpo_runs["one"], dpo_runs["two"]
     assert_sharded(proc2)
@@ -161,6 +162,7 @@ def test_dpo_under_fsdp2_matches_one_process(dpo_runs, testbed):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp2-dpo")  # one worker builds the shared runs
 def test_dpo_resumed_from_a_sharded_checkpoint(repo, dpo_runs):
     assert_sharded(dpo_runs["resumed"][0])
     assert_resume_exact(dpo_runs)
@@ -174,6 +176,7 @@ def test_dpo_resumed_from_a_sharded_checkpoint(repo, dpo_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp2-grpo")  # one worker builds the shared runs
 def test_grpo_gvm_under_fsdp2_matches_one_process(grpo_runs, testbed):
     (proc1, one), (proc2, two) = grpo_runs["one"], grpo_runs["two"]
     assert_sharded(proc2)
@@ -199,6 +202,7 @@ def test_grpo_gvm_under_fsdp2_matches_one_process(grpo_runs, testbed):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp2-dpo")  # one worker builds the shared runs
 def test_dpo_gradient_accumulation_under_fsdp2(repo, dpo_runs):
     """2 processes x 4 sequences x 2 accumulation steps = the 1-process run's 16 per step: FSDP2 reduce-scatters
     after each micro-batch's backward, the Trainer scales the loss for the accumulation."""
@@ -240,22 +244,37 @@ ONLINE = ["logging_steps=1", "save_strategy=no", "max_train_samples=64", "datase
           "disable_tqdm=true", "overwrite_output_dir=true"]
 
 
+EGPO = ["max_steps=4", "mixture_coef=0.5"]
+
+
+@pytest.fixture(scope="module")
+def egpo_one(repo, testbed, tmp_path_factory):
+    """EGPO on 1 process (the geometric mixture, two extragradient pairs), compared with FSDP2 and ZeRO-2/3."""
+    out = tmp_path_factory.mktemp("egpo-one")
+    args = ["--config", "configs/egpo/testbed.yaml", *ONLINE, *EGPO, "per_device_train_batch_size=8"]
+    return out, launch(repo, out, "egpo", args)[1]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, extra", [("online_dpo", ["max_steps=3"]),
-                                           ("egpo", ["max_steps=4", "mixture_coef=0.5"])])
-def test_online_trainers_under_fsdp2_match_one_process(repo, testbed, tmp_path, recipe, extra):
+@pytest.mark.xdist_group("fsdp2-egpo")
+@pytest.mark.parametrize("recipe, extra", [("online_dpo", ["max_steps=3"]), ("egpo", EGPO)])
+def test_online_trainers_under_fsdp2_match_one_process(repo, testbed, tmp_path, request, recipe, extra):
     """Online DPO and EGPO (extragradient: each process restores its own parameter and Adam-moment shards before the
     full step; the geometric mixture samples from the gathered policy and reference): the policy and its frozen
     reference copy both sharded, the same losses at every step as one process with the same global batch."""
     args = ["--config", f"configs/{recipe}/testbed.yaml", *ONLINE, *extra]
-    _, one = launch(repo, tmp_path / "one", recipe, [*args, "per_device_train_batch_size=8"])
+    if recipe == "egpo":
+        one_dir, one = request.getfixturevalue("egpo_one")
+    else:
+        one_dir = tmp_path / "one"
+        _, one = launch(repo, one_dir, recipe, [*args, "per_device_train_batch_size=8"])
     proc, two = launch(repo, tmp_path / "two", recipe, [*args, "per_device_train_batch_size=4"],
                        cpu_variant(repo, tmp_path, "fsdp2"))
     assert_sharded(proc)
     assert len(one) == len(two) == int(extra[0].split("=")[1])
     for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
-    gap, update = weight_gap(testbed, tmp_path / "one", tmp_path / "two")
+    gap, update = weight_gap(testbed, one_dir, tmp_path / "two")
     assert update > 1e-3 and gap / update < 1e-4
 
 
@@ -307,6 +326,7 @@ def assert_zero3(proc):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp2-grpo")  # one worker builds the shared runs
 def test_grpo_gvm_under_zero3_matches_one_process(repo, testbed, grpo_runs, tmp_path):
     """GRPO with GVM and a KL term under zero3.yaml: generation, the old / reference log-probs and GVM's per-sequence
     gradient norms on gathered weights (each process its own count), a frozen reference copied partition by partition,
@@ -333,6 +353,7 @@ def test_grpo_gvm_under_zero3_matches_one_process(repo, testbed, grpo_runs, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp2-dpo")  # one worker builds the shared runs
 def test_dpo_live_reference_under_zero3_matches_one_process(repo, testbed, dpo_runs, tmp_path):
     """DPO with a live frozen reference under ZeRO-3 (a partitioned copy, gathered for its pass; nested with the
     per-module gather of the first forwards) gives the 1-process run that precomputed the same reference's
@@ -361,3 +382,23 @@ def test_online_dpo_under_zero3_matches_one_process(repo, testbed, tmp_path):
     assert three[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/chosen"):
         assert [r[key] for r in three] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("fsdp2-egpo")
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_egpo_under_deepspeed_matches_one_process(repo, testbed, egpo_one, tmp_path, config):
+    """EGPO's extragradient under DeepSpeed: before each full step every process restores its own part of the ZeRO
+    optimizer (fp32 master and working partitions, Adam's moments and steps; under ZeRO-3 the parameters DeepSpeed
+    keeps gathered are gathered again from the restored partitions): the 1-process losses at every step. Without the
+    re-gather ZeRO-3's first full step was 6.348 instead of 6.25."""
+    one_dir, one = egpo_one
+    args = ["--config", "configs/egpo/testbed.yaml", *ONLINE, *EGPO, "per_device_train_batch_size=4"]
+    proc, two = launch(repo, tmp_path / "two", "egpo", args, cpu_variant(repo, tmp_path, config))
+    stage = config[-1]
+    assert f"DeepSpeed ZeRO-{stage} (process 1 of 2): DeepSpeedEngine" in proc.stdout
+    assert len(one) == len(two) == 4
+    for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
+    gap, update = weight_gap(testbed, one_dir, tmp_path / "two")
+    assert update > 1e-3 and gap / update < 1e-4

@@ -152,21 +152,10 @@ def test_launchers_use_cpu_counts_even_when_the_config_says_gpu(launcher, monkey
     assert sh.runs_on_cpu(run_args(use_cpu=True))
 
 
-@pytest.mark.parametrize("recipe", ["egpo"])
-def test_zero3_refuses_the_trainers_that_compute_outside_the_engine(launcher, monkeypatch, recipe):
-    on_gpu(monkeypatch)
-    launcher(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
-    with pytest.raises(ConfigError, match=f"^distributed_type: {recipe} does not run under ZeRO-3 yet \\(it ") as err:
-        sh.check_launch(run_args(recipe))
-    assert str(err.value).endswith("; launch with configs/accelerate/zero2.yaml (or zero1.yaml, ddp.yaml, fsdp2.yaml)")
-    launcher(ACCELERATE_DEEPSPEED_ZERO_STAGE="2")  # the same trainer under ZeRO-2: weights whole, it runs
-    sh.check_launch(run_args(recipe))
-
-
-@pytest.mark.parametrize("recipe", ["dpo", "grpo", "raft", "online_dpo", "xpo", "iterative_dpo"])
+@pytest.mark.parametrize("recipe", ["dpo", "grpo", "raft", "online_dpo", "xpo", "egpo", "iterative_dpo"])
 def test_zero3_runs_the_other_trainers_but_not_a_vllm_push(launcher, monkeypatch, recipe):
-    """DPO with a live frozen reference, the RL loop, online DPO and XPO run under ZeRO-3 (a partitioned reference
-    copy, gathered passes: tests/distributed/test_zero3.py); pushing weights to vLLM from partitions does not."""
+    """Every trainer runs under ZeRO-3 (a partitioned reference copy, gathered passes, EGPO's restore of each
+    process's optimizer part: tests/distributed/test_fsdp2.py); pushing weights to vLLM from partitions does not."""
     on_gpu(monkeypatch)
     launcher(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
     sh.check_launch(run_args(recipe, precompute_ref_logps=False, use_peft=False, rollout="hf"))
