@@ -113,6 +113,10 @@ def refusal(args, shards: Sharding) -> str | None:
             return (f"{'oracle' if oracle in models else 'reward_funcs'}: {models[0]}: reward and judge models are "
                     f"not loaded whole under ZeRO-3 yet (transformers would partition them like the policy); use a "
                     f"rule-based reward, or {ZERO3_ADVICE}")
+    if shards.kind == "ZeRO-3" and getattr(args, "recipe_name", None) in PAIR_TRAINERS:
+        line = batch_pair_gradients(args, "under ZeRO-3", ZERO3_ADVICE)  # DeepSpeed asserts in its backward hooks
+        if line:
+            return line
     if shards.kind == "ZeRO-3" and getattr(args, "rollout", "hf") in ZERO3_ROLLOUTS:
         return (f"rollout: {args.rollout}: pushing weights to a rollout engine from ZeRO-3 partitions is not done yet; "
                 f"use rollout: hf, or {ZERO3_ADVICE}")
@@ -144,18 +148,26 @@ def fsdp2_refusal(args) -> str | None:
         return (f"resume_from_checkpoint: a LoRA run {where} does not resume yet (its checkpoints hold the adapter, "
                 f"not the full weights its shards load); launch with {ddp} to resume it")
     if name in PAIR_TRAINERS:
-        from align.objectives import registry
-
-        objective = getattr(args, "objective", None)
-        needs = registry()[objective].needs if objective in registry() else ()
-        if getattr(args, "entanglement_steps", None) or getattr(args, "entanglement_action", "none") != "none" or (
-                "grad_norms" in needs):
-            return (f"entanglement_steps / entanglement_action / objective {objective!r}: per-pair gradients are "
-                    f"not computed {where} yet (the live graph's gradients land in the shards); launch with "
-                    f"{ddp} for them")
+        line = batch_pair_gradients(args, where, f"launch with {ddp} for them")
+        if line:
+            return line
     elif getattr(args, "rollout", "hf") == "vllm":  # vllm-server: every process gathers each weight for the push
         return (f"rollout: {args.rollout}: pushing weights to a rollout engine is not done {where} yet; use "
                 f"rollout: hf or vllm-server, or launch with {ddp}")
+    return None
+
+
+def batch_pair_gradients(args, where: str, advice: str) -> str | None:
+    """The one line refusing per-pair gradients of the training batch (``entanglement_action``, an objective that
+    needs ``grad_norms`` such as ``pairnorm``) ``where`` the weights are sharded, or None. The probe monitor
+    (``entanglement_steps``) runs on gathered weights and is not refused."""
+    from align.objectives import registry
+
+    objective = getattr(args, "objective", None)
+    needs = registry()[objective].needs if objective in registry() else ()
+    if getattr(args, "entanglement_action", "none") != "none" or "grad_norms" in needs:
+        return (f"entanglement_action / objective {objective!r}: per-pair gradients of the training batch are not "
+                f"computed {where} yet (the live graph's gradients land in the shards); {advice}")
     return None
 
 

@@ -28,6 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from align.errors import ConfigError
+from align.fsdp2 import gathered
 from align.modeling import pad_token_id
 from align.monitors.gradients import flat_grad, select_parameters, sequence_grads
 
@@ -161,7 +162,8 @@ class EntanglementMonitor(TrainerCallback):
             raise ConfigError(f"entanglement_probe: rows are not tokenised pairs (missing {', '.join(missing)})")
         self.trainer, self.every = trainer, every
         self.probe = [probe[i] for i in range(len(probe))]
-        self.params = [p for _, p in select_subset(trainer.accelerator.unwrap_model(trainer.model), params)]
+        self.spec = params
+        select_subset(trainer.accelerator.unwrap_model(trainer.model), params)  # a spec matching nothing: now
         tok = trainer.processing_class
         self.pad_id = pad_token_id(tok)
         self.previous: list[dict] | None = None
@@ -176,9 +178,13 @@ class EntanglementMonitor(TrainerCallback):
         t = self.trainer
         rank, world = t.accelerator.process_index, t.accelerator.num_processes
         mine = list(range(rank, len(self.probe), world))
-        rows = entanglement(t.accelerator.unwrap_model(t.model), [self.probe[i]["prompt_ids"] for i in mine],
-                            [self.probe[i]["chosen_ids"] for i in mine], [self.probe[i]["rejected_ids"] for i in mine],
-                            self.pad_id, self.params, block_size=t.args.logits_block_size)
+        model = t.accelerator.unwrap_model(t.model)
+        with gathered(model):  # FSDP2 / ZeRO-3: whole weights and whole gradients, each process its own pairs
+            params = [p for _, p in select_subset(model, self.spec)]  # the gathered parameters while open
+            rows = entanglement(model, [self.probe[i]["prompt_ids"] for i in mine],
+                                [self.probe[i]["chosen_ids"] for i in mine],
+                                [self.probe[i]["rejected_ids"] for i in mine], self.pad_id, params,
+                                block_size=t.args.logits_block_size)
         for i, row in zip(mine, rows, strict=True):
             row["pair"] = i
         rows = sorted(gather_object(rows), key=lambda r: r["pair"])

@@ -25,6 +25,7 @@ GRPO = ["--config", "configs/grpo/testbed.yaml", "max_steps=4", "logging_steps=1
         "num_minibatches=2", "micro_batch_size=16", "max_train_samples=128", "dataset_test_split=null",
         "disable_tqdm=true", "overwrite_output_dir=true", "learning_rate=1e-4", "allocator=gvm",
         "beta=0.04"]  # the KL term: a frozen reference copy, sharded like the policy
+PROBE = ["entanglement_steps=2", "entanglement_probe_size=8"]  # the entanglement monitor, on gathered weights
 SAVE = ["save_strategy=steps", "save_steps=2"]
 NO_SAVE = ["save_strategy=no"]
 GRPO_KEYS = ("loss", "grad_norm", "reward", "reward_std", "rollouts/total", "allocation/min", "allocation/median",
@@ -65,7 +66,7 @@ def runs(repo, tmp, recipe, args, per_device_one, resume: bool):
 
 @pytest.fixture(scope="module")
 def dpo_runs(repo, testbed, tmp_path_factory):
-    return runs(repo, tmp_path_factory.mktemp("fsdp2-dpo"), "dpo", DPO, 16, resume=True)
+    return runs(repo, tmp_path_factory.mktemp("fsdp2-dpo"), "dpo", [*DPO, *PROBE], 16, resume=True)
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +160,18 @@ def test_dpo_under_fsdp2_matches_one_process(dpo_runs, testbed):
     gap, update = weight_gap(testbed, dpo_runs["tmp"] / "one", dpo_runs["tmp"] / "two")
     assert update > 1e-2 and gap / update < 1e-4  # 3.0e-6 measured
     assert_checkpoint_format(dpo_runs["tmp"] / "two" / "checkpoint-4", dpo_runs["tmp"] / "one")
+    assert_same_probe(dpo_runs["tmp"] / "one", dpo_runs["tmp"] / "two")
+
+
+def assert_same_probe(one, two):
+    """The entanglement monitor's per-pair table (checks at steps 0, 2, 4; 8 probe pairs) equals the 1-process one:
+    gradients taken on the gathered weights, each process its own pairs."""
+    rows = [[json.loads(x) for x in (d / "entanglement.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert len(rows[0]) == len(rows[1]) == 24 and {r["step"] for r in rows[1]} == {0, 2, 4}
+    for a, b in zip(*rows, strict=True):
+        assert (a["step"], a["pair"], a["case"]) == (b["step"], b["pair"], b["case"])
+        for key in ("dot", "norm_chosen", "norm_rejected", "cos", "logp_chosen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.slow
@@ -359,7 +372,7 @@ def test_dpo_live_reference_under_zero3_matches_one_process(repo, testbed, dpo_r
     per-module gather of the first forwards) gives the 1-process run that precomputed the same reference's
     log-probs."""
     (_, one) = dpo_runs["one"]
-    proc, three = launch(repo, tmp_path / "zero3", "dpo", [*DPO, *NO_SAVE, "per_device_train_batch_size=8",
+    proc, three = launch(repo, tmp_path / "zero3", "dpo", [*DPO, *PROBE, *NO_SAVE, "per_device_train_batch_size=8",
                                                           "precompute_ref_logps=false"],
                          cpu_variant(repo, tmp_path, "zero3"))
     assert_zero3(proc)
@@ -368,6 +381,7 @@ def test_dpo_live_reference_under_zero3_matches_one_process(repo, testbed, dpo_r
         assert [r[key] for r in three] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
     gap, update = weight_gap(testbed, dpo_runs["tmp"] / "one", tmp_path / "zero3")
     assert update > 1e-2 and gap / update < 1e-4
+    assert_same_probe(dpo_runs["tmp"] / "one", tmp_path / "zero3")
 
 
 @pytest.mark.slow

@@ -70,8 +70,8 @@ def test_fsdp_on_the_cpu_is_aligns_own_fsdp2_for_the_ported_recipes(launcher, ca
     ("dpo", {"use_peft": True, "resume_from_checkpoint": "out/checkpoint-2"}, "resume_from_checkpoint: a LoRA run "
                                                                                "under FSDP (dpo with align's"),
     ("grpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP (grpo with align's fully_shard)"),
-    ("dpo", {"entanglement_steps": 2}, "entanglement_steps / entanglement_action / objective 'dpo': per-pair"),
-    ("dpo", {"objective": "pairnorm"}, "entanglement_steps / entanglement_action / objective 'pairnorm': per-pair"),
+    ("dpo", {"entanglement_action": "monitor"}, "entanglement_action / objective 'dpo': per-pair"),
+    ("dpo", {"objective": "pairnorm"}, "entanglement_action / objective 'pairnorm': per-pair"),
     ("grpo", {"rollout": "vllm"}, "rollout: vllm: pushing weights to a rollout engine is not done under FSDP"),
 ])
 def test_what_aligns_fsdp2_cannot_run_is_refused_in_one_line(launcher, recipe, option, start):
@@ -165,6 +165,27 @@ def test_zero3_runs_the_other_trainers_but_not_a_vllm_push(launcher, monkeypatch
         assert str(err.value) == (f"rollout: {rollout}: pushing weights to a rollout engine from ZeRO-3 partitions is "
                                   "not done yet; use rollout: hf, or launch with configs/accelerate/zero2.yaml (or "
                                   "zero1.yaml, ddp.yaml, fsdp2.yaml)")
+
+
+def test_batch_pair_gradients_refused_under_zero3_but_the_probe_monitor_runs(launcher, monkeypatch):
+    """pairnorm / entanglement_action take per-pair gradients of the live training graph: DeepSpeed's ZeRO-3
+    backward hooks assert there ('active_backward_submodules is empty'), so one line; the probe monitor runs on
+    gathered weights under ZeRO-3 and align's FSDP2 (tests/distributed/test_fsdp2.py), ZeRO-2 takes both."""
+    on_gpu(monkeypatch)
+    base = dict(use_peft=False, precompute_ref_logps=True, rollout="hf", entanglement_action="none")
+    launcher(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
+    for option in ({"objective": "pairnorm"}, {"objective": "dpo", "entanglement_action": "downweight"}):
+        with pytest.raises(ConfigError) as err:
+            sh.check_launch(run_args("dpo", **{**base, **option}))
+        assert str(err.value) == (f"entanglement_action / objective {option['objective']!r}: per-pair gradients of "
+                                  "the training batch are not computed under ZeRO-3 yet (the live graph's gradients "
+                                  "land in the shards); launch with configs/accelerate/zero2.yaml (or zero1.yaml, "
+                                  "ddp.yaml, fsdp2.yaml)")
+    sh.check_launch(run_args("dpo", **base, objective="dpo", entanglement_steps=5))
+    launcher(ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
+    sh.check_launch(run_args("dpo", **base, objective="pairnorm"))
+    launcher(ACCELERATE_USE_DEEPSPEED="false", ACCELERATE_USE_FSDP="true")
+    sh.check_launch(run_args("dpo", **base, objective="dpo", entanglement_steps=5))
 
 
 @pytest.mark.parametrize("extra, line", [
