@@ -375,6 +375,10 @@ class CPUSaneDefaults(HubArguments):
         apply_master_weights(values)  # torch_dtype bfloat16: float32 weights, bf16 autocast (unless pure_bf16)
         if deepspeed_on_cpu() and not values.get("use_cpu"):  # DeepSpeed's engine on the CPU (align/sharding.py)
             values["ddp_backend"] = values.get("ddp_backend") or "gloo"
+            if values.get("bf16") or values.get("fp16"):  # transformers: "Your setup doesn't support bf16/gpu"
+                raise ConfigError("torch_dtype / bf16: DeepSpeed on the CPU (a DeepSpeed launch without a GPU) trains "
+                                  "in float32 here (transformers allows half precision without a GPU only with "
+                                  "use_cpu, which runs the launch as DDP); set torch_dtype: float32")
         if values.get("fp16") and values.get("bf16"):
             raise ConfigError("fp16 / bf16: choose at most one")
         if values.get("fp16") and not has_accelerator():

@@ -135,6 +135,9 @@ def test_a_deepspeed_launch_without_a_gpu_runs_deepspeed_on_the_cpu(launcher, mo
         values = {} if given is None else {"ddp_backend": given}
         CPUSaneDefaults.precheck(values)
         assert values["ddp_backend"] == expected
+    for half in ({"torch_dtype": "bfloat16"}, {"bf16": True}):  # transformers' own refusal, said in align's words
+        with pytest.raises(ConfigError, match=r"^torch_dtype / bf16: DeepSpeed on the CPU \(a DeepSpeed launch "):
+            CPUSaneDefaults.precheck(dict(half))
     values = {"use_cpu": True}  # asked for by hand: accelerate's CPU run (DDP), as before
     CPUSaneDefaults.precheck(values)
     assert "ddp_backend" not in values
