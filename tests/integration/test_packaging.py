@@ -94,9 +94,10 @@ def test_wheel_in_a_fresh_venv_runs_from_an_empty_folder(repo, tmp_path, testbed
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
     assert "align = align.cli:main" in metadata.decode()
 
-    # a venv that sees the installed dependencies, with the wheel's align ahead of the editable checkout
+    # a venv that sees the installed dependencies, with the wheel's align ahead of the editable checkout; its python
+    # runs the system pip (a system site package), which installs into the venv: no pip of its own to bootstrap
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, system_site_packages=True, with_pip=False)
     python, align = env_dir / "bin" / "python", env_dir / "bin" / "align"
     _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], timeout=300)
     empty = tmp_path / "empty"
