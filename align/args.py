@@ -33,7 +33,7 @@ from align.errors import ConfigError
 from align.hub_args import HubArguments
 from align.options import option
 from align.precision import apply_master_weights
-from align.sharding import check_launch, deepspeed_on_cpu, has_accelerator
+from align.sharding import apply_deepspeed_on_cpu, check_launch, deepspeed_on_cpu, has_accelerator
 from align.testbed.arith import TASKS as SPEC3_TASKS
 from align.testbed.tasks import DEFAULT_TASKS, FORMATS, TASKS
 
@@ -373,12 +373,7 @@ class CPUSaneDefaults(HubArguments):
     def precheck(cls, values: dict) -> None:
         """Checks on the raw values, before transformers' own ``__post_init__`` reports them less clearly."""
         apply_master_weights(values)  # torch_dtype bfloat16: float32 weights, bf16 autocast (unless pure_bf16)
-        if deepspeed_on_cpu() and not values.get("use_cpu"):  # DeepSpeed's engine on the CPU (align/sharding.py)
-            values["ddp_backend"] = values.get("ddp_backend") or "gloo"
-            if values.get("bf16") or values.get("fp16"):  # transformers: "Your setup doesn't support bf16/gpu"
-                raise ConfigError("torch_dtype / bf16: DeepSpeed on the CPU (a DeepSpeed launch without a GPU) trains "
-                                  "in float32 here (transformers allows half precision without a GPU only with "
-                                  "use_cpu, which runs the launch as DDP); set torch_dtype: float32")
+        apply_deepspeed_on_cpu(values)  # a DeepSpeed launch without a GPU: DeepSpeed's engine on the CPU, gloo
         if values.get("fp16") and values.get("bf16"):
             raise ConfigError("fp16 / bf16: choose at most one")
         if values.get("fp16") and not has_accelerator():

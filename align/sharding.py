@@ -78,6 +78,19 @@ def deepspeed_on_cpu() -> bool:
     return env_flag("ACCELERATE_USE_DEEPSPEED") and not has_accelerator()
 
 
+def apply_deepspeed_on_cpu(values: dict) -> None:
+    """A recipe config's raw ``values`` in a DeepSpeed launch without a GPU (:func:`deepspeed_on_cpu`), unless
+    ``use_cpu`` is set by hand: ``ddp_backend`` gloo by default, and half precision refused in one line (transformers
+    allows it without a GPU only with ``use_cpu``, which would run the launch as DDP)."""
+    if not deepspeed_on_cpu() or values.get("use_cpu"):
+        return
+    values["ddp_backend"] = values.get("ddp_backend") or "gloo"
+    if values.get("bf16") or values.get("fp16"):
+        raise ConfigError("torch_dtype / bf16: DeepSpeed on the CPU (a DeepSpeed launch without a GPU) trains in "
+                          "float32 here (transformers allows half precision without a GPU only with use_cpu, which "
+                          "runs the launch as DDP); set torch_dtype: float32")
+
+
 def runs_on_cpu(args) -> bool:
     """Whether accelerate runs this job as a CPU run, where it builds no FSDP or DeepSpeed plugin: ``use_cpu`` (the
     config's, or the launcher's ``use_cpu: true``), or no accelerator at all, except a DeepSpeed launch that is not
