@@ -163,7 +163,8 @@ def test_egpo_runs_under_every_sharding(repo, tmp_path, monkeypatch):
     import align.sharding
 
     monkeypatch.setattr(align.sharding, "runs_on_cpu", lambda args: False)
-    monkeypatch.setattr("align.args.deepspeed_on_cpu", lambda: False)  # as on GPUs: no gloo engine to set up here
+    for where in ("align.args", "align.sharding"):  # as on GPUs: no gloo engine to set up here
+        monkeypatch.setattr(f"{where}.deepspeed_on_cpu", lambda: False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert cfg(repo, tmp_path, "egpo").egpo_extragradient  # align's FSDP2
     monkeypatch.delenv("ACCELERATE_USE_FSDP")

@@ -52,7 +52,8 @@ def test_fsdp_and_zero3_on_gpus_are_accepted_at_start(repo, tmp_path, monkeypatc
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    monkeypatch.setattr("align.args.deepspeed_on_cpu", lambda: False)  # as on GPUs: no gloo engine to set up here
+    for where in ("align.args", "align.sharding"):  # as on GPUs: no gloo engine to set up here
+        monkeypatch.setattr(f"{where}.deepspeed_on_cpu", lambda: False)
     assert cfg(repo, tmp_path).num_generations > 1
     with pytest.raises(ConfigError, match="^rollout: vllm-server: pushing weights to a rollout engine from ZeRO-3 "):
         cfg(repo, tmp_path, rollout="vllm-server")
