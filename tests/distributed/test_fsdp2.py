@@ -268,19 +268,23 @@ def egpo_one(repo, testbed, tmp_path_factory):
     return out, launch(repo, out, "egpo", args)[1]
 
 
+@pytest.fixture(scope="module")
+def online_dpo_one(repo, testbed, tmp_path_factory):
+    """Online DPO on 1 process, 3 steps, compared with FSDP2 and ZeRO-3."""
+    out = tmp_path_factory.mktemp("online-dpo-one")
+    args = ["--config", "configs/online_dpo/testbed.yaml", *ONLINE, "max_steps=3", "per_device_train_batch_size=8"]
+    return out, launch(repo, out, "online_dpo", args)[1]
+
+
 @pytest.mark.slow
-@pytest.mark.xdist_group("fsdp2-egpo")
+@pytest.mark.xdist_group("fsdp2-online")
 @pytest.mark.parametrize("recipe, extra", [("online_dpo", ["max_steps=3"]), ("egpo", EGPO)])
 def test_online_trainers_under_fsdp2_match_one_process(repo, testbed, tmp_path, request, recipe, extra):
     """Online DPO and EGPO (extragradient: each process restores its own parameter and Adam-moment shards before the
     full step; the geometric mixture samples from the gathered policy and reference): the policy and its frozen
     reference copy both sharded, the same losses at every step as one process with the same global batch."""
     args = ["--config", f"configs/{recipe}/testbed.yaml", *ONLINE, *extra]
-    if recipe == "egpo":
-        one_dir, one = request.getfixturevalue("egpo_one")
-    else:
-        one_dir = tmp_path / "one"
-        _, one = launch(repo, one_dir, recipe, [*args, "per_device_train_batch_size=8"])
+    one_dir, one = request.getfixturevalue(f"{recipe}_one")
     proc, two = launch(repo, tmp_path / "two", recipe, [*args, "per_device_train_batch_size=4"],
                        cpu_variant(repo, tmp_path, "fsdp2"))
     assert_sharded(proc)
@@ -298,28 +302,24 @@ RAFT = ["--config", "configs/raft/testbed.yaml", "max_steps=4", "logging_steps=1
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, args, per_device", [
-    ("dpo", [*DPO, "max_steps=3", "precompute_ref_logps=false"], 16),
     ("raft", [*RAFT, "beta=0.04", "num_minibatches=1", "allocator=dynamic"], 8)],
-    ids=["dpo-live-reference", "raft-dynamic-kl"])  # GRPO's KL reference: grpo_runs
+    ids=["raft-dynamic-kl"])  # GRPO's KL reference: grpo_runs; DPO's live reference: test_dpo_live_reference_*
 def test_frozen_reference_copy_under_fsdp2(repo, testbed, tmp_path, recipe, args, per_device):
-    """A frozen copy of the initial policy (DPO's live reference, the RL loop's KL term), copied before the policy is
-    sharded and sharded the same way: the 1-process numbers at every step (RAFT with dynamic sampling: the RL trainer's
-    other allocator and advantage)."""
+    """A frozen copy of the initial policy (the RL loop's KL term), copied before the policy is sharded and sharded
+    the same way: the 1-process numbers at every step (RAFT with dynamic sampling: the RL trainer's other allocator
+    and advantage)."""
     _, one = launch(repo, tmp_path / "one", recipe, [*args, *NO_SAVE, f"per_device_train_batch_size={per_device}"])
     proc, two = launch(repo, tmp_path / "two", recipe, [*args, *NO_SAVE,
                                                         f"per_device_train_batch_size={per_device // 2}"],
                        cpu_variant(repo, tmp_path, "fsdp2"))
     assert_sharded(proc)
-    keys = ("loss", "grad_norm", "rewards/chosen") if recipe == "dpo" else ("loss", "grad_norm", "kl", "reward")
+    keys = ("loss", "grad_norm", "kl", "reward")
     assert len(one) == len(two) >= 3
     for key in keys:
         first = [r.get(key) for r in one]
         assert first[0] is not None, key
         assert [r.get(key) for r in two] == pytest.approx(first, rel=1e-5, abs=1e-5), key
-    if recipe == "dpo":
-        assert two[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    else:
-        assert two[-1]["kl"] > 0  # the policy moved away from the sharded reference
+    assert two[-1]["kl"] > 0  # the policy moved away from the sharded reference
 
 
 # --- DeepSpeed ZeRO-3 on the CPU, against the same 1-process runs ----------------------------------------------------
@@ -367,29 +367,34 @@ def test_grpo_gvm_under_zero3_matches_one_process(repo, testbed, grpo_runs, tmp_
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("fsdp2-dpo")  # one worker builds the shared runs
-def test_dpo_live_reference_under_zero3_matches_one_process(repo, testbed, dpo_runs, tmp_path):
-    """DPO with a live frozen reference under ZeRO-3 (a partitioned copy, gathered for its pass; nested with the
-    per-module gather of the first forwards) gives the 1-process run that precomputed the same reference's
-    log-probs."""
+@pytest.mark.parametrize("config", ["fsdp2", "zero3"])
+def test_dpo_live_reference_matches_one_process(repo, testbed, dpo_runs, tmp_path, config):
+    """DPO with a live frozen reference, a copy of the initial policy made before the policy is sharded (FSDP2: sharded
+    the same way; ZeRO-3: a partitioned copy, gathered for its pass, nested with the per-module gather of the first
+    forwards) gives the 1-process run that precomputed the same reference's log-probs; the entanglement probe too."""
     (_, one) = dpo_runs["one"]
-    proc, three = launch(repo, tmp_path / "zero3", "dpo", [*DPO, *PROBE, *NO_SAVE, "per_device_train_batch_size=8",
+    proc, three = launch(repo, tmp_path / "two", "dpo", [*DPO, *PROBE, *NO_SAVE, "per_device_train_batch_size=8",
                                                           "precompute_ref_logps=false"],
-                         cpu_variant(repo, tmp_path, "zero3"))
-    assert_zero3(proc)
+                         cpu_variant(repo, tmp_path, config))
+    if config == "zero3":
+        assert_zero3(proc)
+    else:
+        assert_sharded(proc)
     assert three[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for key in ("loss", "grad_norm", "rewards/chosen", "logps/chosen"):
         assert [r[key] for r in three] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
-    gap, update = weight_gap(testbed, dpo_runs["tmp"] / "one", tmp_path / "zero3")
+    gap, update = weight_gap(testbed, dpo_runs["tmp"] / "one", tmp_path / "two")
     assert update > 1e-2 and gap / update < 1e-4
-    assert_same_probe(dpo_runs["tmp"] / "one", tmp_path / "zero3")
+    assert_same_probe(dpo_runs["tmp"] / "one", tmp_path / "two")
 
 
 @pytest.mark.slow
-def test_online_dpo_under_zero3_matches_one_process(repo, testbed, tmp_path):
+@pytest.mark.xdist_group("fsdp2-online")
+def test_online_dpo_under_zero3_matches_one_process(repo, testbed, online_dpo_one, tmp_path):
     """Online DPO under ZeRO-3: sampling from the gathered policy, the reference a partitioned copy: the 1-process
     numbers at every step."""
-    args = ["--config", "configs/online_dpo/testbed.yaml", *ONLINE, "max_steps=2"]
-    _, one = launch(repo, tmp_path / "one", "online_dpo", [*args, "per_device_train_batch_size=8"])
+    args = ["--config", "configs/online_dpo/testbed.yaml", *ONLINE, "max_steps=3"]
+    _, one = online_dpo_one
     proc, three = launch(repo, tmp_path / "zero3", "online_dpo", [*args, "per_device_train_batch_size=4"],
                          cpu_variant(repo, tmp_path, "zero3"))
     assert_zero3(proc)
@@ -399,7 +404,7 @@ def test_online_dpo_under_zero3_matches_one_process(repo, testbed, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("fsdp2-egpo")
+@pytest.mark.xdist_group("fsdp2-online")
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_egpo_under_deepspeed_matches_one_process(repo, testbed, egpo_one, tmp_path, config):
     """EGPO's extragradient under DeepSpeed: before each full step every process restores its own part of the ZeRO

@@ -88,6 +88,7 @@ def own_fsdp2(proc) -> bool:
     return proc.stderr.count(FSDP2_NOTE) == 1 and cpu_fallback_warning("FSDP") not in proc.stderr
 
 
+@pytest.mark.xdist_group("sharded-dpo")  # one worker runs the shared 1-process run
 def test_dpo_under_zero2_on_one_cpu_machine(repo, tmp_path, testbed, dpo_one):
     """ZeRO-1/2 on the CPU: DeepSpeed's engine really runs (align gives the DeepSpeed launch use_cpu false and
     ddp_backend gloo; each process holds half the optimizer state, said once per process), with the 1-process
@@ -103,6 +104,7 @@ def test_dpo_under_zero2_on_one_cpu_machine(repo, tmp_path, testbed, dpo_one):
     assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in dpo_one], abs=1e-5)
 
 
+@pytest.mark.xdist_group("sharded-dpo")  # one worker runs the shared 1-process run
 def test_align_train_accelerate_config_gives_one_process_numbers(repo, tmp_path, testbed, dpo_one):
     """``align train --accelerate_config fsdp2-cpu.yaml``: align's fully_shard (the direct ``accelerate launch`` of the
     same config is test_fsdp2.py's), the 1-process numbers. Step 1 compares the policy with its own reference: ln 2;
@@ -151,6 +153,7 @@ def iterative_one(repo, testbed, tmp_path_factory):
     return out, steps
 
 
+@pytest.mark.xdist_group("sharded-iterative")  # one worker runs the shared 1-process run
 @pytest.mark.parametrize("config", ["fsdp2", "zero3"])
 def test_iterative_driver_under_fsdp2_and_zero3_on_the_cpu(repo, tmp_path, testbed, iterative_one, config):
     """The iterative driver samples with whole models it loads itself on every process (rank 1's pairs must be rank
