@@ -371,10 +371,12 @@ def test_grpo_gvm_under_zero3_matches_one_process(repo, testbed, grpo_runs, tmp_
 def test_dpo_live_reference_matches_one_process(repo, testbed, dpo_runs, tmp_path, config):
     """DPO with a live frozen reference, a copy of the initial policy made before the policy is sharded (FSDP2: sharded
     the same way; ZeRO-3: a partitioned copy, gathered for its pass, nested with the per-module gather of the first
-    forwards) gives the 1-process run that precomputed the same reference's log-probs; the entanglement probe too."""
+    forwards) gives the 1-process run that precomputed the same reference's log-probs; the entanglement probe too.
+    ZeRO-3 also resumes from a copy of its DeepSpeed checkpoint-2 (each process's partitions) with the uninterrupted
+    run's steps 3-4."""
     (_, one) = dpo_runs["one"]
-    proc, three = launch(repo, tmp_path / "two", "dpo", [*DPO, *PROBE, *NO_SAVE, "per_device_train_batch_size=8",
-                                                          "precompute_ref_logps=false"],
+    args = [*DPO, *PROBE, "per_device_train_batch_size=8", "precompute_ref_logps=false"]
+    proc, three = launch(repo, tmp_path / "two", "dpo", [*args, *(SAVE if config == "zero3" else NO_SAVE)],
                          cpu_variant(repo, tmp_path, config))
     if config == "zero3":
         assert_zero3(proc)
@@ -386,6 +388,14 @@ def test_dpo_live_reference_matches_one_process(repo, testbed, dpo_runs, tmp_pat
     gap, update = weight_gap(testbed, dpo_runs["tmp"] / "one", tmp_path / "two")
     assert update > 1e-2 and gap / update < 1e-4
     assert_same_probe(dpo_runs["tmp"] / "one", tmp_path / "two")
+    if config == "zero3":
+        shutil.copytree(tmp_path / "two" / "checkpoint-2", tmp_path / "copy" / "checkpoint-2")
+        proc, resumed = launch(repo, tmp_path / "resumed", "dpo", [
+            *args, *SAVE, f"resume_from_checkpoint={tmp_path / 'copy' / 'checkpoint-2'}"], cpu_variant(repo, tmp_path,
+                                                                                                    config))
+        assert_zero3(proc)
+        assert [r["step"] for r in resumed] == [3, 4]
+        assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in three[2:]], abs=1e-6)
 
 
 @pytest.mark.slow
