@@ -301,8 +301,9 @@ def test_signal_before_training_exits_at_once_with_one_line(repo, tmp_path, test
     run = Run(repo, tmp_path, "run", [*DPO, "max_steps=4"])
     run.wait_until(lambda: catches_sigterm(run.proc.pid), "a SIGTERM handler")
     run.proc.send_signal(signal.SIGTERM)
-    assert run.finish() == 143
+    status = run.finish()
     text = run.text()
+    assert status == 143, text[-3000:]
     lines = [x for x in text.splitlines() if x.startswith("align:")]
     assert lines == ["align: stopped by SIGTERM outside a training step; nothing saved by this stop"], text[-3000:]
     assert "Traceback" not in text
