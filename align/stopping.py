@@ -36,9 +36,11 @@ RESUME = "resume with resume_from_checkpoint=true"
 INTERRUPTIBLE, LOOP, AFTER = "interruptible", "loop", "after"  # the phases of a run, see the module docstring
 
 
-class Stopped(Exception):
+class Stopped(BaseException):
     """The run was stopped by a signal. ``code`` is the exit status (128 + the signal number); ``line`` the one line
-    to print, by this process only when ``show`` (one process speaks for a stop every process agreed on)."""
+    to print, by this process only when ``show`` (one process speaks for a stop every process agreed on). A
+    ``BaseException``, as ``KeyboardInterrupt`` is: raised by the handler wherever the main thread is, it must not be
+    caught and re-raised as another error by an ``except Exception`` of a library (or of align's loaders)."""
 
     def __init__(self, signum: int, line: str, show: bool = True):
         super().__init__(line)
