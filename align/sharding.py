@@ -97,7 +97,7 @@ def runs_on_cpu(args) -> bool:
     ``use_cpu`` (:func:`deepspeed_on_cpu`: DeepSpeed's own CPU accelerator)."""
     if bool(getattr(args, "use_cpu", False)) or env_flag("ACCELERATE_USE_CPU"):
         return True
-    return not has_accelerator() and not env_flag("ACCELERATE_USE_DEEPSPEED")
+    return not has_accelerator() and not deepspeed_on_cpu()
 
 
 def cpu_fallback_warning(kind: str) -> str:
@@ -117,23 +117,23 @@ ZERO3_ADVICE = "launch with configs/accelerate/zero2.yaml (or zero1.yaml, ddp.ya
 def refusal(args, shards: Sharding) -> str | None:
     """The one line refusing an option of this run under ``shards`` (every trainer runs under every sharding: the
     options below do not yet under ZeRO-3), or None."""
-    if shards.kind == "ZeRO-3":  # transformers would load these partitioned too, and nothing gathers them
-        models = [f for f in getattr(args, "reward_funcs", None) or [] if str(f).startswith("model:")]
-        oracle = str(getattr(args, "oracle", None) or "")
-        if oracle.startswith(("pairwise:", "reward:model:")):
-            models.append(oracle)
-        if models:
-            return (f"{'oracle' if oracle in models else 'reward_funcs'}: {models[0]}: reward and judge models are "
-                    f"not loaded whole under ZeRO-3 yet (transformers would partition them like the policy); use a "
-                    f"rule-based reward, or {ZERO3_ADVICE}")
-    if shards.kind == "ZeRO-3" and getattr(args, "recipe_name", None) in PAIR_TRAINERS:
-        line = batch_pair_gradients(args, "under ZeRO-3", ZERO3_ADVICE)  # DeepSpeed asserts in its backward hooks
-        if line:
-            return line
-    if shards.kind == "ZeRO-3" and getattr(args, "rollout", "hf") in ZERO3_ROLLOUTS:
-        return (f"rollout: {args.rollout}: pushing weights to a rollout engine from ZeRO-3 partitions is not done yet; "
+    if shards.kind != "ZeRO-3":
+        return None
+    models = [f for f in getattr(args, "reward_funcs", None) or [] if str(f).startswith("model:")]
+    oracle = str(getattr(args, "oracle", None) or "")
+    if oracle.startswith(("pairwise:", "reward:model:")):
+        models.append(oracle)
+    if models:  # transformers would load these partitioned too, and nothing gathers them
+        return (f"{'oracle' if oracle in models else 'reward_funcs'}: {models[0]}: reward and judge models are not "
+                f"loaded whole under ZeRO-3 yet (transformers would partition them like the policy); use a rule-based "
+                f"reward, or {ZERO3_ADVICE}")
+    line = None
+    if getattr(args, "recipe_name", None) in PAIR_TRAINERS:  # DeepSpeed asserts in its backward hooks
+        line = batch_pair_gradients(args, "under ZeRO-3", ZERO3_ADVICE)
+    if line is None and getattr(args, "rollout", "hf") in ZERO3_ROLLOUTS:
+        line = (f"rollout: {args.rollout}: pushing weights to a rollout engine from ZeRO-3 partitions is not done yet; "
                 f"use rollout: hf, or {ZERO3_ADVICE}")
-    return None
+    return line
 
 
 # Recipes whose trainer align shards itself under an FSDP config (align/fsdp2.py), on the CPU, where accelerate 1.15
@@ -304,13 +304,12 @@ def full_weights(model, device=None):
 def _gather_per_module(model):
     import deepspeed
 
+    from align.zero3 import not_gathered
+
     open_ = {}
 
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
     def before(module, _inputs):  # what an enclosing gather (align.zero3.gathered, a tied weight's) holds stays
-        ctx = deepspeed.zero.GatheredParameters([p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")
-                                                 and p.ds_status == ZeroParamStatus.NOT_AVAILABLE])
+        ctx = deepspeed.zero.GatheredParameters(not_gathered(module.parameters(recurse=False)))
         ctx.__enter__()
         open_.setdefault(id(module), []).append(ctx)
 

@@ -31,6 +31,14 @@ def is_partitioned(model) -> bool:
     return isinstance(model, torch.nn.Module) and any(hasattr(p, "ds_id") for p in model.parameters())
 
 
+def not_gathered(params) -> list:
+    """The ZeRO-3 partitioned parameters among ``params`` whose whole weight no process holds now (what a gather
+    needs; one an enclosing gather or the engine already holds is left to it)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [p for p in params if hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+
+
 def whole(model) -> bool:
     """Whether every process holds all of ``model``'s weights: no ZeRO-3 partitions, or all of them gathered (inside
     :func:`gathered`)."""
@@ -64,12 +72,11 @@ def gathered(*models):
     if not partitioned:
         yield
         return
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters, ZeroParamStatus
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
     with ExitStack() as stack:
         for model in partitioned:  # what is already whole (an enclosing block's, the engine's persistent ones) stays
-            todo = [p for p in model.parameters()
-                    if hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+            todo = not_gathered(model.parameters())
             if not todo:
                 continue
             stack.enter_context(GatheredParameters(todo))
@@ -104,8 +111,7 @@ def partitioned_copy(model):
     # transformers builds it under zero.Init with the run's DeepSpeed config, as it loaded the policy (the partitions'
     # dtype follows that config; an explicit dtype would hit DeepSpeed's half-precision default on the CPU)
     copy = type(model)._from_config(model.config)
-    pairs = list(zip(model.parameters(), copy.parameters(), strict=True))
-    for src, dst in pairs:
+    for src, dst in zip(model.parameters(), copy.parameters(), strict=True):
         if src.ds_tensor.shape != dst.ds_tensor.shape or src.ds_tensor.dtype != dst.ds_tensor.dtype:
             raise TrainingError(f"ZeRO-3 reference copy: a partition of {tuple(src.ds_shape)} is "
                                 f"{tuple(src.ds_tensor.shape)} {src.ds_tensor.dtype} in the policy but "
@@ -150,9 +156,9 @@ def zero_optimizer(optimizer):
 
 
 def _zero_tensors(zero) -> list[torch.Tensor]:
-    """What this process's ZeRO optimizer keeps of the weights: the fp32 master partitions, the working
-    (bit16 / model-dtype) flat groups the model reads (stage 1/2: whole; stage 3: this process's partitions) and,
-    under ZeRO-3 the parameters' ``ds_tensor`` partitions are views into the working groups."""
+    """What this process's ZeRO optimizer keeps of the weights: the fp32 master partitions and the working
+    (bit16 / model-dtype) flat groups the model reads (stage 1/2: whole; stage 3: this process's partitions, of
+    which the parameters' ``ds_tensor`` are views)."""
     masters = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
     working = getattr(zero, "bit16_groups_flat", None) or zero.fp16_partitioned_groups_flat
     return [*masters, *working]
