@@ -165,6 +165,16 @@ def frozen_dtype():
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
+def load_frozen(cls, path: str, **kwargs):
+    """``cls.from_pretrained(path, **kwargs)`` for a frozen model loaded outside the trainer (a reward model, a
+    judge): whole in every process even under ZeRO-3 (:func:`align.zero3.loading_whole`), where transformers would
+    partition it like the policy (:func:`place_frozen` then puts it on this process's device)."""
+    from align.zero3 import loading_whole
+
+    with loading_whole():
+        return cls.from_pretrained(path, **kwargs)
+
+
 def place_frozen(model):
     """A frozen model loaded outside the trainer (a reward model, a pairwise judge): rank 0's weights in every
     process (:func:`align.sharding.share_rank0_weights`), no gradients, eval mode, on :func:`process_device`."""

@@ -109,8 +109,9 @@ def cpu_fallback_warning(kind: str) -> str:
             "the memory saving is not there.")
 
 
-# the rollout engines that need the whole weights pushed: not from ZeRO-3 partitions yet
-ZERO3_ROLLOUTS = ("vllm", "vllm-server")
+# the rollout engine that needs the whole weights in this process: not from ZeRO-3 partitions yet (vllm-server takes
+# them gathered one at a time, align.rollout.collective.full_weight)
+ZERO3_ROLLOUTS = ("vllm",)
 ZERO3_ADVICE = "launch with configs/accelerate/zero2.yaml (or zero1.yaml, ddp.yaml, fsdp2.yaml)"
 
 
@@ -119,20 +120,16 @@ def refusal(args, shards: Sharding) -> str | None:
     options below do not yet under ZeRO-3), or None."""
     if shards.kind != "ZeRO-3":
         return None
-    models = [f for f in getattr(args, "reward_funcs", None) or [] if str(f).startswith("model:")]
-    oracle = str(getattr(args, "oracle", None) or "")
-    if oracle.startswith(("pairwise:", "reward:model:")):
-        models.append(oracle)
-    if models:  # transformers would load these partitioned too, and nothing gathers them
-        return (f"{'oracle' if oracle in models else 'reward_funcs'}: {models[0]}: reward and judge models are not "
-                f"loaded whole under ZeRO-3 yet (transformers would partition them like the policy); use a rule-based "
-                f"reward, or {ZERO3_ADVICE}")
     line = None
     if getattr(args, "recipe_name", None) in PAIR_TRAINERS:  # DeepSpeed asserts in its backward hooks
         line = batch_pair_gradients(args, "under ZeRO-3", ZERO3_ADVICE)
-    if line is None and getattr(args, "rollout", "hf") in ZERO3_ROLLOUTS:
-        line = (f"rollout: {args.rollout}: pushing weights to a rollout engine from ZeRO-3 partitions is not done yet; "
-                f"use rollout: hf, or {ZERO3_ADVICE}")
+    rollout = getattr(args, "rollout", "hf")
+    if line is None and rollout in ZERO3_ROLLOUTS:
+        line = (f"rollout: {rollout}: pushing weights to a colocated engine from ZeRO-3 partitions is not done yet; "
+                f"use rollout: hf or vllm-server, or {ZERO3_ADVICE}")
+    if line is None and rollout == "vllm-server" and getattr(args, "use_peft", False):
+        line = (f"use_peft: a LoRA policy's push to vllm-server (its adapter, or the adapter merged) is not done from "
+                f"ZeRO-3 partitions yet; {ZERO3_ADVICE}")
     return line
 
 

@@ -39,6 +39,18 @@ def not_gathered(params) -> list:
     return [p for p in params if hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
 
 
+def whole_tensor(param) -> torch.Tensor:
+    """One ZeRO-3 parameter's whole weight as a new tensor (a collective: every process gathers the same parameters
+    in the same order; one already whole, or no partition at all, is returned as it is, with no communication).
+    Pushing weights to a rollout server takes them so, one at a time: no process holds a whole copy of the model."""
+    if not not_gathered([param]):
+        return param.detach()
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    with GatheredParameters([param]):
+        return param.detach().clone()
+
+
 def whole(model) -> bool:
     """Whether every process holds all of ``model``'s weights: no ZeRO-3 partitions, or all of them gathered (inside
     :func:`gathered`)."""
@@ -47,6 +59,34 @@ def whole(model) -> bool:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     return all(p.ds_status == ZeroParamStatus.AVAILABLE for p in model.parameters() if hasattr(p, "ds_id"))
+
+
+_RESTORED: list = []  # keeps alive the config object transformers' ZeRO-3 flag points at again (a weak reference)
+
+
+@contextmanager
+def loading_whole():
+    """Within the block, transformers' ``from_pretrained`` loads models whole, as without DeepSpeed: a frozen model
+    that stays out of the engine (a reward model, a judge) is then an ordinary model in every process, not ZeRO-3
+    partitions nothing would gather. Outside a ZeRO-3 run it changes nothing. transformers' public API can clear its
+    ZeRO-3 flag but not hand back the object it pointed at, so the flag is set again from an equal object made from
+    the same config (kept alive here)."""
+    from transformers.integrations import (
+        HfDeepSpeedConfig,
+        deepspeed_config,
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    config = deepspeed_config()
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        _RESTORED[:] = [HfDeepSpeedConfig(config)]
 
 
 def remember_engine(engine) -> None:

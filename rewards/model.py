@@ -52,7 +52,9 @@ class RewardModel:
                 dtype = frozen_dtype()
             if dtype is not None:
                 kwargs["dtype"] = dtype
-            model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
+            from align.modeling import load_frozen
+
+            model = load_frozen(AutoModelForSequenceClassification, str(path), **kwargs)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(path))
             if device is None:  # rank 0's weights in every process, on this process's device (not the CPU)
                 from align.modeling import place_frozen

@@ -173,7 +173,9 @@ class PairwiseModelOracle(PreferenceOracle):
 
                 dtype = frozen_dtype()
                 kwargs = {"dtype": dtype} if dtype is not None else {}
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs).eval()
+            from align.modeling import load_frozen
+
+            self.model = load_frozen(AutoModelForSequenceClassification, path, **kwargs).eval()
         except Exception as e:  # any load failure is a config problem here
             raise ConfigError(f"oracle: cannot load pairwise preference model {path!r}: {type(e).__name__}: "
                               f"{' '.join(str(e).split())[:200]}") from None

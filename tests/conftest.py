@@ -30,6 +30,23 @@ def testbed():
 
 
 @pytest.fixture(scope="session")
+def tiny_classifier(testbed, tmp_path_factory):
+    """A 1-label sequence classifier with the testbed's tokenizer and random weights, saved as a model folder (a
+    ``model:`` reward, a ``pairwise:`` judge)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(testbed.policy)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("rm")
+    LlamaForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def repo():
     return REPO
 

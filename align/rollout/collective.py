@@ -9,8 +9,8 @@ A push is a :func:`plan` of buckets: each bucket at most ``bucket_mb`` of consec
 alone) packed as bytes into one flat tensor, broadcast, unpacked on each worker into views under the weights'
 names and loaded in place with vLLM's ``reload_weights`` (every worker receives every weight; vLLM's loader keeps
 its own tensor-parallel slice). The trainer packs one bucket at a time from the policy's tensors (a sharded
-policy's DTensors gathered one tensor at a time, :func:`full_weight`), so neither side holds more than one
-bucket beyond the model.
+policy's DTensors or ZeRO-3 partitions gathered one tensor at a time, :func:`full_weight`), so neither side holds
+more than one bucket beyond the model.
 
 Every wait is bounded: the group is created with ``timeout_s`` (store, connection, each collective), so a peer
 that dies or stalls ends the wait with an error instead of a hang; :meth:`WeightGroup.close` tears the group
@@ -80,9 +80,26 @@ def unpack(bucket, flat: torch.Tensor):
 
 
 def full_weight(t: torch.Tensor) -> torch.Tensor:
-    """``t`` whole: a sharded DTensor gathered (a collective: every trainer process calls it in the same order)."""
+    """``t`` whole: a sharded DTensor or a ZeRO-3 partitioned parameter gathered (a collective: every trainer process
+    calls it in the same order, :func:`gathers`)."""
     full = getattr(t, "full_tensor", None)
-    return full() if full is not None else t
+    if full is not None:
+        return full()
+    if hasattr(t, "ds_id"):
+        from align.zero3 import whole_tensor
+
+        return whole_tensor(t)
+    return t
+
+
+def gathers(t: torch.Tensor) -> bool:
+    """Whether :func:`full_weight` of ``t`` is a collective every trainer process takes part in."""
+    return hasattr(t, "full_tensor") or hasattr(t, "ds_id")
+
+
+def weight_shape(t: torch.Tensor) -> tuple:
+    """The whole shape of ``t`` (a ZeRO-3 parameter's own shape is that of its empty placeholder)."""
+    return tuple(getattr(t, "ds_shape", t.shape))
 
 
 class WeightGroup:

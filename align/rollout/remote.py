@@ -35,7 +35,7 @@ from contextlib import nullcontext
 
 from align.errors import ConfigError, ServerUnavailable, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, eos_token_ids
-from align.rollout.collective import full_weight
+from align.rollout.collective import full_weight, gathers
 from align.rollout.lora import adapter_config, adapter_payload, check_adapter, has_adapter
 from align.rollout.sender import CollectiveSender
 from align.rollout.serve_http import API_KEY_ENV, BODY_CAPS, MB
@@ -189,7 +189,7 @@ class ServerEngine:
         (:class:`align.rollout.sender.CollectiveSender`) or as one HTTP body."""
         if not self.push_weights:  # a sharded policy: take part in the main process's gather, weight by weight
             for _, tensor in policy_weights(model):
-                if hasattr(tensor, "full_tensor"):
+                if gathers(tensor):
                     full_weight(tensor)
             return
         if self.adapter:

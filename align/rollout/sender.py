@@ -26,7 +26,7 @@ from contextlib import nullcontext
 import torch
 
 from align.errors import ConfigError, ServerUnavailable, TrainingError
-from align.rollout.collective import WeightGroup, default_backend, dtype_name, pack, plan
+from align.rollout.collective import WeightGroup, default_backend, dtype_name, pack, plan, weight_shape
 from align.rollout.vllm_engine import merged, policy_weights
 
 
@@ -83,7 +83,7 @@ class CollectiveSender:
             raise TrainingError(f"vllm-server {self.engine.url}: the weight group is closed (an earlier push failed)")
         with merged(model) if merge else nullcontext():
             tensors = dict(policy_weights(model))
-            buckets = plan([(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()], self.bucket_mb)
+            buckets = plan([(n, dtype_name(t.dtype), weight_shape(t)) for n, t in tensors.items()], self.bucket_mb)
             body = json.dumps({"session": self.session, "buckets": buckets}).encode()
             try:
                 reply = self.engine.call("/collective/update", f"the weight update ({len(buckets)} buckets)", body,

@@ -161,13 +161,14 @@ def policy_weights(model) -> Iterator[tuple[str, object]]:
     """``(name, tensor)`` for every weight of ``model`` under the plain model's names. A PEFT model's
     adapter must be merged while this is consumed (see :func:`merged`); its LoRA factors are skipped."""
     peft = hasattr(model, "disable_adapter")
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.state_dict(keep_vars=True).items():
         if peft:
             if "lora_" in name or ".original_module." in name:
                 continue
             name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
             name = name.replace(".modules_to_save.default.", ".")
-        yield name, tensor.detach()
+        # a ZeRO-3 partition stays the parameter (gathered later, one at a time: align.rollout.collective.full_weight)
+        yield name, tensor if hasattr(tensor, "ds_id") else tensor.detach()
 
 
 class merged:

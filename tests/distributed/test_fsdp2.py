@@ -29,7 +29,8 @@ PROBE = ["entanglement_steps=2", "entanglement_probe_size=8"]  # the entanglemen
 SAVE = ["save_strategy=steps", "save_steps=2"]
 NO_SAVE = ["save_strategy=no"]
 GRPO_KEYS = ("loss", "grad_norm", "reward", "reward_std", "rollouts/total", "allocation/min", "allocation/median",
-             "allocation/max", "allocation/prompts_dropped", "gvm/p_mean", "gvm/G_mean", "entropy", "kl")
+             "allocation/max", "allocation/prompts_dropped", "gvm/p_mean", "gvm/G_mean", "entropy", "kl",
+             "rewards/reward_model/mean", "rewards/reward_model/std")  # the reward model's scores (grpo_runs)
 SHARD_LINE = "FSDP2 (process {r} of 2): fully_shard on 5 modules, DTensor parameters; model.embed_tokens.weight: " \
              "192 x 256 here of 384 x 256"
 
@@ -70,10 +71,12 @@ def dpo_runs(repo, testbed, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def grpo_runs(repo, testbed, tmp_path_factory):
+def grpo_runs(repo, testbed, tiny_classifier, tmp_path_factory):
     """Not resumed: a sharded checkpoint's weights and optimizer state are DPO's test; the RL state (rollouts, p_i, G_i)
-    is the same file with or without FSDP2 (test_signals.py resumes GRPO)."""
-    return runs(repo, tmp_path_factory.mktemp("fsdp2-grpo"), "grpo", GRPO, 8, resume=False)
+    is the same file with or without FSDP2 (test_signals.py resumes GRPO). A reward model beside the verifier: loaded
+    whole in every process (rank 0's weights under FSDP2's rank-0 loading, align.zero3.loading_whole under ZeRO-3)."""
+    args = [*GRPO, f"reward_funcs=[accuracy,model:{tiny_classifier}]", "reward_weights=[1.0,0.1]"]
+    return {**runs(repo, tmp_path_factory.mktemp("fsdp2-grpo"), "grpo", args, 8, resume=False), "args": args}
 
 
 def assert_sharded(proc):
@@ -341,12 +344,13 @@ def assert_zero3(proc):
 @pytest.mark.slow
 @pytest.mark.xdist_group("fsdp2-grpo")  # one worker builds the shared runs
 def test_grpo_gvm_under_zero3_matches_one_process(repo, testbed, grpo_runs, tmp_path):
-    """GRPO with GVM and a KL term under zero3.yaml: generation, the old / reference log-probs and GVM's per-sequence
-    gradient norms on gathered weights (each process its own count), a frozen reference copied partition by partition,
+    """GRPO with GVM, a KL term and a reward model under zero3.yaml: generation, the old / reference log-probs and
+    GVM's per-sequence gradient norms on gathered weights (each process its own count), a frozen reference copied
+    partition by partition, the reward model loaded whole (partitioned, its forward would fail: nothing gathers it),
     two micro-batches per update (before the fix accelerate's DeepSpeed backward stepped the optimizer after each:
     step 1's kl was 0.0069 instead of 0): the 1-process numbers, allocations and G_i at every step."""
     (_, one) = grpo_runs["one"]
-    proc, three = launch(repo, tmp_path / "zero3", "grpo", [*GRPO, *SAVE, "per_device_train_batch_size=4"],
+    proc, three = launch(repo, tmp_path / "zero3", "grpo", [*grpo_runs["args"], *SAVE, "per_device_train_batch_size=4"],
                          cpu_variant(repo, tmp_path, "zero3"))
     assert_zero3(proc)
     assert len(three) == len(one) == 4

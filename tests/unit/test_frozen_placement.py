@@ -39,21 +39,6 @@ def test_on_the_cpu_frozen_models_stay_float32_on_the_cpu():
     assert frozen_dtype() is None
 
 
-@pytest.fixture(scope="module")
-def tiny_classifier(testbed, tmp_path_factory):
-    """A 1-label sequence classifier with the testbed's tokenizer, saved as a model folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(testbed.policy)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("rm")
-    LlamaForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("kind", ["model:", "reward:model:", "pairwise:"])
 def test_reward_models_and_judges_land_on_the_process_device(monkeypatch, tiny_classifier, kind):
     monkeypatch.setattr(align.modeling, "process_device", lambda: torch.device("meta"))  # the accelerator

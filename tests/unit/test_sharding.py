@@ -156,18 +156,24 @@ def test_launchers_use_cpu_counts_even_when_the_config_says_gpu(launcher, monkey
 
 
 @pytest.mark.parametrize("recipe", ["dpo", "grpo", "raft", "online_dpo", "xpo", "egpo", "iterative_dpo"])
-def test_zero3_runs_the_other_trainers_but_not_a_vllm_push(launcher, monkeypatch, recipe):
+def test_zero3_runs_the_other_trainers_but_not_a_colocated_vllm_push(launcher, monkeypatch, recipe):
     """Every trainer runs under ZeRO-3 (a partitioned reference copy, gathered passes, EGPO's restore of each
-    process's optimizer part: tests/distributed/test_fsdp2.py); pushing weights to vLLM from partitions does not."""
+    process's optimizer part: tests/distributed/test_fsdp2.py), with HF generation or vllm-server (weights gathered
+    one at a time for the push: tests/vllm/test_vllm.py); a colocated engine and a LoRA push do not."""
     on_gpu(monkeypatch)
     launcher(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
-    sh.check_launch(run_args(recipe, precompute_ref_logps=False, use_peft=False, rollout="hf"))
-    for rollout in ("vllm", "vllm-server"):
-        with pytest.raises(ConfigError) as err:
-            sh.check_launch(run_args(recipe, rollout=rollout))
-        assert str(err.value) == (f"rollout: {rollout}: pushing weights to a rollout engine from ZeRO-3 partitions is "
-                                  "not done yet; use rollout: hf, or launch with configs/accelerate/zero2.yaml (or "
-                                  "zero1.yaml, ddp.yaml, fsdp2.yaml)")
+    for rollout in ("hf", "vllm-server"):
+        sh.check_launch(run_args(recipe, precompute_ref_logps=False, use_peft=False, rollout=rollout))
+    with pytest.raises(ConfigError) as err:
+        sh.check_launch(run_args(recipe, rollout="vllm", use_peft=False))
+    assert str(err.value) == ("rollout: vllm: pushing weights to a colocated engine from ZeRO-3 partitions is not done "
+                              "yet; use rollout: hf or vllm-server, or launch with configs/accelerate/zero2.yaml (or "
+                              "zero1.yaml, ddp.yaml, fsdp2.yaml)")
+    with pytest.raises(ConfigError) as err:
+        sh.check_launch(run_args(recipe, rollout="vllm-server", use_peft=True))
+    assert str(err.value) == ("use_peft: a LoRA policy's push to vllm-server (its adapter, or the adapter merged) is "
+                              "not done from ZeRO-3 partitions yet; launch with configs/accelerate/zero2.yaml (or "
+                              "zero1.yaml, ddp.yaml, fsdp2.yaml)")
 
 
 def test_batch_pair_gradients_refused_under_zero3_but_the_probe_monitor_runs(launcher, monkeypatch):
@@ -191,20 +197,14 @@ def test_batch_pair_gradients_refused_under_zero3_but_the_probe_monitor_runs(lau
     sh.check_launch(run_args("dpo", **base, objective="dpo", entanglement_steps=5))
 
 
-@pytest.mark.parametrize("extra, line", [
-    ({"reward_funcs": ["accuracy", "model:org/rm"]}, "reward_funcs: model:org/rm: reward and judge models"),
-    ({"oracle": "pairwise:org/judge"}, "oracle: pairwise:org/judge: reward and judge models"),
-    ({"oracle": "reward:model:org/rm"}, "oracle: reward:model:org/rm: reward and judge models")])
-def test_zero3_refuses_reward_and_judge_models(launcher, monkeypatch, extra, line):
+@pytest.mark.parametrize("extra", [{"reward_funcs": ["accuracy", "model:org/rm"]}, {"oracle": "pairwise:org/judge"},
+                                   {"oracle": "reward:model:org/rm"}])
+def test_zero3_takes_reward_and_judge_models(launcher, monkeypatch, extra):
+    """They load whole in every process (align.zero3.loading_whole; a ZeRO-3 GRPO run with a model reward equals 1
+    process in tests/distributed/test_fsdp2.py)."""
     on_gpu(monkeypatch)
     launcher(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
-    with pytest.raises(ConfigError) as err:
-        sh.check_launch(run_args("grpo" if "reward_funcs" in extra else "online_dpo", **extra))
-    assert str(err.value) == (f"{line} are not loaded whole under ZeRO-3 yet (transformers would partition them like "
-                              "the policy); use a rule-based reward, or launch with configs/accelerate/zero2.yaml (or "
-                              "zero1.yaml, ddp.yaml, fsdp2.yaml)")
-    launcher(ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
-    sh.check_launch(run_args("grpo", **extra))
+    sh.check_launch(run_args("grpo" if "reward_funcs" in extra else "online_dpo", rollout="hf", **extra))
 
 
 def test_no_sharding_asked_checks_nothing(launcher, capsys):
@@ -378,3 +378,33 @@ def test_fsdp2_finds_the_decoder_layers_and_its_config(launcher, monkeypatch):
     assert not fsdp2.wanted(run_args("dpo"), PreferenceTrainer)  # no process group of 2+: nothing to shard
     assert not fsdp2.wanted(run_args("iterative_dpo"), PreferenceTrainer)  # its rounds run as DDP
     assert not fsdp2.is_sharded(model)
+
+
+def test_loading_whole_clears_transformers_zero3_flag_for_the_block_only():
+    """transformers partitions whatever from_pretrained loads while its ZeRO-3 flag is set; align.zero3.loading_whole
+    clears it for a frozen model's load and sets it again, with the same config, after (also after an error)."""
+    from transformers.integrations import (
+        HfDeepSpeedConfig,
+        deepspeed_config,
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
+
+    from align.zero3 import loading_whole
+
+    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    keep = HfDeepSpeedConfig(config)
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with loading_whole():
+            assert not is_deepspeed_zero3_enabled() and deepspeed_config() is None
+        assert is_deepspeed_zero3_enabled() and deepspeed_config() == config
+        with pytest.raises(OSError), loading_whole():
+            raise OSError("the load failed")
+        assert is_deepspeed_zero3_enabled() and deepspeed_config() == config
+        del keep
+    finally:
+        unset_hf_deepspeed_config()
+    with loading_whole():  # no ZeRO-3: nothing to clear, nothing set after
+        assert not is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled()

@@ -832,31 +832,40 @@ def run_grpo(repo, out, processes: int, per_device: int, *overrides: str, launch
 
 
 def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
-    """2 DDP processes over HTTP, and 2 FSDP2 processes (align's CPU fully_shard: each process holds half of each
-    weight) over the collective, each log what 1 process logs: under FSDP2 every process gathers each weight in
-    turn (``full_tensor``) while the main process packs and broadcasts it, so no process holds a full copy."""
+    """2 DDP processes over HTTP, 2 FSDP2 processes (align's CPU fully_shard: each process holds half of each
+    weight) over the collective and 2 DeepSpeed ZeRO-3 processes (each holding a partition of each weight) over
+    the collective and over HTTP, each log what 1 process logs: every process gathers each weight in turn
+    (``full_tensor``, ZeRO-3's per-parameter gather) while the main process sends it, so no process holds a full
+    copy."""
     import yaml
 
     _, port = server
     server_args = ("rollout=vllm-server", f"vllm_server_port={port}", "vllm_timeout_s=120")
-    fsdp2 = yaml.safe_load((repo / "configs/accelerate/fsdp2.yaml").read_text())
-    fsdp2.update(use_cpu=True, num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no")
-    (tmp_path / "fsdp2-cpu.yaml").write_text(yaml.safe_dump(fsdp2))
+    for name in ("fsdp2", "zero3"):
+        cfg = yaml.safe_load((repo / f"configs/accelerate/{name}.yaml").read_text())
+        cfg.update(use_cpu=True, num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no")
+        (tmp_path / f"{name}-cpu.yaml").write_text(yaml.safe_dump(cfg))
+    collective = ("vllm_sync=collective", "vllm_bucket_mb=1")
     one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *server_args)
     two, stdout = run_grpo(repo, tmp_path / "two", 2, 4, *server_args)
-    sharded, sharded_out = run_grpo(repo, tmp_path / "fsdp2", 2, 4, *server_args, "vllm_sync=collective",
-                                    f"vllm_group_port={free_port()}", "vllm_bucket_mb=1",
-                                    launch_config=tmp_path / "fsdp2-cpu.yaml")
+    sharded, sharded_out = run_grpo(repo, tmp_path / "fsdp2", 2, 4, *server_args, *collective,
+                                    f"vllm_group_port={free_port()}", launch_config=tmp_path / "fsdp2-cpu.yaml")
+    zero3, zero3_out = run_grpo(repo, tmp_path / "zero3", 2, 4, *server_args, *collective,
+                                f"vllm_group_port={free_port()}", launch_config=tmp_path / "zero3-cpu.yaml")
+    zero3_http, zero3_http_out = run_grpo(repo, tmp_path / "zero3-http", 2, 4, *server_args,
+                                          launch_config=tmp_path / "zero3-cpu.yaml")
     assert "x processes 2 = 8 prompts" in stdout and "DTensor parameters" in sharded_out
-    assert len(one) == len(two) == len(sharded) == 2
+    for out in (zero3_out, zero3_http_out):  # DeepSpeed's ZeRO-3 engine in each process, not a DDP fallback
+        assert all(f"DeepSpeed ZeRO-3 (process {r} of 2): DeepSpeedEngine" in out for r in (0, 1))
+    assert len(one) == len(two) == len(sharded) == len(zero3) == len(zero3_http) == 2
     assert "reward" in one[0] and "rollout/logp_gap" in one[1]  # round metrics at a round's first step
     for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
-        for run in (two, sharded):
+        for run in (two, sharded, zero3, zero3_http):
             a, b = [r.get(key) for r in run], [r.get(key) for r in one]
             assert [x is None for x in a] == [x is None for x in b], key  # pytest 9.2 refuses None in approx
             a, b = [x for x in a if x is not None], [x for x in b if x is not None]
             assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
-    assert all(r["rollout/logp_gap"] < 1e-3 for r in one + sharded if "rollout/logp_gap" in r)
+    assert all(r["rollout/logp_gap"] < 1e-3 for r in one + sharded + zero3 + zero3_http if "rollout/logp_gap" in r)
 
 
 def test_two_trainer_processes_with_a_colocated_engine_each(repo, tmp_path):
