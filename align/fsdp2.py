@@ -86,6 +86,12 @@ def shard(model, reshard: bool = True):
         fully_shard(layer, reshard_after_forward=reshard)
     # the root: FSDP2's default (None), which keeps its weights gathered after the forward (the backward follows)
     fully_shard(model, reshard_after_forward=None if reshard else False)
+    if hasattr(model, "get_base_model"):
+        # a LoRA model's generate calls the inner model's, whose forward reaches the decoder layers without passing the
+        # root: FSDP2 would then take the first layer for a root ("already lazily initialized" at the next forward)
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "generate")
     model.align_fsdp2_reshard = reshard
     return model
 

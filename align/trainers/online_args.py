@@ -123,6 +123,10 @@ class OnlineConfig(OnlineArguments, CPUSaneDefaults, TrainingArguments):
         if self.gradient_accumulation_steps != 1:
             raise ConfigError("gradient_accumulation_steps: must be 1 for online training (one optimizer step is one "
                               "generation round); lower per_device_train_batch_size to bound memory")
+        if self.mixture_coef > 0 and getattr(self, "use_peft", False) and not self.ref_model_name_or_path:
+            raise ConfigError(f"mixture_coef: {self.mixture_coef} with use_peft needs ref_model_name_or_path (the "
+                              "mixture runs the policy and the reference side by side in one generate call; LoRA's "
+                              "reference is the policy with its adapter off); name the reference, or mixture_coef: 0")
         if self.method != "egpo" or not self.egpo_extragradient:
             return
         save = str(getattr(self.save_strategy, "value", self.save_strategy))

@@ -232,28 +232,76 @@ def test_dpo_gradient_accumulation_under_fsdp2(repo, dpo_runs):
     assert [r["grad_norm"] for r in steps] == pytest.approx([r["grad_norm"] for r in one], rel=1e-5)
 
 
-@pytest.mark.slow
-def test_dpo_with_lora_under_fsdp2(repo, tmp_path):
-    """LoRA under align's FSDP2: the adapters are sharded with their layers (rank 0's initial adapter broadcast
-    first), the reference is the adapter switched off; the 1-process losses and grad norms at every step, and the saved
-    adapter (adapter files only, gathered) is the 1-process one up to float rounding of the update."""
-    args = [*DPO, *NO_SAVE, "max_steps=3", "use_peft=true", "lora_r=4", "lora_dropout=0", "learning_rate=1e-3"]
-    _, one = launch(repo, tmp_path / "one", "dpo", [*args, "per_device_train_batch_size=16"])
-    proc, two = launch(repo, tmp_path / "two", "dpo", [*args, "per_device_train_batch_size=8"],
-                       cpu_variant(repo, tmp_path, "fsdp2"))
-    assert proc.stderr.count(FSDP2_NOTE) == 1
-    assert "FSDP2 (process 1 of 2): fully_shard on 5 modules, DTensor parameters; " \
-           "base_model.model.model.embed_tokens.weight: 192 x 256 here of 384 x 256" in proc.stdout
-    assert len(one) == len(two) == 3
-    for key in ("loss", "grad_norm", "logps/chosen"):
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
-    assert not (tmp_path / "two" / "model.safetensors").exists()
-    w1, w2 = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("one", "two"))
-    assert w1.keys() == w2.keys() and len(w1) == 56  # A and B of 7 projections x 4 layers
-    b = [k for k in w1 if "lora_B" in k]  # B starts at zero: its norm is the update's
+def adapter_gap(one, two) -> tuple[float, float]:
+    """‖B₂ − B₁‖ and ‖B₁‖ over the LoRA B matrices of two saved adapters (B starts at zero: its norm is the update's);
+    both hold the 56 tensors of the testbed's adapter (A and B of 7 projections x 4 layers)."""
+    w1, w2 = (load_file(str(d / "adapter_model.safetensors")) for d in (one, two))
+    assert w1.keys() == w2.keys() and len(w1) == 56
+    b = [k for k in w1 if "lora_B" in k]
     gap = sum(((w1[k] - w2[k]) ** 2).sum().item() for k in b) ** 0.5
-    update = sum((w1[k] ** 2).sum().item() for k in b) ** 0.5
-    assert update > 1e-2 and gap / update < 1e-4  # 8e-6 measured
+    return gap, sum((w1[k] ** 2).sum().item() for k in b) ** 0.5
+
+
+LORA = ["use_peft=true", "lora_r=4", "lora_dropout=0", "learning_rate=1e-3"]
+LORA_ZERO3 = ("DeepSpeed ZeRO-3 (process 1 of 2): DeepSpeedEngine, optimizer DeepSpeedZeroOptimizer_Stage3; "
+              "base_model.model.model.embed_tokens.weight: 49152 of 98304 elements here")
+LORA_FSDP2 = ("FSDP2 (process 1 of 2): fully_shard on 5 modules, DTensor parameters; "
+              "base_model.model.model.embed_tokens.weight: 192 x 256 here of 384 x 256")
+
+
+@pytest.mark.slow
+def test_dpo_with_lora_under_fsdp2_and_zero3(repo, tmp_path):
+    """LoRA under align's FSDP2 (the adapters sharded with their layers, rank 0's initial adapter broadcast first)
+    and under ZeRO-3 (adapter and base partitioned), the reference being the adapter switched off: the 1-process
+    losses and grad norms at every step, and the saved adapter (adapter files only, gathered) is the 1-process one up
+    to float rounding of the update."""
+    args = [*DPO, *NO_SAVE, "max_steps=3", *LORA]
+    _, one = launch(repo, tmp_path / "one", "dpo", [*args, "per_device_train_batch_size=16"])
+    for config, line in (("fsdp2", LORA_FSDP2), ("zero3", LORA_ZERO3)):
+        proc, two = launch(repo, tmp_path / config, "dpo", [*args, "per_device_train_batch_size=8"],
+                           cpu_variant(repo, tmp_path, config))
+        assert line in proc.stdout and proc.stderr.count(FSDP2_NOTE) == (config == "fsdp2")
+        assert len(one) == len(two) == 3
+        for key in ("loss", "grad_norm", "logps/chosen"):
+            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), (config, key)
+        assert not (tmp_path / config / "model.safetensors").exists()
+        gap, update = adapter_gap(tmp_path / "one", tmp_path / config)
+        assert update > 1e-2 and gap / update < 1e-4, config  # 8e-6 (FSDP2), 7e-6 (ZeRO-3) measured
+
+
+@pytest.mark.slow
+def test_grpo_and_egpo_with_lora_under_fsdp2_and_zero3(repo, tmp_path):
+    """LoRA beyond DPO: GRPO with GVM and a KL term (the reference is the adapter off; HF generation, the
+    old / reference log-probs and GVM's G_i on gathered weights: a LoRA model's generate is registered with FSDP2 as
+    a forward, else its first pass would skip the root) under FSDP2 and ZeRO-3, and EGPO's extragradient (each
+    process restores its own part of the adapter's optimizer state) under FSDP2: the 1-process numbers at every step
+    and the 1-process adapter."""
+    grpo = [*GRPO, *NO_SAVE, *LORA, "max_steps=2"]
+    _, one = launch(repo, tmp_path / "grpo-one", "grpo", [*grpo, "per_device_train_batch_size=8"])
+    runs = {}
+    for config, line in (("fsdp2", LORA_FSDP2), ("zero3", LORA_ZERO3)):
+        proc, runs[config] = launch(repo, tmp_path / f"grpo-{config}", "grpo", [*grpo, "per_device_train_batch_size=4"],
+                                    cpu_variant(repo, tmp_path, config))
+        assert line in proc.stdout
+    egpo = ["--config", "configs/egpo/testbed.yaml", *ONLINE, *LORA, "max_steps=4"]
+    _, egpo_one = launch(repo, tmp_path / "egpo-one", "egpo", [*egpo, "per_device_train_batch_size=8"])
+    proc, runs["egpo"] = launch(repo, tmp_path / "egpo-fsdp2", "egpo", [*egpo, "per_device_train_batch_size=4"],
+                                cpu_variant(repo, tmp_path, "fsdp2"))
+    assert LORA_FSDP2 in proc.stdout
+    for name, two in runs.items():
+        first = egpo_one if name == "egpo" else one
+        keys = ("loss", "grad_norm") if name == "egpo" else ("loss", "grad_norm", "kl", "reward", "gvm/G_mean")
+        assert len(two) == len(first) == (4 if name == "egpo" else 2)
+        for key in keys:
+            a, b = [r.get(key) for r in first], [r.get(key) for r in two]
+            assert a[0] is not None, (name, key)
+            assert [x is None for x in b] == [x is None for x in a], (name, key)
+            assert [x for x in b if x is not None] == pytest.approx([x for x in a if x is not None], rel=1e-5,
+                                                                    abs=1e-6), (name, key)
+        base = tmp_path / ("egpo-one" if name == "egpo" else "grpo-one")
+        gap, update = adapter_gap(base, tmp_path / (f"grpo-{name}" if name != "egpo" else "egpo-fsdp2"))
+        assert update > 1e-2 and gap / update < 1e-4, name
+    assert one[1]["kl"] > 1e-4  # the adapter-off reference differs from the policy after a step
 
 
 ONLINE = ["logging_steps=1", "save_strategy=no", "max_train_samples=64", "dataset_test_split=null",

@@ -323,6 +323,9 @@ CASES = [
     case("mixture-coef-above-one", "egpo", "mixture_coef=1.5", "mixture_coef: must be in [0, 1], got 1.5"),
     case("mixture-coef-not-egpo", "online_dpo", "mixture_coef=0.5", "mixture_coef: only EGPO samples from a "
                                                                     "mixture, not online_dpo"),
+    case("mixture-coef-lora-no-ref", "egpo", "mixture_coef=0.5 use_peft=true", "mixture_coef: 0.5 with use_peft needs "
+         "ref_model_name_or_path (the mixture runs the policy and the reference side by side in one generate call; "
+         "LoRA's reference is the policy with its adapter off); name the reference, or mixture_coef: 0"),
     # (the tail of the list is not pinned: a test module registers a test-only pair objective at import)
     case("online-objective-needs-gap", "online_dpo", "objective=online_ipo", "objective: must be one of "
          "('dpo', 'hdpo', 'hinge', 'ipo', 'lrdpo', "),
