@@ -109,9 +109,9 @@ def cpu_fallback_warning(kind: str) -> str:
             "the memory saving is not there.")
 
 
-# the rollout engine that needs the whole weights in this process: not from ZeRO-3 partitions yet (vllm-server takes
-# them gathered one at a time, align.rollout.collective.full_weight)
-ZERO3_ROLLOUTS = ("vllm",)
+# the rollout engines a sharded policy pushes its weights to, gathered one at a time (align.rollout.collective.
+# full_weight): not yet a LoRA policy's (its adapter, or the adapter merged into sharded weights)
+VLLM_ROLLOUTS = ("vllm", "vllm-server")
 ZERO3_ADVICE = "launch with configs/accelerate/zero2.yaml (or zero1.yaml, ddp.yaml, fsdp2.yaml)"
 
 
@@ -123,14 +123,16 @@ def refusal(args, shards: Sharding) -> str | None:
     line = None
     if getattr(args, "recipe_name", None) in PAIR_TRAINERS:  # DeepSpeed asserts in its backward hooks
         line = batch_pair_gradients(args, "under ZeRO-3", ZERO3_ADVICE)
+    return line or lora_push(args, "from ZeRO-3 partitions", ZERO3_ADVICE)
+
+
+def lora_push(args, where: str, advice: str) -> str | None:
+    """The one line refusing a LoRA policy's weight push to vLLM ``where`` the weights are sharded, or None."""
     rollout = getattr(args, "rollout", "hf")
-    if line is None and rollout in ZERO3_ROLLOUTS:
-        line = (f"rollout: {rollout}: pushing weights to a colocated engine from ZeRO-3 partitions is not done yet; "
-                f"use rollout: hf or vllm-server, or {ZERO3_ADVICE}")
-    if line is None and rollout == "vllm-server" and getattr(args, "use_peft", False):
-        line = (f"use_peft: a LoRA policy's push to vllm-server (its adapter, or the adapter merged) is not done from "
-                f"ZeRO-3 partitions yet; {ZERO3_ADVICE}")
-    return line
+    if rollout in VLLM_ROLLOUTS and getattr(args, "use_peft", False):
+        return (f"use_peft: a LoRA policy's push to rollout: {rollout} (its adapter, or the adapter merged) is not "
+                f"done {where} yet; {advice}")
+    return None
 
 
 # Recipes whose trainer align shards itself under an FSDP config (align/fsdp2.py), on the CPU, where accelerate 1.15
@@ -161,10 +163,7 @@ def fsdp2_refusal(args) -> str | None:
         line = batch_pair_gradients(args, where, f"launch with {ddp} for them")
         if line:
             return line
-    elif getattr(args, "rollout", "hf") == "vllm":  # vllm-server: every process gathers each weight for the push
-        return (f"rollout: {args.rollout}: pushing weights to a rollout engine is not done {where} yet; use "
-                f"rollout: hf or vllm-server, or launch with {ddp}")
-    return None
+    return lora_push(args, f"from FSDP2 shards ({name} with align's fully_shard)", f"launch with {ddp} for LoRA")
 
 
 def batch_pair_gradients(args, where: str, advice: str) -> str | None:

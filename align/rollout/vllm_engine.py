@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 from align.errors import ConfigError, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, check_request, eos_token_ids, sample_seed
+from align.rollout.collective import full_weight
 from align.rollout.lora import AdapterSlot, adapter_config, adapter_tensors, check_adapter, has_adapter
 
 
@@ -239,8 +240,11 @@ class VLLMEngine:
             return
         if self.adapter is not None:
             self.adapter.drop()
+        # a sharded policy's weights gathered one at a time as the engine reads them (every process runs its own
+        # engine and reads them in the same order, so the gathers line up): no whole copy beside the engine's
+        weights = ((name, full_weight(t)) for name, t in policy_weights(model))
         with merged(model):
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model),
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                               "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 

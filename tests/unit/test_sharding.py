@@ -79,7 +79,10 @@ def test_lora_runs_under_aligns_fsdp2(launcher, recipe):
                                                                                "under FSDP (dpo with align's"),
     ("dpo", {"entanglement_action": "monitor"}, "entanglement_action / objective 'dpo': per-pair"),
     ("dpo", {"objective": "pairnorm"}, "entanglement_action / objective 'pairnorm': per-pair"),
-    ("grpo", {"rollout": "vllm"}, "rollout: vllm: pushing weights to a rollout engine is not done under FSDP"),
+    ("grpo", {"rollout": "vllm", "use_peft": True}, "use_peft: a LoRA policy's push to rollout: vllm (its adapter, "
+                                                    "or the adapter merged) is not done from FSDP2 shards (grpo"),
+    ("online_dpo", {"rollout": "vllm-server", "use_peft": True}, "use_peft: a LoRA policy's push to rollout: "
+                                                                 "vllm-server"),
 ])
 def test_what_aligns_fsdp2_cannot_run_is_refused_in_one_line(launcher, recipe, option, start):
     launcher(ACCELERATE_USE_FSDP="true")
@@ -164,24 +167,31 @@ def test_launchers_use_cpu_counts_even_when_the_config_says_gpu(launcher, monkey
 
 
 @pytest.mark.parametrize("recipe", ["dpo", "grpo", "raft", "online_dpo", "xpo", "egpo", "iterative_dpo"])
-def test_zero3_runs_the_other_trainers_but_not_a_colocated_vllm_push(launcher, monkeypatch, recipe):
+def test_zero3_runs_every_trainer_and_rollout_but_not_a_lora_push(launcher, monkeypatch, recipe):
     """Every trainer runs under ZeRO-3 (a partitioned reference copy, gathered passes, EGPO's restore of each
-    process's optimizer part: tests/distributed/test_fsdp2.py), with HF generation or vllm-server (weights gathered
-    one at a time for the push: tests/vllm/test_vllm.py); a colocated engine and a LoRA push do not."""
+    process's optimizer part: tests/distributed/test_fsdp2.py), with HF generation, a colocated engine or
+    vllm-server (weights gathered one at a time for the push: tests/vllm/test_vllm.py); a LoRA push does not."""
     on_gpu(monkeypatch)
     launcher(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
-    for rollout in ("hf", "vllm-server"):
+    for rollout in ("hf", "vllm", "vllm-server"):
         sh.check_launch(run_args(recipe, precompute_ref_logps=False, use_peft=False, rollout=rollout))
-    with pytest.raises(ConfigError) as err:
-        sh.check_launch(run_args(recipe, rollout="vllm", use_peft=False))
-    assert str(err.value) == ("rollout: vllm: pushing weights to a colocated engine from ZeRO-3 partitions is not done "
-                              "yet; use rollout: hf or vllm-server, or launch with configs/accelerate/zero2.yaml (or "
-                              "zero1.yaml, ddp.yaml, fsdp2.yaml)")
-    with pytest.raises(ConfigError) as err:
-        sh.check_launch(run_args(recipe, rollout="vllm-server", use_peft=True))
-    assert str(err.value) == ("use_peft: a LoRA policy's push to vllm-server (its adapter, or the adapter merged) is "
-                              "not done from ZeRO-3 partitions yet; launch with configs/accelerate/zero2.yaml (or "
-                              "zero1.yaml, ddp.yaml, fsdp2.yaml)")
+    sh.check_launch(run_args(recipe, precompute_ref_logps=False, use_peft=True, rollout="hf"))
+    for rollout in ("vllm", "vllm-server"):
+        with pytest.raises(ConfigError) as err:
+            sh.check_launch(run_args(recipe, rollout=rollout, use_peft=True))
+        assert str(err.value) == (f"use_peft: a LoRA policy's push to rollout: {rollout} (its adapter, or the adapter "
+                                  "merged) is not done from ZeRO-3 partitions yet; launch with "
+                                  "configs/accelerate/zero2.yaml (or zero1.yaml, ddp.yaml, fsdp2.yaml)")
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "online_dpo"])
+def test_fsdp2_takes_vllm_rollouts(launcher, recipe):
+    """A colocated engine and vllm-server under align's FSDP2: every process gathers each weight in turn for the push
+    (tests/vllm/test_vllm.py)."""
+    launcher(ACCELERATE_USE_FSDP="true")
+    for rollout in ("vllm", "vllm-server"):
+        sh.check_launch(run_args(recipe, use_peft=False, precompute_ref_logps=True, beta=0.0, rollout=rollout,
+                                 objective="dpo", entanglement_steps=None, entanglement_action="none"))
 
 
 def test_batch_pair_gradients_refused_under_zero3_but_the_probe_monitor_runs(launcher, monkeypatch):

@@ -837,14 +837,9 @@ def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
     the collective and over HTTP, each log what 1 process logs: every process gathers each weight in turn
     (``full_tensor``, ZeRO-3's per-parameter gather) while the main process sends it, so no process holds a full
     copy."""
-    import yaml
-
     _, port = server
     server_args = ("rollout=vllm-server", f"vllm_server_port={port}", "vllm_timeout_s=120")
-    for name in ("fsdp2", "zero3"):
-        cfg = yaml.safe_load((repo / f"configs/accelerate/{name}.yaml").read_text())
-        cfg.update(use_cpu=True, num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no")
-        (tmp_path / f"{name}-cpu.yaml").write_text(yaml.safe_dump(cfg))
+    cpu_configs(repo, tmp_path)
     collective = ("vllm_sync=collective", "vllm_bucket_mb=1")
     one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *server_args)
     two, stdout = run_grpo(repo, tmp_path / "two", 2, 4, *server_args)
@@ -868,17 +863,36 @@ def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
     assert all(r["rollout/logp_gap"] < 1e-3 for r in one + sharded + zero3 + zero3_http if "rollout/logp_gap" in r)
 
 
+def cpu_configs(repo, tmp_path) -> None:
+    """configs/accelerate/{fsdp2,zero3}.yaml adapted to 2 CPU processes, as ``tmp_path/<name>-cpu.yaml``."""
+    import yaml
+
+    for name in ("fsdp2", "zero3"):
+        cfg = yaml.safe_load((repo / f"configs/accelerate/{name}.yaml").read_text())
+        cfg.update(use_cpu=True, num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no")
+        (tmp_path / f"{name}-cpu.yaml").write_text(yaml.safe_dump(cfg))
+
+
 def test_two_trainer_processes_with_a_colocated_engine_each(repo, tmp_path):
     """rollout: vllm under accelerate launch with 2 CPU processes: each process runs its own vLLM engine on the
     process group the launcher made (vLLM's external launcher) and samples its own groups; completions are
-    seeded one by one, so the run logs what one process with one engine logs for the same global batch."""
-    one, _ = run_grpo(repo, tmp_path / "one", 1, 8, "rollout=vllm", "vllm_gpu_memory_utilization=0.1")
-    two, stdout = run_grpo(repo, tmp_path / "two", 2, 4, "rollout=vllm", "vllm_gpu_memory_utilization=0.1")
-    assert "x processes 2 = 8 prompts" in stdout
-    assert len(one) == len(two) == 2
+    seeded one by one, so the run logs what one process with one engine logs for the same global batch. Under
+    align's FSDP2 and DeepSpeed ZeRO-3 too: each process gathers the weights one at a time as its engine reads them
+    (the gathers line up, every engine reading them in the same order), so no whole copy beside the engine's."""
+    cpu_configs(repo, tmp_path)
+    args = ("rollout=vllm", "vllm_gpu_memory_utilization=0.1")
+    one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *args)
+    two, stdout = run_grpo(repo, tmp_path / "two", 2, 4, *args)
+    fsdp2, fsdp2_out = run_grpo(repo, tmp_path / "fsdp2", 2, 4, *args, launch_config=tmp_path / "fsdp2-cpu.yaml")
+    zero3, zero3_out = run_grpo(repo, tmp_path / "zero3", 2, 4, *args, launch_config=tmp_path / "zero3-cpu.yaml")
+    assert "x processes 2 = 8 prompts" in stdout and "DTensor parameters" in fsdp2_out
+    assert all(f"DeepSpeed ZeRO-3 (process {r} of 2): DeepSpeedEngine" in zero3_out for r in (0, 1))
+    assert len(one) == len(two) == len(fsdp2) == len(zero3) == 2
     for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
-        a, b = [r.get(key) for r in two], [r.get(key) for r in one]
-        assert [x is None for x in a] == [x is None for x in b], key  # pytest 9.2 refuses None in approx
-        a, b = [x for x in a if x is not None], [x for x in b if x is not None]
-        assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
-    assert all(r["rollout/logp_gap"] < 1e-3 for r in one if "rollout/logp_gap" in r)
+        for run in (two, fsdp2, zero3):
+            a, b = [r.get(key) for r in run], [r.get(key) for r in one]
+            assert [x is None for x in a] == [x is None for x in b], key  # pytest 9.2 refuses None in approx
+            a, b = [x for x in a if x is not None], [x for x in b if x is not None]
+            assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
+    # the engines sampled the pushed (updated) weights at step 2: their log-probs are the policy's
+    assert all(r["rollout/logp_gap"] < 1e-3 for r in one + fsdp2 + zero3 if "rollout/logp_gap" in r)
