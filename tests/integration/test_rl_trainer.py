@@ -43,7 +43,8 @@ def test_bad_options_fail_before_any_work(repo, tmp_path, overrides, match):
 def test_fsdp_and_zero3_on_gpus_are_accepted_at_start(repo, tmp_path, monkeypatch):
     """Under an FSDP config align shards the policy itself on GPUs as on the CPU (align/fsdp2.py,
     tests/distributed/test_fsdp2.py); under ZeRO-3 generation runs on gathered weights (align/zero3.py,
-    tests/distributed/test_zero3.py): both accepted; ZeRO-3 with a vLLM push is refused in one line."""
+    tests/distributed/test_zero3.py): both accepted, with vLLM rollouts too; LoRA's push to vLLM from ZeRO-3
+    partitions is refused in one line."""
     import align.sharding
 
     monkeypatch.setattr(align.sharding, "runs_on_cpu", lambda args: False)
@@ -55,8 +56,9 @@ def test_fsdp_and_zero3_on_gpus_are_accepted_at_start(repo, tmp_path, monkeypatc
     for where in ("align.args", "align.sharding"):  # as on GPUs: no gloo engine to set up here
         monkeypatch.setattr(f"{where}.deepspeed_on_cpu", lambda: False)
     assert cfg(repo, tmp_path).num_generations > 1
-    with pytest.raises(ConfigError, match="^rollout: vllm-server: pushing weights to a rollout engine from ZeRO-3 "):
-        cfg(repo, tmp_path, rollout="vllm-server")
+    assert cfg(repo, tmp_path, rollout="vllm-server").rollout == "vllm-server"
+    with pytest.raises(ConfigError, match="^use_peft: a LoRA policy's push to rollout: vllm-server .* from ZeRO-3 "):
+        cfg(repo, tmp_path, rollout="vllm-server", use_peft=True)
 
 
 @pytest.mark.parametrize("env,deepspeed,expected,optimizer", [
