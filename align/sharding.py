@@ -110,7 +110,7 @@ def cpu_fallback_warning(kind: str) -> str:
 
 
 # the rollout engines a sharded policy pushes its weights to, gathered one at a time (align.rollout.collective.
-# full_weight): not yet a LoRA policy's (its adapter, or the adapter merged into sharded weights)
+# full_weight); a LoRA policy's adapter alone too, not yet the adapter merged into sharded weights
 VLLM_ROLLOUTS = ("vllm", "vllm-server")
 ZERO3_ADVICE = "launch with configs/accelerate/zero2.yaml (or zero1.yaml, ddp.yaml, fsdp2.yaml)"
 
@@ -127,11 +127,12 @@ def refusal(args, shards: Sharding) -> str | None:
 
 
 def lora_push(args, where: str, advice: str) -> str | None:
-    """The one line refusing a LoRA policy's weight push to vLLM ``where`` the weights are sharded, or None."""
+    """The one line refusing a LoRA policy's merged push to vLLM ``where`` the weights are sharded, or None (the
+    adapter alone is pushed from shards; a server without a LoRA path is refused when the run meets it)."""
     rollout = getattr(args, "rollout", "hf")
-    if rollout in VLLM_ROLLOUTS and getattr(args, "use_peft", False):
-        return (f"use_peft: a LoRA policy's push to rollout: {rollout} (its adapter, or the adapter merged) is not "
-                f"done {where} yet; {advice}")
+    if rollout in VLLM_ROLLOUTS and getattr(args, "use_peft", False) and not getattr(args, "vllm_lora_adapter", True):
+        return (f"vllm_lora_adapter: false pushes the LoRA adapter merged into the weights, which is not done {where} "
+                f"yet; keep vllm_lora_adapter: true (the adapter alone, gathered one factor at a time), or {advice}")
     return None
 
 

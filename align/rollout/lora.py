@@ -20,6 +20,7 @@ import os
 import tempfile
 
 from align.errors import ConfigError
+from align.rollout.collective import full_weight
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank choices
 ADAPTER_ID = 1
@@ -58,11 +59,18 @@ def check_adapter(config: dict, max_rank: int, where: str) -> None:
                           "lora_r, raise the engine's LoRA rank, or set vllm_lora_adapter: false")
 
 
-def adapter_tensors(model) -> dict:
-    """The adapter's factors under PEFT's saved names (CPU copies)."""
+def adapter_params(model) -> dict:
+    """The adapter's factors under PEFT's saved names, as the model holds them (a sharded policy's DTensors or ZeRO-3
+    partitions: :func:`align.rollout.collective.full_weight` gathers each)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return get_peft_model_state_dict(model, state_dict=model.state_dict(keep_vars=True))
+
+
+def adapter_tensors(model) -> dict:
+    """The adapter's factors under PEFT's saved names, whole CPU copies (a sharded policy's gathered one at a time:
+    a collective every process takes part in, in the same order)."""
+    return {k: full_weight(v).detach().to("cpu", copy=True).contiguous() for k, v in adapter_params(model).items()}
 
 
 def adapter_payload(model) -> bytes:

@@ -36,7 +36,7 @@ from contextlib import nullcontext
 from align.errors import ConfigError, ServerUnavailable, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, eos_token_ids
 from align.rollout.collective import full_weight, gathers
-from align.rollout.lora import adapter_config, adapter_payload, check_adapter, has_adapter
+from align.rollout.lora import adapter_config, adapter_params, adapter_payload, check_adapter, has_adapter
 from align.rollout.sender import CollectiveSender
 from align.rollout.serve_http import API_KEY_ENV, BODY_CAPS, MB
 from align.rollout.vllm_engine import merged, policy_weights, request_rows, to_rollouts
@@ -149,15 +149,28 @@ class ServerEngine:
                            self.info["dtype"], self.dtype)
         if self.sender is not None:
             self.sender.join()
-        if self.push_weights and model is not None and has_adapter(model) and self.lora_adapter:
+        if model is not None and has_adapter(model) and self.lora_adapter:
             self.check_adapter(model)
         return self.info
 
     def check_adapter(self, model) -> None:
+        """A LoRA policy: the adapter alone is pushed where the server has a LoRA path, else the merged weights (not
+        from a sharded policy's shards: one line). The main process pushes the base weights once and checks the
+        adapter loads; the others take part in the gathers of a sharded policy."""
         rank = self.info.get("max_lora_rank") or 0
         if not rank:
-            logger.warning("vllm-server %s has no LoRA path (align serve --max-lora-rank): every push sends the "
-                           "merged weights, not the adapter alone", self.url)
+            if any(gathers(p) for p in model.parameters()):
+                raise ConfigError(f"use_peft: vllm-server {self.url} has no LoRA path (align serve --max-lora-rank), "
+                                  "and merging the adapter into a sharded policy's weights for the push is not done "
+                                  "yet; start the server with --max-lora-rank, or launch without FSDP / ZeRO-3")
+            if self.push_weights:
+                logger.warning("vllm-server %s has no LoRA path (align serve --max-lora-rank): every push sends the "
+                               "merged weights, not the adapter alone", self.url)
+            return
+        if not self.push_weights:  # the main process's base push and adapter push below, weight by weight
+            self.take_part(model, adapter=False)
+            self.take_part(model, adapter=True)
+            self.adapter = True
             return
         check_adapter(adapter_config(model), rank, f"vllm-server {self.url}")
         self.push_full(model, merge=False)  # the server's base must be the policy's (another run may have pushed)
@@ -187,14 +200,20 @@ class ServerEngine:
         """Send the policy's weights to the server, only where ``push_weights``: a LoRA adapter alone where the
         server loads it (:meth:`check`), else the whole weights (an adapter merged in) over the collective
         (:class:`align.rollout.sender.CollectiveSender`) or as one HTTP body."""
-        if not self.push_weights:  # a sharded policy: take part in the main process's gather, weight by weight
-            for _, tensor in policy_weights(model):
-                if gathers(tensor):
-                    full_weight(tensor)
-            return
+        if not self.push_weights:
+            return self.take_part(model, self.adapter)
         if self.adapter:
             return self.push_adapter(model)
         self.push_full(model)
+
+    @staticmethod
+    def take_part(model, adapter: bool) -> None:
+        """In a process that does not push: a sharded policy's part in the main process's gathers of its weights
+        (``adapter``: of its LoRA factors), one at a time in the same order; nothing for a whole policy."""
+        tensors = adapter_params(model).values() if adapter else (t for _, t in policy_weights(model))
+        for tensor in tensors:
+            if gathers(tensor):
+                full_weight(tensor)
 
     def push_full(self, model, merge: bool = True) -> None:
         """Every weight (a LoRA adapter merged in; ``merge=False``: its base weights) over this engine's channel."""

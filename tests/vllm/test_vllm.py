@@ -838,7 +838,9 @@ def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
     (``full_tensor``, ZeRO-3's per-parameter gather) while the main process sends it, so no process holds a full
     copy."""
     _, port = server
-    server_args = ("rollout=vllm-server", f"vllm_server_port={port}", "vllm_timeout_s=120")
+    # one update per round: round 2 samples from weights pushed after step 1's update (a push that went wrong or
+    # nowhere shows in its rollout/logp_gap and its rewards)
+    server_args = ("rollout=vllm-server", f"vllm_server_port={port}", "vllm_timeout_s=120", "num_minibatches=1")
     cpu_configs(repo, tmp_path)
     collective = ("vllm_sync=collective", "vllm_bucket_mb=1")
     one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *server_args)
@@ -853,7 +855,7 @@ def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
     for out in (zero3_out, zero3_http_out):  # DeepSpeed's ZeRO-3 engine in each process, not a DDP fallback
         assert all(f"DeepSpeed ZeRO-3 (process {r} of 2): DeepSpeedEngine" in out for r in (0, 1))
     assert len(one) == len(two) == len(sharded) == len(zero3) == len(zero3_http) == 2
-    assert "reward" in one[0] and "rollout/logp_gap" in one[1]  # round metrics at a round's first step
+    assert "reward" in one[1] and "rollout/logp_gap" in one[1]  # step 2 began round 2
     for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
         for run in (two, sharded, zero3, zero3_http):
             a, b = [r.get(key) for r in run], [r.get(key) for r in one]
@@ -873,6 +875,33 @@ def cpu_configs(repo, tmp_path) -> None:
         (tmp_path / f"{name}-cpu.yaml").write_text(yaml.safe_dump(cfg))
 
 
+def test_lora_adapter_pushed_from_shards(repo, tmp_path, server):
+    """GRPO with LoRA (rank 8, lr 1e-2, so one step moves the log-probs well past the tolerance) pushes the adapter
+    alone from a sharded policy: 2 FSDP2 processes to the server and 2 ZeRO-3 processes to a colocated engine each
+    (every process gathers each LoRA factor in turn) log what 1 process logs with the server, and at step 2 the
+    engines sample the trained adapter (rollout/logp_gap < 1e-4). Only the merged push (vllm_lora_adapter: false)
+    is refused from shards (tests/unit/test_sharding.py)."""
+    _, port = server
+    cpu_configs(repo, tmp_path)
+    lora = ("use_peft=true", "lora_r=8", "lora_dropout=0", "learning_rate=1e-2", "num_minibatches=1")  # 2 rounds
+    server_args = ("rollout=vllm-server", f"vllm_server_port={port}", "vllm_timeout_s=120")
+    one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *lora, *server_args)
+    fsdp2, fsdp2_out = run_grpo(repo, tmp_path / "fsdp2", 2, 4, *lora, *server_args,
+                                launch_config=tmp_path / "fsdp2-cpu.yaml")
+    zero3, zero3_out = run_grpo(repo, tmp_path / "zero3", 2, 4, *lora, "rollout=vllm",
+                                "vllm_gpu_memory_utilization=0.1", launch_config=tmp_path / "zero3-cpu.yaml")
+    assert "DTensor parameters" in fsdp2_out and "DeepSpeed ZeRO-3 (process 1 of 2): DeepSpeedEngine" in zero3_out
+    assert len(one) == len(fsdp2) == len(zero3) == 2
+    for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
+        for run in (fsdp2, zero3):
+            a, b = [r.get(key) for r in run], [r.get(key) for r in one]
+            assert [x is None for x in a] == [x is None for x in b], key
+            a, b = [x for x in a if x is not None], [x for x in b if x is not None]
+            assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
+    assert "reward" in one[1]  # step 2 began round 2, sampled after the first adapter update was pushed
+    assert all(r["rollout/logp_gap"] < 1e-4 for r in one + fsdp2 + zero3 if "rollout/logp_gap" in r)
+
+
 def test_two_trainer_processes_with_a_colocated_engine_each(repo, tmp_path):
     """rollout: vllm under accelerate launch with 2 CPU processes: each process runs its own vLLM engine on the
     process group the launcher made (vLLM's external launcher) and samples its own groups; completions are
@@ -880,7 +909,7 @@ def test_two_trainer_processes_with_a_colocated_engine_each(repo, tmp_path):
     align's FSDP2 and DeepSpeed ZeRO-3 too: each process gathers the weights one at a time as its engine reads them
     (the gathers line up, every engine reading them in the same order), so no whole copy beside the engine's."""
     cpu_configs(repo, tmp_path)
-    args = ("rollout=vllm", "vllm_gpu_memory_utilization=0.1")
+    args = ("rollout=vllm", "vllm_gpu_memory_utilization=0.1", "num_minibatches=1")  # a push after step 1's update
     one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *args)
     two, stdout = run_grpo(repo, tmp_path / "two", 2, 4, *args)
     fsdp2, fsdp2_out = run_grpo(repo, tmp_path / "fsdp2", 2, 4, *args, launch_config=tmp_path / "fsdp2-cpu.yaml")
@@ -894,5 +923,6 @@ def test_two_trainer_processes_with_a_colocated_engine_each(repo, tmp_path):
             assert [x is None for x in a] == [x is None for x in b], key  # pytest 9.2 refuses None in approx
             a, b = [x for x in a if x is not None], [x for x in b if x is not None]
             assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
-    # the engines sampled the pushed (updated) weights at step 2: their log-probs are the policy's
+    # the engines sampled the pushed (updated) weights at step 2 (round 2): their log-probs are the policy's
+    assert "reward" in one[1]
     assert all(r["rollout/logp_gap"] < 1e-3 for r in one + fsdp2 + zero3 if "rollout/logp_gap" in r)
