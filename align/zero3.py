@@ -89,6 +89,21 @@ def loading_whole():
         _RESTORED[:] = [HfDeepSpeedConfig(config)]
 
 
+def reuse_plugin(args) -> None:
+    """Before a further Trainer in a process whose accelerate state already runs DeepSpeed (the iterative driver's
+    later rounds, APO's scorer): accelerate refuses a DeepSpeed plugin passed to a second ``Accelerator`` ("You
+    cannot pass in a `deepspeed_plugin` when creating a second `Accelerator`") and takes the first one's from its
+    state when none is passed, so ``args``' own is dropped (transformers' Trainer then re-processes that plugin's
+    config with these arguments)."""
+    from accelerate.state import AcceleratorState, is_initialized
+    from accelerate.utils import DistributedType
+
+    if getattr(args, "deepspeed_plugin", None) is None or not is_initialized():
+        return
+    if AcceleratorState().distributed_type == DistributedType.DEEPSPEED:
+        args.deepspeed_plugin = None
+
+
 def remember_engine(engine) -> None:
     """Tell the module inside a DeepSpeed ``engine`` which engine owns its hooks (read by :func:`gathered`)."""
     engine.module.align_ds_engine = weakref.ref(engine)

@@ -103,6 +103,7 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
                 broadcast_from_rank0([p for p in model.parameters() if p.requires_grad])
             model = fsdp2.shard(model, fsdp2.reshard_after_forward(args))
             print(fsdp2.describe(model), flush=True)
+        zero3.reuse_plugin(args)  # a later Trainer in a DeepSpeed process (the iterative driver's rounds)
         super().__init__(model=model, args=args, **trainer_kwargs)
         if self.fsdp2:  # the Trainer's path for a model that owns its sharding: prepared without DDP
             self.is_distributed_loading_by_transformers = True

@@ -902,6 +902,35 @@ def test_lora_adapter_pushed_from_shards(repo, tmp_path, server):
     assert all(r["rollout/logp_gap"] < 1e-4 for r in one + fsdp2 + zero3 if "rollout/logp_gap" in r)
 
 
+def test_iterative_driver_with_colocated_engines_under_zero3(repo, tmp_path):
+    """The iterative driver, 2 iterations, a colocated engine per process under ZeRO-3: each engine gets π_t pushed
+    from partitions (the sampling model loads partitioned; its weights gathered one at a time as the engine reads
+    them), and iteration 1's pairs come from π_1: both iterations' pairs and every round loss are the 1-process
+    run's."""
+    cpu_configs(repo, tmp_path)
+    args = ["--config", "configs/iterative/testbed-ilr-dpo.yaml", "iterations=2", "max_train_samples=16",
+            "samples_per_prompt=2", "max_steps=2", "logging_steps=1", "eval_num_samples=0", "dataset_test_split=null",
+            "overwrite_output_dir=true", "disable_tqdm=true", "dataloader_drop_last=true", "rollout=vllm",
+            "vllm_gpu_memory_utilization=0.1", "learning_rate=1e-3", "max_completion_length=12",
+            "max_prompt_length=64"]
+    env = {**os.environ, **VLLM_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3-cpu.yaml"),
+              "--num_processes", "2", "--main_process_port", str(free_port())]
+    for cmd, out, per_device in (([sys.executable], "one", 4), (launch, "zero3", 2)):
+        proc = subprocess.run([*cmd, "-m", "align.recipes.iterative_dpo", *args, f"output_dir={tmp_path / out}",
+                               f"per_device_train_batch_size={per_device}"], cwd=repo, capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "DeepSpeed ZeRO-3 (process 1 of 2): DeepSpeedEngine" in proc.stdout
+    one, zero3 = ([json.loads(x) for x in (tmp_path / d / "iterations.jsonl").read_text().splitlines()]
+                  for d in ("one", "zero3"))
+    assert len(one) == len(zero3) == 2 and all(r["pairs"] >= 4 for r in one)
+    assert [r["train/loss"] for r in zero3] == pytest.approx([r["train/loss"] for r in one], rel=1e-5)
+    for t in (0, 1):
+        assert ((tmp_path / "zero3" / f"iter-{t}" / "pairs.jsonl").read_text()
+                == (tmp_path / "one" / f"iter-{t}" / "pairs.jsonl").read_text()), t
+
+
 def test_two_trainer_processes_with_a_colocated_engine_each(repo, tmp_path):
     """rollout: vllm under accelerate launch with 2 CPU processes: each process runs its own vLLM engine on the
     process group the launcher made (vLLM's external launcher) and samples its own groups; completions are
