@@ -154,8 +154,6 @@ def fsdp2_refusal(args) -> str | None:
     name = args.recipe_name
     where = f"under FSDP ({name} with align's fully_shard)"
     ddp = "configs/accelerate/cpu2.yaml" if runs_on_cpu(args) else "configs/accelerate/ddp.yaml or zero2.yaml"
-    if getattr(args, "use_peft", False) and name == "iterative_dpo":  # every other trainer's LoRA: test_fsdp2.py
-        return f"use_peft: LoRA is not run {where} yet; launch with {ddp} for LoRA"
     if getattr(args, "use_peft", False) and str(getattr(args, "resume_from_checkpoint", None) or "").lower() not in (
             "", "false", "none"):
         return (f"resume_from_checkpoint: a LoRA run {where} does not resume yet (its checkpoints hold the adapter, "

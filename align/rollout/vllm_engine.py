@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 
+import torch
+
 from align.errors import ConfigError, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, check_request, eos_token_ids, sample_seed
 from align.rollout.collective import full_weight
@@ -170,6 +172,30 @@ def policy_weights(model) -> Iterator[tuple[str, object]]:
             name = name.replace(".modules_to_save.default.", ".")
         # a ZeRO-3 partition stays the parameter (gathered later, one at a time: align.rollout.collective.full_weight)
         yield name, tensor if hasattr(tensor, "ds_id") else tensor.detach()
+
+
+def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)``: a LoRA ``model``'s whole weights with its adapter merged (W + scaling · B·A in each adapted
+    linear layer, PEFT's merge) under the plain model's names, one at a time, without touching the model: a sharded
+    policy's weights and factors are gathered in turn (a collective: every process iterates them in the same order),
+    where PEFT's own merge would write into shards."""
+    from peft.tuners.lora import Linear, LoraLayer
+
+    adapter = getattr(model, "active_adapter", "default")
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            if not isinstance(module, Linear) or module.fan_in_fan_out or module.use_dora.get(adapter):
+                raise ConfigError(f"use_peft: merging the adapter of {name} from a sharded policy is done for plain "
+                                  "LoRA on linear layers only (not DoRA, Conv1D or embeddings)")
+            layers[name.removeprefix("base_model.model.") + ".weight"] = module
+    for name, tensor in policy_weights(model):
+        whole = full_weight(tensor).detach()
+        module = layers.get(name)
+        if module is not None:
+            a, b = (full_weight(f[adapter].weight).detach() for f in (module.lora_A, module.lora_B))
+            whole = whole + (b @ a * module.scaling[adapter]).to(whole.dtype)
+        yield name, whole
 
 
 class merged:

@@ -154,9 +154,7 @@ class IterativeDPO:
         loss = sum(losses) / len(losses) if losses else output.training_loss  # no log within the round
         metrics = {"iteration": t, **stats, "train/loss": loss, "train/steps": trainer.state.global_step}
         if trainer.is_peft:  # the next iteration starts from a plain model: merge the adapter
-            if self.state.is_main_process:
-                trainer.policy.merge_and_unload().save_pretrained(folder)
-                self.tokenizer.save_pretrained(folder)
+            self.save_merged(trainer.policy, folder)
         else:
             trainer.save_model(folder)
         self.state.wait_for_everyone()
@@ -292,6 +290,32 @@ class IterativeDPO:
             rows["chosen_ids"].append(p["chosen_ids"][:room])
             rows["rejected_ids"].append(p["rejected_ids"][:room])
         return Dataset.from_dict(rows)
+
+    def save_merged(self, policy, folder: str) -> None:
+        """π_{t+1} with its LoRA adapter merged, as a plain model in ``folder``. A sharded policy (FSDP2, ZeRO-3) is
+        merged weight by weight as every process gathers it (:func:`align.rollout.vllm_engine.merged_weights`), the
+        main process writing the file; PEFT's own merge would write into shards."""
+        from align.rollout.collective import gathers
+
+        if not any(gathers(p) for p in policy.parameters()):
+            if self.state.is_main_process:
+                policy.merge_and_unload().save_pretrained(folder)
+                self.tokenizer.save_pretrained(folder)
+            return
+        from safetensors.torch import save_file
+
+        from align.rollout.vllm_engine import merged_weights
+
+        main = self.state.is_main_process
+        weights = {name: t.cpu().clone() for name, t in merged_weights(policy) if main}  # clone: untie
+        if main:
+            os.makedirs(folder, exist_ok=True)
+            base = policy.get_base_model()
+            base.config.save_pretrained(folder)
+            if getattr(base, "generation_config", None) is not None:
+                base.generation_config.save_pretrained(folder)
+            save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+            self.tokenizer.save_pretrained(folder)
 
     def _trainer(self, model, args, callbacks=(), peft=True):
         from align.modeling import lora_config

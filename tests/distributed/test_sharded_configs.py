@@ -145,34 +145,46 @@ ITERATIVE = ["--config", "configs/iterative/testbed-ilr-dpo.yaml", "iterations=2
              "overwrite_output_dir=true", "disable_tqdm=true", "dataloader_drop_last=true"]
 
 
+LORA = ["use_peft=true", "lora_r=4", "lora_dropout=0", "learning_rate=1e-3"]
+
+
 @pytest.fixture(scope="module")
 def iterative_one(repo, testbed, tmp_path_factory):
-    out = tmp_path_factory.mktemp("iterative-one")
-    proc, steps = run(repo, out, "iterative_dpo", [*ITERATIVE, "per_device_train_batch_size=8"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, steps
+    """The 1-process runs, full weights and LoRA."""
+    runs = {}
+    for name, extra in (("full", []), ("lora", LORA)):
+        out = tmp_path_factory.mktemp(f"iterative-one-{name}")
+        proc, steps = run(repo, out, "iterative_dpo", [*ITERATIVE, *extra, "per_device_train_batch_size=8"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = out, steps
+    return runs
 
 
-@pytest.mark.xdist_group("sharded-iterative")  # one worker runs the shared 1-process run
-@pytest.mark.parametrize("config", ["fsdp2", "zero3"])
-def test_iterative_driver_under_fsdp2_and_zero3_on_the_cpu(repo, tmp_path, testbed, iterative_one, config):
+@pytest.mark.xdist_group("sharded-iterative")  # one worker runs the shared 1-process runs
+@pytest.mark.parametrize("config, weights", [("fsdp2", "full"), ("zero3", "full"), ("fsdp2", "lora"),
+                                             ("zero3", "lora")])
+def test_iterative_driver_under_fsdp2_and_zero3_on_the_cpu(repo, tmp_path, testbed, iterative_one, config, weights):
     """The iterative driver samples with whole models it loads itself on every process (rank 1's pairs must be rank
     0's: before the rank-0 weights fix they were random bytes; under ZeRO-3 they load partitioned and sample on
     gathered weights) and trains each round with a DPO trainer that align shards (FSDP2) or DeepSpeed partitions
     (ZeRO-3): two iterations (under ZeRO-3 the second round's Trainer failed, accelerate refusing a DeepSpeed plugin
     passed to a second Accelerator), the same pairs in each, the 1-process losses at every step, the same saved
-    policies."""
+    policies. With LoRA each iteration's policy is saved merged: a sharded one weight by weight as every process
+    gathers it (before, the main process alone ran PEFT's merge on its shards: a crash under ZeRO-3, a hang under
+    FSDP2)."""
     from safetensors.torch import load_file
 
-    one_dir, one = iterative_one
-    proc2, two = run(repo, tmp_path / "two", "iterative_dpo", [*ITERATIVE, "per_device_train_batch_size=4"],
+    one_dir, one = iterative_one[weights]
+    extra = LORA if weights == "lora" else []
+    proc2, two = run(repo, tmp_path / "two", "iterative_dpo", [*ITERATIVE, *extra, "per_device_train_batch_size=4"],
                      cpu_variant(repo, tmp_path, config))
     assert proc2.returncode == 0, proc2.stderr[-3000:]
+    prefix = "base_model.model." if weights == "lora" else ""
     if config == "fsdp2":
         assert own_fsdp2(proc2) and "FSDP2 (process 1 of 2): fully_shard on 5 modules" in proc2.stdout
     else:
         assert ("DeepSpeed ZeRO-3 (process 1 of 2): DeepSpeedEngine, optimizer DeepSpeedZeroOptimizer_Stage3; "
-                "model.embed_tokens.weight: 49152 of 98304 elements here") in proc2.stdout
+                f"{prefix}model.embed_tokens.weight: 49152 of 98304 elements here") in proc2.stdout
     for t in (0, 1):
         pairs1, pairs2 = ((d / f"iter-{t}" / "pairs.jsonl").read_text().splitlines()
                           for d in (one_dir, tmp_path / "two"))
@@ -183,6 +195,7 @@ def test_iterative_driver_under_fsdp2_and_zero3_on_the_cpu(repo, tmp_path, testb
     w0 = load_file(str(testbed.policy / "model.safetensors"))
     for t in (0, 1):
         w1, w2 = (load_file(str(d / f"iter-{t}" / "model.safetensors")) for d in (one_dir, tmp_path / "two"))
+        assert w1.keys() == w2.keys()
         gap = sum(((w1[k] - w2[k]) ** 2).sum().item() for k in w1) ** 0.5
         update = sum(((w1[k] - w0[k]) ** 2).sum().item() for k in w1) ** 0.5
         assert update > 1e-3 and gap / update < 1e-4, (t, gap, update)

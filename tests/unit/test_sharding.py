@@ -63,18 +63,17 @@ def test_fsdp_on_the_cpu_is_aligns_own_fsdp2_for_the_ported_recipes(launcher, ca
     assert capsys.readouterr().err.splitlines() == [sh.FSDP2_NOTE]
 
 
-@pytest.mark.parametrize("recipe", ["dpo", "grpo", "raft", "online_dpo", "xpo", "egpo"])
+@pytest.mark.parametrize("recipe", sh.FSDP2_RECIPES)
 def test_lora_runs_under_aligns_fsdp2(launcher, recipe):
-    """LoRA under align's FSDP2 (the adapter sharded with its layer) for every trainer but the iterative driver:
-    2 processes = 1 process in tests/distributed/test_fsdp2.py (DPO, GRPO with GVM, online DPO, XPO, EGPO)."""
+    """LoRA under align's FSDP2 (the adapter sharded with its layer) for every trainer: 2 processes = 1 process in
+    tests/distributed/test_fsdp2.py (DPO, GRPO with GVM, EGPO) and test_sharded_configs.py (the iterative driver,
+    its policies saved merged)."""
     launcher(ACCELERATE_USE_FSDP="true")
     sh.check_launch(run_args(recipe, use_peft=True, precompute_ref_logps=True, beta=0.0, rollout="hf", objective="dpo",
                              entanglement_steps=None, entanglement_action="none", ref_model_name_or_path=None))
 
 
 @pytest.mark.parametrize("recipe, option, start", [
-    ("iterative_dpo", {"use_peft": True}, "use_peft: LoRA is not run under FSDP (iterative_dpo with align's "
-                                         "fully_shard) yet; launch with configs/accelerate/cpu2.yaml"),
     ("dpo", {"use_peft": True, "resume_from_checkpoint": "out/checkpoint-2"}, "resume_from_checkpoint: a LoRA run "
                                                                                "under FSDP (dpo with align's"),
     ("dpo", {"entanglement_action": "monitor"}, "entanglement_action / objective 'dpo': per-pair"),
@@ -104,10 +103,10 @@ def test_fsdp_on_gpus_is_aligns_own_fsdp2_for_the_ported_recipes(launcher, capsy
                 entanglement_steps=None, entanglement_action="none")
     sh.check_launch(run_args("grpo", use_cpu=False, **base))
     assert capsys.readouterr().err.splitlines() == [sh.FSDP2_NOTE]
-    with pytest.raises(ConfigError, match=r"^use_peft: LoRA is not run under FSDP \(iterative_dpo with align's "
-                                          r"fully_shard\) yet; launch with configs/accelerate/ddp.yaml or zero2.yaml "
-                                          r"for LoRA$"):
-        sh.check_launch(run_args("iterative_dpo", use_cpu=False, **{**base, "use_peft": True}))
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: a LoRA run under FSDP \(egpo with align's "
+                                          r"fully_shard\) does not resume yet .*; launch with "
+                                          r"configs/accelerate/ddp.yaml or zero2.yaml to resume it$"):
+        sh.check_launch(run_args("egpo", use_cpu=False, **{**base, "use_peft": True, "resume_from_checkpoint": "c/2"}))
     sh.check_launch(run_args("sft", use_cpu=False))  # TRL's SFTTrainer: accelerate's FSDP
     assert capsys.readouterr().err == ""
 
