@@ -248,6 +248,25 @@ def read_weights(folder: str) -> dict | None:
     return state
 
 
+def adapter_state(model, path: str) -> dict:
+    """The LoRA factors saved at ``path`` (PEFT's file, PEFT's names) under ``model``'s own state-dict keys, for
+    :func:`load_full_state_dict` into its shards (a checkpoint of a LoRA run holds the adapter alone)."""
+    from safetensors.torch import load_file
+
+    from align.rollout.lora import adapter_params
+
+    keys = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+    saved = load_file(path, device="cpu")
+    params = adapter_params(model)
+    if saved.keys() != params.keys():
+        from align.errors import TrainingError
+
+        missing, unknown = sorted(params.keys() - saved.keys())[:3], sorted(saved.keys() - params.keys())[:3]
+        raise TrainingError(f"resume_from_checkpoint: {path} holds another adapter than this run's (missing: "
+                            f"{missing}, unknown: {unknown})")
+    return {keys[id(param)]: saved[name] for name, param in params.items()}
+
+
 class FSDP2Checkpoints:
     """Mix into a ``transformers.Trainer`` subclass that sets ``self.fsdp2`` (True when the model is sharded by
     :func:`shard`): full weights and a 1-process-format optimizer state in, out of each sharded run (module notes).
@@ -276,6 +295,9 @@ class FSDP2Checkpoints:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self.fsdp2:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        adapter = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
+        if hasattr(self.model, "peft_config") and os.path.isfile(adapter):  # LoRA: the checkpoint holds the adapter
+            return load_full_state_dict(self.model, adapter_state(self.model, adapter), strict=False)
         state = read_weights(resume_from_checkpoint)
         if state is None:
             from align.errors import TrainingError

@@ -154,10 +154,6 @@ def fsdp2_refusal(args) -> str | None:
     name = args.recipe_name
     where = f"under FSDP ({name} with align's fully_shard)"
     ddp = "configs/accelerate/cpu2.yaml" if runs_on_cpu(args) else "configs/accelerate/ddp.yaml or zero2.yaml"
-    if getattr(args, "use_peft", False) and str(getattr(args, "resume_from_checkpoint", None) or "").lower() not in (
-            "", "false", "none"):
-        return (f"resume_from_checkpoint: a LoRA run {where} does not resume yet (its checkpoints hold the adapter, "
-                f"not the full weights its shards load); launch with {ddp} to resume it")
     if name in PAIR_TRAINERS:
         line = batch_pair_gradients(args, where, f"launch with {ddp} for them")
         if line:

@@ -250,23 +250,37 @@ LORA_FSDP2 = ("FSDP2 (process 1 of 2): fully_shard on 5 modules, DTensor paramet
 
 
 @pytest.mark.slow
-def test_dpo_with_lora_under_fsdp2_and_zero3(repo, tmp_path):
+def test_dpo_with_lora_under_fsdp2_and_zero3_and_resumed(repo, tmp_path):
     """LoRA under align's FSDP2 (the adapters sharded with their layers, rank 0's initial adapter broadcast first)
     and under ZeRO-3 (adapter and base partitioned), the reference being the adapter switched off: the 1-process
     losses and grad norms at every step, and the saved adapter (adapter files only, gathered) is the 1-process one up
-    to float rounding of the update."""
-    args = [*DPO, *NO_SAVE, "max_steps=3", *LORA]
-    _, one = launch(repo, tmp_path / "one", "dpo", [*args, "per_device_train_batch_size=16"])
+    to float rounding of the update. Under FSDP2 a run resumed from a copy of its checkpoint-2 (the adapter file and
+    the optimizer state: the adapter loaded into the shards) repeats step 3 and ends on the same adapter."""
+    args = [*DPO, "max_steps=3", *LORA]
+    _, one = launch(repo, tmp_path / "one", "dpo", [*args, *NO_SAVE, "per_device_train_batch_size=16"])
     for config, line in (("fsdp2", LORA_FSDP2), ("zero3", LORA_ZERO3)):
-        proc, two = launch(repo, tmp_path / config, "dpo", [*args, "per_device_train_batch_size=8"],
+        proc, two = launch(repo, tmp_path / config, "dpo",
+                           [*args, *(SAVE if config == "fsdp2" else NO_SAVE), "per_device_train_batch_size=8"],
                            cpu_variant(repo, tmp_path, config))
         assert line in proc.stdout and proc.stderr.count(FSDP2_NOTE) == (config == "fsdp2")
         assert len(one) == len(two) == 3
+        if config == "fsdp2":
+            two_fsdp2 = two
         for key in ("loss", "grad_norm", "logps/chosen"):
             assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), (config, key)
         assert not (tmp_path / config / "model.safetensors").exists()
         gap, update = adapter_gap(tmp_path / "one", tmp_path / config)
         assert update > 1e-2 and gap / update < 1e-4, config  # 8e-6 (FSDP2), 7e-6 (ZeRO-3) measured
+    files = {f.name for f in (tmp_path / "fsdp2" / "checkpoint-2").iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.pt"} <= files and "model.safetensors" not in files
+    shutil.copytree(tmp_path / "fsdp2" / "checkpoint-2", tmp_path / "copy" / "checkpoint-2")
+    resume = f"resume_from_checkpoint={tmp_path / 'copy' / 'checkpoint-2'}"
+    _, resumed = launch(repo, tmp_path / "resumed", "dpo", [*args, *SAVE, "per_device_train_batch_size=8", resume],
+                        cpu_variant(repo, tmp_path, "fsdp2"))
+    assert [r["step"] for r in resumed] == [3]
+    assert resumed[0]["loss"] == pytest.approx(two_fsdp2[2]["loss"], rel=1e-6, abs=1e-7)
+    gap, update = adapter_gap(tmp_path / "fsdp2", tmp_path / "resumed")
+    assert gap / update < 1e-5
 
 
 @pytest.mark.slow
