@@ -109,9 +109,6 @@ def cpu_fallback_warning(kind: str) -> str:
             "the memory saving is not there.")
 
 
-# the rollout engines a sharded policy pushes its weights to, gathered one at a time (align.rollout.collective.
-# full_weight); a LoRA policy's adapter alone too, not yet the adapter merged into sharded weights
-VLLM_ROLLOUTS = ("vllm", "vllm-server")
 ZERO3_ADVICE = "launch with configs/accelerate/zero2.yaml (or zero1.yaml, ddp.yaml, fsdp2.yaml)"
 
 
@@ -120,19 +117,8 @@ def refusal(args, shards: Sharding) -> str | None:
     options below do not yet under ZeRO-3), or None."""
     if shards.kind != "ZeRO-3":
         return None
-    line = None
     if getattr(args, "recipe_name", None) in PAIR_TRAINERS:  # DeepSpeed asserts in its backward hooks
-        line = batch_pair_gradients(args, "under ZeRO-3", ZERO3_ADVICE)
-    return line or lora_push(args, "from ZeRO-3 partitions", ZERO3_ADVICE)
-
-
-def lora_push(args, where: str, advice: str) -> str | None:
-    """The one line refusing a LoRA policy's merged push to vLLM ``where`` the weights are sharded, or None (the
-    adapter alone is pushed from shards; a server without a LoRA path is refused when the run meets it)."""
-    rollout = getattr(args, "rollout", "hf")
-    if rollout in VLLM_ROLLOUTS and getattr(args, "use_peft", False) and not getattr(args, "vllm_lora_adapter", True):
-        return (f"vllm_lora_adapter: false pushes the LoRA adapter merged into the weights, which is not done {where} "
-                f"yet; keep vllm_lora_adapter: true (the adapter alone, gathered one factor at a time), or {advice}")
+        return batch_pair_gradients(args, "under ZeRO-3", ZERO3_ADVICE)
     return None
 
 
@@ -155,10 +141,8 @@ def fsdp2_refusal(args) -> str | None:
     where = f"under FSDP ({name} with align's fully_shard)"
     ddp = "configs/accelerate/cpu2.yaml" if runs_on_cpu(args) else "configs/accelerate/ddp.yaml or zero2.yaml"
     if name in PAIR_TRAINERS:
-        line = batch_pair_gradients(args, where, f"launch with {ddp} for them")
-        if line:
-            return line
-    return lora_push(args, f"from FSDP2 shards ({name} with align's fully_shard)", f"launch with {ddp} for LoRA")
+        return batch_pair_gradients(args, where, f"launch with {ddp} for them")
+    return None
 
 
 def batch_pair_gradients(args, where: str, advice: str) -> str | None:

@@ -92,6 +92,20 @@ def full_weight(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class InOrder:
+    """A push's ``(name, tensor)`` pairs read by name in their own order (what :func:`pack` reads): each whole
+    tensor is made (gathered, merged) only when its turn comes, so no more than one is held at a time."""
+
+    def __init__(self, pairs):
+        self.pairs = iter(pairs)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        got, tensor = next(self.pairs)
+        if got != name:
+            raise RuntimeError(f"weight push: {got} came where the plan has {name}")
+        return tensor
+
+
 def gathers(t: torch.Tensor) -> bool:
     """Whether :func:`full_weight` of ``t`` is a collective every trainer process takes part in."""
     return hasattr(t, "full_tensor") or hasattr(t, "ds_id")

@@ -31,7 +31,6 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from contextlib import nullcontext
 
 from align.errors import ConfigError, ServerUnavailable, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, eos_token_ids
@@ -39,7 +38,7 @@ from align.rollout.collective import full_weight, gathers
 from align.rollout.lora import adapter_config, adapter_params, adapter_payload, check_adapter, has_adapter
 from align.rollout.sender import CollectiveSender
 from align.rollout.serve_http import API_KEY_ENV, BODY_CAPS, MB
-from align.rollout.vllm_engine import merged, policy_weights, request_rows, to_rollouts
+from align.rollout.vllm_engine import pushed_weights, request_rows, to_rollouts
 from align.timeouts import REQUEST_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
@@ -159,16 +158,12 @@ class ServerEngine:
         adapter loads; the others take part in the gathers of a sharded policy."""
         rank = self.info.get("max_lora_rank") or 0
         if not rank:
-            if any(gathers(p) for p in model.parameters()):
-                raise ConfigError(f"use_peft: vllm-server {self.url} has no LoRA path (align serve --max-lora-rank), "
-                                  "and merging the adapter into a sharded policy's weights for the push is not done "
-                                  "yet; start the server with --max-lora-rank, or launch without FSDP / ZeRO-3")
             if self.push_weights:
                 logger.warning("vllm-server %s has no LoRA path (align serve --max-lora-rank): every push sends the "
                                "merged weights, not the adapter alone", self.url)
             return
         if not self.push_weights:  # the main process's base push and adapter push below, weight by weight
-            self.take_part(model, adapter=False)
+            self.take_part(model, merge=False)
             self.take_part(model, adapter=True)
             self.adapter = True
             return
@@ -201,19 +196,25 @@ class ServerEngine:
         server loads it (:meth:`check`), else the whole weights (an adapter merged in) over the collective
         (:class:`align.rollout.sender.CollectiveSender`) or as one HTTP body."""
         if not self.push_weights:
-            return self.take_part(model, self.adapter)
+            return self.take_part(model, adapter=self.adapter)
         if self.adapter:
             return self.push_adapter(model)
         self.push_full(model)
 
     @staticmethod
-    def take_part(model, adapter: bool) -> None:
-        """In a process that does not push: a sharded policy's part in the main process's gathers of its weights
-        (``adapter``: of its LoRA factors), one at a time in the same order; nothing for a whole policy."""
-        tensors = adapter_params(model).values() if adapter else (t for _, t in policy_weights(model))
-        for tensor in tensors:
-            if gathers(tensor):
+    def take_part(model, adapter: bool = False, merge: bool = True) -> None:
+        """In a process that does not push: a sharded policy's part in the main process's gathers of what it pushes
+        (``adapter``: the LoRA factors; else :func:`pushed_weights` with ``merge``), one at a time in the same
+        order; nothing for a whole policy (a LoRA one is not merged here: merging and unmerging is not exact)."""
+        if not any(gathers(p) for p in model.parameters()):
+            return
+        if adapter:
+            for tensor in adapter_params(model).values():
                 full_weight(tensor)
+            return
+        with pushed_weights(model, merge) as weights:
+            for _ in weights:
+                pass
 
     def push_full(self, model, merge: bool = True) -> None:
         """Every weight (a LoRA adapter merged in; ``merge=False``: its base weights) over this engine's channel."""
@@ -222,8 +223,8 @@ class ServerEngine:
             return
         from safetensors.torch import save
 
-        with merged(model) if merge else nullcontext():
-            payload = save({name: full_weight(t).cpu().clone() for name, t in policy_weights(model)})  # clone: untie
+        with pushed_weights(model, merge) as weights:
+            payload = save({name: t.cpu().clone() for name, t in weights})  # clone: untie
         self.info["weights_version"] = self.call("/weights", "the weight update", payload,
                                                   "application/octet-stream")["weights_version"]
 

@@ -21,13 +21,12 @@ import os
 import secrets
 import socket
 import threading
-from contextlib import nullcontext
 
 import torch
 
 from align.errors import ConfigError, ServerUnavailable, TrainingError
-from align.rollout.collective import WeightGroup, default_backend, dtype_name, pack, plan, weight_shape
-from align.rollout.vllm_engine import merged, policy_weights
+from align.rollout.collective import InOrder, WeightGroup, default_backend, dtype_name, pack, plan, weight_shape
+from align.rollout.vllm_engine import policy_weights, pushed_weights
 
 
 class CollectiveSender:
@@ -81,13 +80,13 @@ class CollectiveSender:
         server's answer."""
         if self.group is None:
             raise TrainingError(f"vllm-server {self.engine.url}: the weight group is closed (an earlier push failed)")
-        with merged(model) if merge else nullcontext():
-            tensors = dict(policy_weights(model))
-            buckets = plan([(n, dtype_name(t.dtype), weight_shape(t)) for n, t in tensors.items()], self.bucket_mb)
+        with pushed_weights(model, merge) as weights:  # each whole weight made when pack reaches it
+            specs = [(n, dtype_name(t.dtype), weight_shape(t)) for n, t in policy_weights(model)]
+            buckets = plan(specs, self.bucket_mb)
             body = json.dumps({"session": self.session, "buckets": buckets}).encode()
             try:
                 reply = self.engine.call("/collective/update", f"the weight update ({len(buckets)} buckets)", body,
-                                         during=lambda: self.broadcast(buckets, tensors))
+                                         during=lambda: self.broadcast(buckets, InOrder(weights)))
             except BaseException:
                 self.close()
                 raise

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from align.errors import ConfigError, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, check_request, eos_token_ids, sample_seed
-from align.rollout.collective import full_weight
+from align.rollout.collective import full_weight, gathers
 from align.rollout.lora import AdapterSlot, adapter_config, adapter_tensors, check_adapter, has_adapter
 
 
@@ -198,6 +199,19 @@ def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, whole
 
 
+@contextmanager
+def pushed_weights(model, merge: bool = True):
+    """Context giving the ``(name, tensor)`` pairs a push sends, each whole, one at a time (a sharded policy's
+    gathered in turn: every process iterates them in the same order). ``merge``: a LoRA adapter merged in (from
+    a sharded policy by :func:`merged_weights`, which writes nothing into the shards; else PEFT's merge for the
+    push, undone after); ``merge=False``: the base weights alone."""
+    if merge and has_adapter(model) and any(gathers(p) for p in model.parameters()):
+        yield merged_weights(model)
+        return
+    with merged(model) if merge else nullcontext():
+        yield ((name, full_weight(t)) for name, t in policy_weights(model))
+
+
 class merged:
     """Context: a PEFT model's adapter merged into its base weights, unmerged on exit (no-op otherwise)."""
 
@@ -268,8 +282,7 @@ class VLLMEngine:
             self.adapter.drop()
         # a sharded policy's weights gathered one at a time as the engine reads them (every process runs its own
         # engine and reads them in the same order, so the gathers line up): no whole copy beside the engine's
-        weights = ((name, full_weight(t)) for name, t in policy_weights(model))
-        with merged(model):
+        with pushed_weights(model) as weights:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                               "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()

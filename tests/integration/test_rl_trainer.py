@@ -43,8 +43,7 @@ def test_bad_options_fail_before_any_work(repo, tmp_path, overrides, match):
 def test_fsdp_and_zero3_on_gpus_are_accepted_at_start(repo, tmp_path, monkeypatch):
     """Under an FSDP config align shards the policy itself on GPUs as on the CPU (align/fsdp2.py,
     tests/distributed/test_fsdp2.py); under ZeRO-3 generation runs on gathered weights (align/zero3.py,
-    tests/distributed/test_zero3.py): both accepted, with vLLM rollouts and LoRA's adapter push too; the adapter
-    merged into ZeRO-3 partitions is refused in one line."""
+    tests/distributed/test_zero3.py): both accepted, with vLLM rollouts and LoRA's pushes (adapter or merged) too."""
     import align.sharding
 
     monkeypatch.setattr(align.sharding, "runs_on_cpu", lambda args: False)
@@ -57,9 +56,8 @@ def test_fsdp_and_zero3_on_gpus_are_accepted_at_start(repo, tmp_path, monkeypatc
         monkeypatch.setattr(f"{where}.deepspeed_on_cpu", lambda: False)
     assert cfg(repo, tmp_path).num_generations > 1
     assert cfg(repo, tmp_path, rollout="vllm-server").rollout == "vllm-server"
-    assert cfg(repo, tmp_path, rollout="vllm-server", use_peft=True).use_peft  # the adapter alone
-    with pytest.raises(ConfigError, match="^vllm_lora_adapter: false pushes the LoRA adapter merged .* from ZeRO-3 "):
-        cfg(repo, tmp_path, rollout="vllm-server", use_peft=True, vllm_lora_adapter=False)
+    for adapter in (True, False):  # LoRA's adapter alone, or merged weight by weight from the partitions
+        assert cfg(repo, tmp_path, rollout="vllm-server", use_peft=True, vllm_lora_adapter=adapter).use_peft
 
 
 @pytest.mark.parametrize("env,deepspeed,expected,optimizer", [

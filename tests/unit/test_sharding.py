@@ -78,12 +78,6 @@ def test_lora_runs_under_aligns_fsdp2(launcher, recipe):
 @pytest.mark.parametrize("recipe, option, start", [
     ("dpo", {"entanglement_action": "monitor"}, "entanglement_action / objective 'dpo': per-pair"),
     ("dpo", {"objective": "pairnorm"}, "entanglement_action / objective 'pairnorm': per-pair"),
-    ("grpo", {"rollout": "vllm", "use_peft": True, "vllm_lora_adapter": False},
-     "vllm_lora_adapter: false pushes the LoRA adapter merged into the weights, which is not done from FSDP2 shards "
-     "(grpo with align's fully_shard) yet; keep vllm_lora_adapter: true (the adapter alone, gathered one factor at a "
-     "time), or launch with configs/accelerate/cpu2.yaml for LoRA"),
-    ("online_dpo", {"rollout": "vllm-server", "use_peft": True, "vllm_lora_adapter": False}, "vllm_lora_adapter: "
-                                                                                             "false pushes"),
 ])
 def test_what_aligns_fsdp2_cannot_run_is_refused_in_one_line(launcher, recipe, option, start):
     launcher(ACCELERATE_USE_FSDP="true")
@@ -168,25 +162,19 @@ def test_launchers_use_cpu_counts_even_when_the_config_says_gpu(launcher, monkey
 
 
 @pytest.mark.parametrize("recipe", ["dpo", "grpo", "raft", "online_dpo", "xpo", "egpo", "iterative_dpo"])
-def test_zero3_runs_every_trainer_and_rollout_but_not_a_merged_lora_push(launcher, monkeypatch, recipe):
+def test_zero3_runs_every_trainer_and_rollout_with_lora_too(launcher, monkeypatch, recipe):
     """Every trainer runs under ZeRO-3 (a partitioned reference copy, gathered passes, EGPO's restore of each
     process's optimizer part: tests/distributed/test_fsdp2.py), with HF generation, a colocated engine or
-    vllm-server (weights gathered one at a time for the push: tests/vllm/test_vllm.py), LoRA's adapter alone too;
-    the adapter merged into partitions is not pushed."""
+    vllm-server (weights gathered one at a time for the push: tests/vllm/test_vllm.py), a LoRA policy too (its
+    adapter alone, or merged weight by weight without writing into the partitions)."""
     on_gpu(monkeypatch)
     launcher(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
     for rollout in ("hf", "vllm", "vllm-server"):
         sh.check_launch(run_args(recipe, precompute_ref_logps=False, use_peft=False, rollout=rollout))
-    for rollout in ("hf", "vllm", "vllm-server"):  # LoRA: the adapter alone is pushed, gathered factor by factor
-        sh.check_launch(run_args(recipe, precompute_ref_logps=False, use_peft=True, rollout=rollout,
-                                 vllm_lora_adapter=True))
-    for rollout in ("vllm", "vllm-server"):
-        with pytest.raises(ConfigError) as err:
-            sh.check_launch(run_args(recipe, rollout=rollout, use_peft=True, vllm_lora_adapter=False))
-        assert str(err.value) == ("vllm_lora_adapter: false pushes the LoRA adapter merged into the weights, which is "
-                                  "not done from ZeRO-3 partitions yet; keep vllm_lora_adapter: true (the adapter "
-                                  "alone, gathered one factor at a time), or launch with configs/accelerate/zero2.yaml "
-                                  "(or zero1.yaml, ddp.yaml, fsdp2.yaml)")
+    for rollout in ("hf", "vllm", "vllm-server"):  # LoRA: the adapter alone, or merged, gathered piece by piece
+        for adapter in (True, False):
+            sh.check_launch(run_args(recipe, precompute_ref_logps=False, use_peft=True, rollout=rollout,
+                                     vllm_lora_adapter=adapter))
 
 
 @pytest.mark.parametrize("recipe", ["grpo", "online_dpo"])

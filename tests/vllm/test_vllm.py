@@ -879,8 +879,8 @@ def test_lora_adapter_pushed_from_shards(repo, tmp_path, server):
     """GRPO with LoRA (rank 8, lr 1e-2, so one step moves the log-probs well past the tolerance) pushes the adapter
     alone from a sharded policy: 2 FSDP2 processes to the server and 2 ZeRO-3 processes to a colocated engine each
     (every process gathers each LoRA factor in turn) log what 1 process logs with the server, and at step 2 the
-    engines sample the trained adapter (rollout/logp_gap < 1e-4). Only the merged push (vllm_lora_adapter: false)
-    is refused from shards (tests/unit/test_sharding.py)."""
+    engines sample the trained adapter (rollout/logp_gap < 1e-4). So do the merged pushes (vllm_lora_adapter:
+    false) from shards."""
     _, port = server
     cpu_configs(repo, tmp_path)
     lora = ("use_peft=true", "lora_r=8", "lora_dropout=0", "learning_rate=1e-2", "num_minibatches=1")  # 2 rounds
@@ -890,16 +890,25 @@ def test_lora_adapter_pushed_from_shards(repo, tmp_path, server):
                                 launch_config=tmp_path / "fsdp2-cpu.yaml")
     zero3, zero3_out = run_grpo(repo, tmp_path / "zero3", 2, 4, *lora, "rollout=vllm",
                                 "vllm_gpu_memory_utilization=0.1", launch_config=tmp_path / "zero3-cpu.yaml")
+    # the adapter merged (vllm_lora_adapter: false): weight by weight as every process gathers it, nothing written
+    # into the shards; to colocated engines under FSDP2, to the server over the collective under ZeRO-3
+    fsdp2_merged, _ = run_grpo(repo, tmp_path / "fsdp2-merged", 2, 4, *lora, "vllm_lora_adapter=false",
+                               "rollout=vllm", "vllm_gpu_memory_utilization=0.1",
+                               launch_config=tmp_path / "fsdp2-cpu.yaml")
+    zero3_merged, _ = run_grpo(repo, tmp_path / "zero3-merged", 2, 4, *lora, *server_args, "vllm_lora_adapter=false",
+                               "vllm_sync=collective", "vllm_bucket_mb=1", f"vllm_group_port={free_port()}",
+                               launch_config=tmp_path / "zero3-cpu.yaml")
     assert "DTensor parameters" in fsdp2_out and "DeepSpeed ZeRO-3 (process 1 of 2): DeepSpeedEngine" in zero3_out
-    assert len(one) == len(fsdp2) == len(zero3) == 2
+    runs = (fsdp2, zero3, fsdp2_merged, zero3_merged)
+    assert len(one) == 2 and all(len(run) == 2 for run in runs)
     for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
-        for run in (fsdp2, zero3):
+        for run in runs:
             a, b = [r.get(key) for r in run], [r.get(key) for r in one]
             assert [x is None for x in a] == [x is None for x in b], key
             a, b = [x for x in a if x is not None], [x for x in b if x is not None]
             assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
     assert "reward" in one[1]  # step 2 began round 2, sampled after the first adapter update was pushed
-    assert all(r["rollout/logp_gap"] < 1e-4 for r in one + fsdp2 + zero3 if "rollout/logp_gap" in r)
+    assert all(r["rollout/logp_gap"] < 1e-4 for run in (one, *runs) for r in run if "rollout/logp_gap" in r)
 
 
 def test_iterative_driver_with_colocated_engines_under_zero3(repo, tmp_path):
