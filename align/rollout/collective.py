@@ -111,6 +111,12 @@ def gathers(t: torch.Tensor) -> bool:
     return hasattr(t, "full_tensor") or hasattr(t, "ds_id")
 
 
+def has_shards(model) -> bool:
+    """Whether ``model`` holds any weight sharded (a DTensor) or partitioned (ZeRO-3): reading it whole, with
+    :func:`full_weight`, is then a collective."""
+    return any(gathers(p) for p in model.parameters())
+
+
 def weight_shape(t: torch.Tensor) -> tuple:
     """The whole shape of ``t`` (a ZeRO-3 parameter's own shape is that of its empty placeholder)."""
     return tuple(getattr(t, "ds_shape", t.shape))

@@ -34,7 +34,7 @@ import urllib.request
 
 from align.errors import ConfigError, ServerUnavailable, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, eos_token_ids
-from align.rollout.collective import full_weight, gathers
+from align.rollout.collective import full_weight, has_shards
 from align.rollout.lora import adapter_config, adapter_params, adapter_payload, check_adapter, has_adapter
 from align.rollout.sender import CollectiveSender
 from align.rollout.serve_http import API_KEY_ENV, BODY_CAPS, MB
@@ -206,7 +206,7 @@ class ServerEngine:
         """In a process that does not push: a sharded policy's part in the main process's gathers of what it pushes
         (``adapter``: the LoRA factors; else :func:`pushed_weights` with ``merge``), one at a time in the same
         order; nothing for a whole policy (a LoRA one is not merged here: merging and unmerging is not exact)."""
-        if not any(gathers(p) for p in model.parameters()):
+        if not has_shards(model):
             return
         if adapter:
             for tensor in adapter_params(model).values():

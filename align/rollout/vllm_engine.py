@@ -27,7 +27,7 @@ import torch
 
 from align.errors import ConfigError, TrainingError
 from align.rollout.base import Rollouts, SamplingParams, check_request, eos_token_ids, sample_seed
-from align.rollout.collective import full_weight, gathers
+from align.rollout.collective import full_weight, has_shards
 from align.rollout.lora import AdapterSlot, adapter_config, adapter_tensors, check_adapter, has_adapter
 
 
@@ -205,7 +205,7 @@ def pushed_weights(model, merge: bool = True):
     gathered in turn: every process iterates them in the same order). ``merge``: a LoRA adapter merged in (from
     a sharded policy by :func:`merged_weights`, which writes nothing into the shards; else PEFT's merge for the
     push, undone after); ``merge=False``: the base weights alone."""
-    if merge and has_adapter(model) and any(gathers(p) for p in model.parameters()):
+    if merge and has_adapter(model) and has_shards(model):
         yield merged_weights(model)
         return
     with merged(model) if merge else nullcontext():

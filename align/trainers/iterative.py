@@ -295,9 +295,9 @@ class IterativeDPO:
         """π_{t+1} with its LoRA adapter merged, as a plain model in ``folder``. A sharded policy (FSDP2, ZeRO-3) is
         merged weight by weight as every process gathers it (:func:`align.rollout.vllm_engine.merged_weights`), the
         main process writing the file; PEFT's own merge would write into shards."""
-        from align.rollout.collective import gathers
+        from align.rollout.collective import has_shards
 
-        if not any(gathers(p) for p in policy.parameters()):
+        if not has_shards(policy):
             if self.state.is_main_process:
                 policy.merge_and_unload().save_pretrained(folder)
                 self.tokenizer.save_pretrained(folder)

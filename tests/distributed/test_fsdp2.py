@@ -13,9 +13,10 @@ import sys
 
 import pytest
 import torch
+from launch_configs import cpu_variant
 from ports import free_port
 from safetensors.torch import load_file
-from test_sharded_configs import cpu_variant, run_group
+from test_sharded_configs import run_group
 
 from align.sharding import FSDP2_NOTE, cpu_fallback_warning
 

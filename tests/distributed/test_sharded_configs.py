@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 import pytest
-import yaml
+from launch_configs import cpu_variant
 from ports import free_port
 
 from align.sharding import FSDP2_NOTE, cpu_fallback_warning
@@ -28,15 +28,6 @@ DPO = ["--config", "configs/dpo/testbed.yaml", "max_steps=2", "logging_steps=1",
        "max_train_samples=64", "dataset_test_split=null", "disable_tqdm=true", "overwrite_output_dir=true"]
 ONLINE = ["max_steps=1", "logging_steps=1", "save_strategy=no", "max_train_samples=32", "dataset_test_split=null",
           "disable_tqdm=true", "overwrite_output_dir=true"]
-
-
-def cpu_variant(repo, tmp_path, name: str) -> str:
-    """configs/accelerate/<name>.yaml as a user adapts it to one CPU machine: use_cpu, 2 processes, fp32."""
-    cfg = yaml.safe_load((repo / "configs" / "accelerate" / f"{name}.yaml").read_text())
-    cfg.update(use_cpu=True, num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no")
-    path = tmp_path / f"{name}-cpu.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
 
 
 def run_group(cmd, repo, timeout=900):

@@ -34,6 +34,7 @@ if importlib.util.find_spec("vllm") is None:
                 allow_module_level=True)
 
 import torch  # noqa: E402
+from launch_configs import cpu_variant  # noqa: E402
 from ports import free_port  # noqa: E402
 
 from align.args import validate_config  # noqa: E402
@@ -831,6 +832,17 @@ def run_grpo(repo, out, processes: int, per_device: int, *overrides: str, launch
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x], proc.stdout
 
 
+def assert_same_logs(one, *runs) -> None:
+    """Each of ``runs`` logged what the 1-process run ``one`` logged: the same keys at each step and their values
+    (1e-3 relative, 1e-4 absolute)."""
+    for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
+        for run in runs:
+            a, b = [r.get(key) for r in run], [r.get(key) for r in one]
+            assert [x is None for x in a] == [x is None for x in b], key  # pytest 9.2 refuses None in approx
+            a, b = [x for x in a if x is not None], [x for x in b if x is not None]
+            assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
+
+
 def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
     """2 DDP processes over HTTP, 2 FSDP2 processes (align's CPU fully_shard: each process holds half of each
     weight) over the collective and 2 DeepSpeed ZeRO-3 processes (each holding a partition of each weight) over
@@ -841,7 +853,8 @@ def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
     # one update per round: round 2 samples from weights pushed after step 1's update (a push that went wrong or
     # nowhere shows in its rollout/logp_gap and its rewards)
     server_args = ("rollout=vllm-server", f"vllm_server_port={port}", "vllm_timeout_s=120", "num_minibatches=1")
-    cpu_configs(repo, tmp_path)
+    for name in ("fsdp2", "zero3"):  # tmp_path/<name>-cpu.yaml
+        cpu_variant(repo, tmp_path, name)
     collective = ("vllm_sync=collective", "vllm_bucket_mb=1")
     one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *server_args)
     two, stdout = run_grpo(repo, tmp_path / "two", 2, 4, *server_args)
@@ -856,23 +869,8 @@ def test_two_trainer_processes_share_one_server(repo, tmp_path, server):
         assert all(f"DeepSpeed ZeRO-3 (process {r} of 2): DeepSpeedEngine" in out for r in (0, 1))
     assert len(one) == len(two) == len(sharded) == len(zero3) == len(zero3_http) == 2
     assert "reward" in one[1] and "rollout/logp_gap" in one[1]  # step 2 began round 2
-    for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
-        for run in (two, sharded, zero3, zero3_http):
-            a, b = [r.get(key) for r in run], [r.get(key) for r in one]
-            assert [x is None for x in a] == [x is None for x in b], key  # pytest 9.2 refuses None in approx
-            a, b = [x for x in a if x is not None], [x for x in b if x is not None]
-            assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
+    assert_same_logs(one, two, sharded, zero3, zero3_http)
     assert all(r["rollout/logp_gap"] < 1e-3 for r in one + sharded + zero3 + zero3_http if "rollout/logp_gap" in r)
-
-
-def cpu_configs(repo, tmp_path) -> None:
-    """configs/accelerate/{fsdp2,zero3}.yaml adapted to 2 CPU processes, as ``tmp_path/<name>-cpu.yaml``."""
-    import yaml
-
-    for name in ("fsdp2", "zero3"):
-        cfg = yaml.safe_load((repo / f"configs/accelerate/{name}.yaml").read_text())
-        cfg.update(use_cpu=True, num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no")
-        (tmp_path / f"{name}-cpu.yaml").write_text(yaml.safe_dump(cfg))
 
 
 def test_lora_adapter_pushed_from_shards(repo, tmp_path, server):
@@ -882,7 +880,8 @@ def test_lora_adapter_pushed_from_shards(repo, tmp_path, server):
     engines sample the trained adapter (rollout/logp_gap < 1e-4). So do the merged pushes (vllm_lora_adapter:
     false) from shards."""
     _, port = server
-    cpu_configs(repo, tmp_path)
+    for name in ("fsdp2", "zero3"):  # tmp_path/<name>-cpu.yaml
+        cpu_variant(repo, tmp_path, name)
     lora = ("use_peft=true", "lora_r=8", "lora_dropout=0", "learning_rate=1e-2", "num_minibatches=1")  # 2 rounds
     server_args = ("rollout=vllm-server", f"vllm_server_port={port}", "vllm_timeout_s=120")
     one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *lora, *server_args)
@@ -901,12 +900,7 @@ def test_lora_adapter_pushed_from_shards(repo, tmp_path, server):
     assert "DTensor parameters" in fsdp2_out and "DeepSpeed ZeRO-3 (process 1 of 2): DeepSpeedEngine" in zero3_out
     runs = (fsdp2, zero3, fsdp2_merged, zero3_merged)
     assert len(one) == 2 and all(len(run) == 2 for run in runs)
-    for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
-        for run in runs:
-            a, b = [r.get(key) for r in run], [r.get(key) for r in one]
-            assert [x is None for x in a] == [x is None for x in b], key
-            a, b = [x for x in a if x is not None], [x for x in b if x is not None]
-            assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
+    assert_same_logs(one, *runs)
     assert "reward" in one[1]  # step 2 began round 2, sampled after the first adapter update was pushed
     assert all(r["rollout/logp_gap"] < 1e-4 for run in (one, *runs) for r in run if "rollout/logp_gap" in r)
 
@@ -916,7 +910,8 @@ def test_iterative_driver_with_colocated_engines_under_zero3(repo, tmp_path):
     from partitions (the sampling model loads partitioned; its weights gathered one at a time as the engine reads
     them), and iteration 1's pairs come from π_1: both iterations' pairs and every round loss are the 1-process
     run's."""
-    cpu_configs(repo, tmp_path)
+    for name in ("fsdp2", "zero3"):  # tmp_path/<name>-cpu.yaml
+        cpu_variant(repo, tmp_path, name)
     args = ["--config", "configs/iterative/testbed-ilr-dpo.yaml", "iterations=2", "max_train_samples=16",
             "samples_per_prompt=2", "max_steps=2", "logging_steps=1", "eval_num_samples=0", "dataset_test_split=null",
             "overwrite_output_dir=true", "disable_tqdm=true", "dataloader_drop_last=true", "rollout=vllm",
@@ -946,7 +941,8 @@ def test_two_trainer_processes_with_a_colocated_engine_each(repo, tmp_path):
     seeded one by one, so the run logs what one process with one engine logs for the same global batch. Under
     align's FSDP2 and DeepSpeed ZeRO-3 too: each process gathers the weights one at a time as its engine reads them
     (the gathers line up, every engine reading them in the same order), so no whole copy beside the engine's."""
-    cpu_configs(repo, tmp_path)
+    for name in ("fsdp2", "zero3"):  # tmp_path/<name>-cpu.yaml
+        cpu_variant(repo, tmp_path, name)
     args = ("rollout=vllm", "vllm_gpu_memory_utilization=0.1", "num_minibatches=1")  # a push after step 1's update
     one, _ = run_grpo(repo, tmp_path / "one", 1, 8, *args)
     two, stdout = run_grpo(repo, tmp_path / "two", 2, 4, *args)
@@ -955,12 +951,7 @@ def test_two_trainer_processes_with_a_colocated_engine_each(repo, tmp_path):
     assert "x processes 2 = 8 prompts" in stdout and "DTensor parameters" in fsdp2_out
     assert all(f"DeepSpeed ZeRO-3 (process {r} of 2): DeepSpeedEngine" in zero3_out for r in (0, 1))
     assert len(one) == len(two) == len(fsdp2) == len(zero3) == 2
-    for key in ("loss", "reward", "reward_std", "completions/mean_length", "rollout/logp_gap", "rollouts/total"):
-        for run in (two, fsdp2, zero3):
-            a, b = [r.get(key) for r in run], [r.get(key) for r in one]
-            assert [x is None for x in a] == [x is None for x in b], key  # pytest 9.2 refuses None in approx
-            a, b = [x for x in a if x is not None], [x for x in b if x is not None]
-            assert a == pytest.approx(b, rel=1e-3, abs=1e-4), key
+    assert_same_logs(one, two, fsdp2, zero3)
     # the engines sampled the pushed (updated) weights at step 2 (round 2): their log-probs are the policy's
     assert "reward" in one[1]
     assert all(r["rollout/logp_gap"] < 1e-3 for r in one + fsdp2 + zero3 if "rollout/logp_gap" in r)
