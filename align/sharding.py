@@ -11,8 +11,8 @@ that run on the weights outside the sharded wrapper (before ``accelerator.prepar
   then starts DeepSpeed's engine on DeepSpeed's CPU accelerator, so ZeRO-1/2/3 really shard there, as on GPUs. With
   ``use_cpu: true`` set by hand, FSDP and ZeRO-0/1/2 run as plain DDP (a warning, once: the numbers are DDP's,
   :func:`cpu_fallback_warning`) and ZeRO-3 is refused (transformers has already partitioned the weights with
-  ``zero.Init`` by then, so DDP would train the partitions). Options that cannot run under a sharding are refused
-  in one line naming both (:func:`refusal`).
+  ``zero.Init`` by then, so DDP would train the partitions). Every trainer and option runs under every sharding
+  (docs/architecture.md, Sharding): nothing is refused by option.
 * :func:`share_rank0_weights`: ``fsdp_cpu_ram_efficient_loading`` makes transformers load the real weights on local
   rank 0 only and zeros everywhere else, for FSDP to broadcast at ``prepare``; every pass align runs before that
   (reference log-probs, a frozen reference copy, sampling, a reward model) would read the zeros, so the loaders
@@ -109,19 +109,6 @@ def cpu_fallback_warning(kind: str) -> str:
             "the memory saving is not there.")
 
 
-ZERO3_ADVICE = "launch with configs/accelerate/zero2.yaml (or zero1.yaml, ddp.yaml, fsdp2.yaml)"
-
-
-def refusal(args, shards: Sharding) -> str | None:
-    """The one line refusing an option of this run under ``shards`` (every trainer runs under every sharding: the
-    options below do not yet under ZeRO-3), or None."""
-    if shards.kind != "ZeRO-3":
-        return None
-    if getattr(args, "recipe_name", None) in PAIR_TRAINERS:  # DeepSpeed asserts in its backward hooks
-        return batch_pair_gradients(args, "under ZeRO-3", ZERO3_ADVICE)
-    return None
-
-
 # Recipes whose trainer align shards itself under an FSDP config (align/fsdp2.py), on the CPU, where accelerate 1.15
 # runs no FSDP, and on GPUs, where accelerate's would shard only at ``prepare``, after align's first passes (the
 # reference log-probs, the frozen reference copy) and with generation left to ``synced_gpus``. The iterative driver's
@@ -129,34 +116,8 @@ def refusal(args, shards: Sharding) -> str | None:
 # (TRL's SFTTrainer) runs an FSDP config on the CPU as DDP with :func:`cpu_fallback_warning`, on GPUs with
 # accelerate's.
 FSDP2_RECIPES = ("dpo", "grpo", "raft", "online_dpo", "xpo", "egpo", "iterative_dpo")
-PAIR_TRAINERS = ("dpo", "iterative_dpo")  # the recipes whose sharded policy trains on pairs (PreferenceTrainer)
 FSDP2_NOTE = ("note: distributed_type: FSDP: align shards the policy itself with torch's FSDP2 (fully_shard on each "
               "decoder layer and the model, before its first pass; docs/architecture.md, Sharding)")
-
-
-def fsdp2_refusal(args) -> str | None:
-    """The one line refusing an option that align's FSDP2 (a recipe of :data:`FSDP2_RECIPES`) cannot run yet, or
-    None."""
-    name = args.recipe_name
-    where = f"under FSDP ({name} with align's fully_shard)"
-    ddp = "configs/accelerate/cpu2.yaml" if runs_on_cpu(args) else "configs/accelerate/ddp.yaml or zero2.yaml"
-    if name in PAIR_TRAINERS:
-        return batch_pair_gradients(args, where, f"launch with {ddp} for them")
-    return None
-
-
-def batch_pair_gradients(args, where: str, advice: str) -> str | None:
-    """The one line refusing per-pair gradients of the training batch (``entanglement_action``, an objective that
-    needs ``grad_norms`` such as ``pairnorm``) ``where`` the weights are sharded, or None. The probe monitor
-    (``entanglement_steps``) runs on gathered weights and is not refused."""
-    from align.objectives import registry
-
-    objective = getattr(args, "objective", None)
-    needs = registry()[objective].needs if objective in registry() else ()
-    if getattr(args, "entanglement_action", "none") != "none" or "grad_norms" in needs:
-        return (f"entanglement_action / objective {objective!r}: per-pair gradients of the training batch are not "
-                f"computed {where} yet (the live graph's gradients land in the shards); {advice}")
-    return None
 
 
 def own_fsdp2(args) -> bool:
@@ -166,10 +127,7 @@ def own_fsdp2(args) -> bool:
 
 
 def announce_fsdp2(args) -> None:
-    """Refuse what align's FSDP2 cannot run (one line), else say once (main process) that it shards."""
-    line = fsdp2_refusal(args)
-    if line:
-        raise ConfigError(line)
+    """Say once (main process) that align shards this run itself."""
     if os.environ.get("RANK", "0") == "0":
         print(FSDP2_NOTE, file=sys.stderr, flush=True)
 
@@ -190,10 +148,6 @@ def check_launch(args) -> None:
                 "then runs DeepSpeed on the CPU), or launch with configs/accelerate/zero2.yaml or cpu2.yaml")
         if os.environ.get("RANK", "0") == "0":
             print(cpu_fallback_warning(shards.kind), file=sys.stderr, flush=True)
-        return
-    line = refusal(args, shards)
-    if line:
-        raise ConfigError(line)
 
 
 def check_in_effect(args, accelerator) -> None:

@@ -128,7 +128,7 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
         switch off, a frozen copy of the initial policy; else None. Frozen, in eval mode, on the device."""
         source, self._fsdp2_reference_source = self._fsdp2_reference_source, None
         if ref_model is None and needed and not self.is_peft and self.fsdp2:
-            if source is None:  # align.sharding.fsdp2_refusal refuses these configs before any model loads
+            if source is None:  # wants_reference_copy said no copy would be needed: a trainer's bug
                 raise TrainingError("a frozen copy of the policy cannot be made from its FSDP2 shards; precompute "
                                     "the reference log-probs or pass ref_model")
             self.ref_model = fsdp2.shard(source.requires_grad_(False), fsdp2.reshard_after_forward(self.args)).eval()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainingArguments
 
-from align import progress
+from align import fsdp2, progress
 from align.args import CPUSaneDefaults, ObjectiveArguments, option
 from align.data.preference import PreferenceCollator, tokenize_preferences
 from align.errors import ConfigError
@@ -32,6 +32,7 @@ from align.microbatch import token_budget_batches
 from align.modeling import pad_token_id
 from align.monitors.entanglement import ACTIONS, SUBSETS
 from align.objectives import build, registry
+from align.rollout.collective import has_shards
 from align.sharding import full_weights
 from align.trainers.base import AlignTrainer, wrap_peft
 
@@ -164,18 +165,44 @@ class PreferenceTrainer(AlignTrainer):
             probe = probe.select(range(min(a.entanglement_probe_size, len(probe))))
             self.add_callback(EntanglementMonitor(self, probe, a.entanglement_params, a.entanglement_steps))
 
-    def _batch_entanglement(self, logps: torch.Tensor, batch: dict) -> torch.Tensor | None:
+    def _sharded_pair_stats(self, inputs) -> list[dict] | None:
+        """Under FSDP2 or ZeRO-3 in training, the batch's per-pair gradient statistics from their own pass, before
+        the training forward; else None (the live graph gives them, :meth:`_batch_entanglement`). The live graph's
+        gradients would run through FSDP2's and DeepSpeed's backward hooks into the shards, so this pass runs on
+        weights gathered whole in every process (:func:`align.fsdp2.gathered`, one collective per micro-batch, each
+        process its own pairs), in eval mode (no dropout: the gradient of the sequence's log-prob itself), over the
+        same rows and the same log-prob function as the training forward."""
+        from align.monitors.entanglement import batch_pair_stats, select_subset
+        from align.monitors.gradients import only_trainable
+
+        policy = self.policy
+        if self._ent_params is None or not torch.is_grad_enabled() or not has_shards(policy):
+            return None
+        was_training = policy.training
+        policy.eval()
+        try:
+            with fsdp2.gathered(policy):  # named_parameters() gives the gathered weights while open
+                params = [p for _, p in select_subset(policy, self.args.entanglement_params)]
+                with only_trainable(policy, params):
+                    logps, _, _ = self._sequence_logps(policy, inputs)
+                    return batch_pair_stats(logps, params)
+        finally:
+            policy.train(was_training)
+
+    def _batch_entanglement(self, logps: torch.Tensor, batch: dict, stats: list[dict] | None) -> torch.Tensor | None:
         """Per-pair loss weights from this batch's entanglement (or None for weight 1), and the gradient norms
-        the objective reads; recorded: the shares of the batch's pairs in each case (``entanglement/batch_*``)."""
+        the objective reads; recorded: the shares of the batch's pairs in each case (``entanglement/batch_*``).
+        ``stats``: the pairs' statistics when a sharded policy took them first (:meth:`_sharded_pair_stats`), else
+        they come from the live graph."""
         from align.monitors.entanglement import CASES, batch_pair_stats
 
         a = self.args
         half = logps.shape[0] // 2
-        if not torch.is_grad_enabled() or not logps.requires_grad:  # evaluation: no gradients to measure
+        if stats is None and (not torch.is_grad_enabled() or not logps.requires_grad):  # evaluation: no gradients
             if self._needs_norms:
                 batch["chosen_grad_norms"] = batch["rejected_grad_norms"] = torch.ones(half, device=logps.device)
             return None
-        stats = batch_pair_stats(logps, self._ent_params)
+        stats = stats if stats is not None else batch_pair_stats(logps, self._ent_params)
         if self._needs_norms:
             batch["chosen_grad_norms"] = torch.tensor([r["norm_chosen"] for r in stats], device=logps.device)
             batch["rejected_grad_norms"] = torch.tensor([r["norm_rejected"] for r in stats], device=logps.device)
@@ -291,6 +318,7 @@ class PreferenceTrainer(AlignTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
+        stats = self._sharded_pair_stats(inputs)  # FSDP2 / ZeRO-3: taken before the training forward
         logps, lengths, entropy = self._sequence_logps(model, inputs)
         half = inputs["row_id"].shape[0]
         if "ref_chosen_logps" in inputs:
@@ -303,7 +331,7 @@ class PreferenceTrainer(AlignTrainer):
             "chosen_lengths": lengths[:half], "rejected_lengths": lengths[half:],
         }
         self._batch_metrics = {}
-        weights = self._batch_entanglement(logps, batch) if self._ent_params is not None else None
+        weights = self._batch_entanglement(logps, batch, stats) if self._ent_params is not None else None
         out = self.loss_fn(batch)
         loss = out.losses.mean() if weights is None else (out.losses * weights).mean()
         self.check_finite(loss, f"{mode} loss", f", batch rows {inputs['row_id'].tolist()}")

@@ -26,7 +26,11 @@ GRPO = ["--config", "configs/grpo/testbed.yaml", "max_steps=4", "logging_steps=1
         "num_minibatches=2", "micro_batch_size=16", "max_train_samples=128", "dataset_test_split=null",
         "disable_tqdm=true", "overwrite_output_dir=true", "learning_rate=1e-4", "allocator=gvm",
         "beta=0.04"]  # the KL term: a frozen reference copy, sharded like the policy
-PROBE = ["entanglement_steps=2", "entanglement_probe_size=8"]  # the entanglement monitor, on gathered weights
+# The entanglement monitor (probe pairs) and the training batch's own pairs' gradients (downweighting those predicted
+# 'both down'): each taken on gathered weights, each process its own pairs (align/trainers/preference.py).
+PROBE = ["entanglement_steps=2", "entanglement_probe_size=8", "entanglement_action=downweight",
+         "entanglement_params=[lm_head,last_block]"]
+BATCH_CASES = [f"entanglement/batch_{c}" for c in ("ideal", "both_down", "both_up", "inverted")]
 SAVE = ["save_strategy=steps", "save_steps=2"]
 NO_SAVE = ["save_strategy=no"]
 GRPO_KEYS = ("loss", "grad_norm", "reward", "reward_std", "rollouts/total", "allocation/min", "allocation/median",
@@ -161,6 +165,9 @@ def test_dpo_under_fsdp2_matches_one_process(dpo_runs, testbed):
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
     assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-5)
     assert one[-1]["loss"] != pytest.approx(one[0]["loss"], abs=1e-3)  # the run moved
+    for key in BATCH_CASES:  # the training batches' pairs, by case: their gradients taken on gathered weights
+        assert [r[key] for r in two] == [r[key] for r in one], key
+    assert max(r["entanglement/batch_both_down"] for r in one) > 0  # some pairs were downweighted
     gap, update = weight_gap(testbed, dpo_runs["tmp"] / "one", dpo_runs["tmp"] / "two")
     assert update > 1e-2 and gap / update < 1e-4  # 3.0e-6 measured
     assert_checkpoint_format(dpo_runs["tmp"] / "two" / "checkpoint-4", dpo_runs["tmp"] / "one")
@@ -186,7 +193,7 @@ def test_dpo_resumed_from_a_sharded_checkpoint(repo, dpo_runs):
     # the checkpoint is a 1-process one (full weights, torch's optimizer format): one process resumes it too, and with
     # the same global batch continues as the 2 sharded processes did
     tmp = dpo_runs["tmp"]
-    _, single = launch(repo, tmp / "resumed-one", "dpo", [*DPO, *SAVE, "per_device_train_batch_size=16",
+    _, single = launch(repo, tmp / "resumed-one", "dpo", [*DPO, *PROBE, *SAVE, "per_device_train_batch_size=16",
                                                          f"resume_from_checkpoint={tmp / 'copy' / 'checkpoint-2'}"])
     assert [r["step"] for r in single] == [3, 4]
     assert [r["loss"] for r in single] == pytest.approx([r["loss"] for r in dpo_runs["two"][1][2:]], abs=1e-5)
@@ -224,7 +231,7 @@ def test_dpo_gradient_accumulation_under_fsdp2(repo, dpo_runs):
     """2 processes x 4 sequences x 2 accumulation steps = the 1-process run's 16 per step: FSDP2 reduce-scatters
     after each micro-batch's backward, the Trainer scales the loss for the accumulation."""
     tmp = dpo_runs["tmp"]
-    proc, steps = launch(repo, tmp / "accumulated", "dpo", [*DPO, *NO_SAVE, "per_device_train_batch_size=4",
+    proc, steps = launch(repo, tmp / "accumulated", "dpo", [*DPO, *PROBE, *NO_SAVE, "per_device_train_batch_size=4",
                                                              "gradient_accumulation_steps=2"],
                          cpu_variant(repo, tmp, "fsdp2"))
     assert_sharded(proc)
@@ -438,7 +445,8 @@ def test_grpo_gvm_under_zero3_matches_one_process(repo, testbed, grpo_runs, tmp_
 def test_dpo_live_reference_matches_one_process(repo, testbed, dpo_runs, tmp_path, config):
     """DPO with a live frozen reference, a copy of the initial policy made before the policy is sharded (FSDP2: sharded
     the same way; ZeRO-3: a partitioned copy, gathered for its pass, nested with the per-module gather of the first
-    forwards) gives the 1-process run that precomputed the same reference's log-probs; the entanglement probe too.
+    forwards) gives the 1-process run that precomputed the same reference's log-probs; the entanglement probe and the
+    training batches' pair cases (their gradients taken on gathered weights) too.
     ZeRO-3 also resumes from a copy of its DeepSpeed checkpoint-2 (each process's partitions) with the uninterrupted
     run's steps 3-4."""
     (_, one) = dpo_runs["one"]
@@ -450,7 +458,7 @@ def test_dpo_live_reference_matches_one_process(repo, testbed, dpo_runs, tmp_pat
     else:
         assert_sharded(proc)
     assert three[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    for key in ("loss", "grad_norm", "rewards/chosen", "logps/chosen"):
+    for key in ("loss", "grad_norm", "rewards/chosen", "logps/chosen", *BATCH_CASES):
         assert [r[key] for r in three] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
     gap, update = weight_gap(testbed, dpo_runs["tmp"] / "one", tmp_path / "two")
     assert update > 1e-2 and gap / update < 1e-4
@@ -463,6 +471,23 @@ def test_dpo_live_reference_matches_one_process(repo, testbed, dpo_runs, tmp_pat
         assert_zero3(proc)
         assert [r["step"] for r in resumed] == [3, 4]
         assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in three[2:]], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_pairnorm_under_zero3_matches_one_process(repo, testbed, tmp_path):
+    """pairnorm reads each training pair's gradient norms ‖g_w‖, ‖g_l‖: under ZeRO-3 they come from a pass on the
+    gathered weights before the engine's forward (DeepSpeed's backward hooks assert on ``autograd.grad`` through the
+    engine's own graph; before, the option was refused), each process its own pairs: the 1-process losses, norm
+    ratios and batch cases at every step."""
+    args = [*DPO, *NO_SAVE, "objective=pairnorm", "max_steps=3"]
+    _, one = launch(repo, tmp_path / "one", "dpo", [*args, "per_device_train_batch_size=16"])
+    proc, two = launch(repo, tmp_path / "two", "dpo", [*args, "per_device_train_batch_size=8"],
+                       cpu_variant(repo, tmp_path, "zero3"))
+    assert_zero3(proc)
+    assert len(one) == len(two) == 3
+    for key in ("loss", "grad_norm", "pairnorm/grad_norm_ratio", *BATCH_CASES):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
+    assert one[0]["pairnorm/grad_norm_ratio"] > 1.1  # the norms differ, so the objective's weighting matters
 
 
 @pytest.mark.slow
