@@ -41,6 +41,7 @@ def train_sft(config: SFTArguments, callbacks: Callable[[], list] = list) -> dic
     from align.precision import weights_dtype
     from align.recipe import train_and_save
     from align.stopping import StopCallback
+    from align.trainers.base import EngineCallback
     from align.trainers.hub_sync import without_trainer_push
 
     # 1. Data first: a bad row stops the run before any model is loaded.
@@ -65,6 +66,7 @@ def train_sft(config: SFTArguments, callbacks: Callable[[], list] = list) -> dic
         peft_config=lora_config(config),
         callbacks=[*callbacks(), StopCallback()],  # SIGTERM / SIGINT: a checkpoint at the step's end, then stop
     )
+    trainer.add_callback(EngineCallback(trainer))  # DeepSpeed: each process says its stage and partition
     out = train_and_save(trainer, config)
     trainer.accelerator.wait_for_everyone()
     return out
