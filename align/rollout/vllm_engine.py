@@ -175,11 +175,10 @@ def policy_weights(model) -> Iterator[tuple[str, object]]:
         yield name, tensor if hasattr(tensor, "ds_id") else tensor.detach()
 
 
-def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)``: a LoRA ``model``'s whole weights with its adapter merged (W + scaling · B·A in each adapted
-    linear layer, PEFT's merge) under the plain model's names, one at a time, without touching the model: a sharded
-    policy's weights and factors are gathered in turn (a collective: every process iterates them in the same order),
-    where PEFT's own merge would write into shards."""
+def mergeable_layers(model) -> dict:
+    """The adapted layers of a LoRA ``model`` by the plain model's weight name, for :func:`merged_weights`; a one-line
+    ConfigError for a layer it cannot merge (DoRA, Conv1D, embeddings), which trainers raise when they set up, before
+    training, wherever a sharded policy will be merged (a vLLM push of merged weights, the iterative driver's save)."""
     from peft.tuners.lora import Linear, LoraLayer
 
     adapter = getattr(model, "active_adapter", "default")
@@ -188,8 +187,19 @@ def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         if isinstance(module, LoraLayer):
             if not isinstance(module, Linear) or module.fan_in_fan_out or module.use_dora.get(adapter):
                 raise ConfigError(f"use_peft: merging the adapter of {name} from a sharded policy is done for plain "
-                                  "LoRA on linear layers only (not DoRA, Conv1D or embeddings)")
+                                  "LoRA on linear layers only (not DoRA, Conv1D or embeddings); set "
+                                  "lora_target_modules to linear layers")
             layers[name.removeprefix("base_model.model.") + ".weight"] = module
+    return layers
+
+
+def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)``: a LoRA ``model``'s whole weights with its adapter merged (W + scaling · B·A in each adapted
+    linear layer, PEFT's merge) under the plain model's names, one at a time, without touching the model: a sharded
+    policy's weights and factors are gathered in turn (a collective: every process iterates them in the same order),
+    where PEFT's own merge would write into shards."""
+    adapter = getattr(model, "active_adapter", "default")
+    layers = mergeable_layers(model)
     for name, tensor in policy_weights(model):
         whole = full_weight(tensor).detach()
         module = layers.get(name)

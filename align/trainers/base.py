@@ -35,6 +35,8 @@ from align.errors import TrainingError
 from align.io import atomic_write_json
 from align.modeling import pad_token_id
 from align.rollout import WeightSync, build_engine
+from align.rollout.collective import has_shards
+from align.rollout.vllm_engine import mergeable_layers
 from align.sharding import broadcast_from_rank0, check_in_effect
 from align.stopping import StopCallback
 from align.trainers.hub_sync import NoTrainerPush
@@ -154,6 +156,9 @@ class AlignTrainer(NoTrainerPush, MetricsMixin, fsdp2.FSDP2Checkpoints, AtomicCh
         """``self.engine`` (``engine``, or the one ``args.rollout`` names) and ``self.weight_sync``, which pushes
         the policy's weights to it before a generation when it holds its own copy."""
         args = self.args
+        if (args.rollout != "hf" and self.is_peft and not args.vllm_lora_adapter
+                and has_shards(self.policy)):  # merged pushes from shards: what cannot merge, now, not at the push
+            mergeable_layers(self.policy)
         self.engine = engine or build_engine(args, self.model, self.processing_class,
                                              is_main=self.accelerator.is_main_process)
         self.weight_sync = WeightSync(self.engine, args.rollout, args.vllm_sync_steps, self.accelerator,

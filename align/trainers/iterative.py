@@ -52,6 +52,8 @@ from align import fsdp2, progress
 from align.errors import ConfigError
 from align.hub import push_iteration
 from align.io import atomic_write_text
+from align.rollout.collective import has_shards
+from align.rollout.vllm_engine import mergeable_layers, merged_weights
 from align.stopping import RESUME, after_train, stop_point
 from align.tracking import TrackingCallback, attach
 
@@ -295,16 +297,12 @@ class IterativeDPO:
         """π_{t+1} with its LoRA adapter merged, as a plain model in ``folder``. A sharded policy (FSDP2, ZeRO-3) is
         merged weight by weight as every process gathers it (:func:`align.rollout.vllm_engine.merged_weights`), the
         main process writing the file; PEFT's own merge would write into shards."""
-        from align.rollout.collective import has_shards
-
         if not has_shards(policy):
             if self.state.is_main_process:
                 policy.merge_and_unload().save_pretrained(folder)
                 self.tokenizer.save_pretrained(folder)
             return
         from safetensors.torch import save_file
-
-        from align.rollout.vllm_engine import merged_weights
 
         main = self.state.is_main_process
         weights = {name: t.cpu().clone() for name, t in merged_weights(policy) if main}  # clone: untie
@@ -353,6 +351,8 @@ class IterativeDPO:
 
         args = self.round_config(t)
         trainer = self._trainer(self._load(self.start_path(t)), args, self.callbacks)
+        if trainer.is_peft and has_shards(trainer.policy):  # saved merged after the round (save_merged): checked now
+            mergeable_layers(trainer.policy)
         trainer.train_dataset = self.reference_logps(t, trainer, self.train_dataset(pairs))
         last = None  # the round restarts when it has no complete checkpoint yet
         if self.resume and newest_complete(args.output_dir)[0] is not None:

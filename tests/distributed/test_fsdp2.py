@@ -77,11 +77,11 @@ def dpo_runs(repo, testbed, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grpo_runs(repo, testbed, tiny_classifier, tmp_path_factory):
-    """Not resumed: a sharded checkpoint's weights and optimizer state are DPO's test; the RL state (rollouts, p_i, G_i)
-    is the same file with or without FSDP2 (test_signals.py resumes GRPO). A reward model beside the verifier: loaded
-    whole in every process (rank 0's weights under FSDP2's rank-0 loading, align.zero3.loading_whole under ZeRO-3)."""
+    """Resumed from the sharded checkpoint-2 (a round boundary: two updates per round) too. A reward model beside the
+    verifier: loaded whole in every process (rank 0's weights under FSDP2's rank-0 loading, align.zero3.loading_whole
+    under ZeRO-3)."""
     args = [*GRPO, f"reward_funcs=[accuracy,model:{tiny_classifier}]", "reward_weights=[1.0,0.1]"]
-    return {**runs(repo, tmp_path_factory.mktemp("fsdp2-grpo"), "grpo", args, 8, resume=False), "args": args}
+    return {**runs(repo, tmp_path_factory.mktemp("fsdp2-grpo"), "grpo", args, 8, resume=True), "args": args}
 
 
 def assert_sharded(proc):
@@ -104,10 +104,11 @@ def weight_gap(testbed, one, two) -> tuple[float, float]:
 
 
 def assert_resume_exact(runs_):
-    """Steps 3-4 of the resumed run and its final weights are the uninterrupted sharded run's."""
+    """The steps after 2 of the run resumed from checkpoint-2, and its final weights, are the uninterrupted sharded
+    run's."""
     tmp = runs_["tmp"]
     two, resumed = runs_["two"][1], runs_["resumed"][1]
-    assert [r["step"] for r in resumed] == [3, 4]
+    assert [r["step"] for r in resumed] == [r["step"] for r in two[2:]] and len(resumed) >= 1
     for a, b in zip(two[2:], resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
@@ -223,6 +224,14 @@ def test_grpo_gvm_under_fsdp2_matches_one_process(grpo_runs, testbed):
     assert update > 1e-2 and gap / update < 1e-4  # 3.0e-6 measured
     assert_checkpoint_format(grpo_runs["tmp"] / "two" / "checkpoint-4", grpo_runs["tmp"] / "one")
     assert two[-1]["kl"] > 0  # the policy moved away from its sharded frozen reference
+    assert_sharded(grpo_runs["resumed"][0])
+    assert_resume_exact(grpo_runs)  # the policy, its optimizer state and the RL state (rollouts, p_i, G_i) restored
+    resumed = grpo_runs["resumed"][1]
+    for key in GRPO_KEYS:
+        first, second = [r.get(key) for r in two[2:]], [r.get(key) for r in resumed]
+        assert [x is None for x in second] == [x is None for x in first], key
+        assert [x for x in second if x is not None] == pytest.approx([x for x in first if x is not None], rel=1e-6,
+                                                                     abs=1e-7), key
 
 
 @pytest.mark.slow
@@ -355,12 +364,18 @@ def online_dpo_one(repo, testbed, tmp_path_factory):
 def test_online_trainers_under_fsdp2_match_one_process(repo, testbed, tmp_path, request, recipe, extra):
     """Online DPO and EGPO (extragradient: each process restores its own parameter and Adam-moment shards before the
     full step; the geometric mixture samples from the gathered policy and reference): the policy and its frozen
-    reference copy both sharded, the same losses at every step as one process with the same global batch."""
-    args = ["--config", f"configs/{recipe}/testbed.yaml", *ONLINE, *extra]
+    reference copy both sharded, the same losses at every step as one process with the same global batch; resumed
+    from the sharded checkpoint-2, the uninterrupted run's later steps and final weights."""
+    args = ["--config", f"configs/{recipe}/testbed.yaml", *ONLINE, *extra, *SAVE, "per_device_train_batch_size=4"]
     one_dir, one = request.getfixturevalue(f"{recipe}_one")
-    proc, two = launch(repo, tmp_path / "two", recipe, [*args, "per_device_train_batch_size=4"],
-                       cpu_variant(repo, tmp_path, "fsdp2"))
+    config = cpu_variant(repo, tmp_path, "fsdp2")
+    proc, two = launch(repo, tmp_path / "two", recipe, args, config)
     assert_sharded(proc)
+    shutil.copytree(tmp_path / "two" / "checkpoint-2", tmp_path / "copy" / "checkpoint-2")
+    resumed = launch(repo, tmp_path / "resumed", recipe,
+                     [*args, f"resume_from_checkpoint={tmp_path / 'copy' / 'checkpoint-2'}"], config)
+    assert_sharded(resumed[0])
+    assert_resume_exact({"two": (proc, two), "resumed": resumed, "tmp": tmp_path})
     assert len(one) == len(two) == int(extra[0].split("=")[1])
     for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-5), key
