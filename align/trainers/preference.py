@@ -73,6 +73,13 @@ class PreferenceArguments(ObjectiveArguments):
             raise ConfigError(f"entanglement_action: must be one of {ACTIONS}, got {self.entanglement_action!r}")
         if not 0 <= self.entanglement_weight <= 1:
             raise ConfigError(f"entanglement_weight: must be in [0, 1], got {self.entanglement_weight}")
+        batch_grads = self.entanglement_action != "none" or "grad_norms" in registry()[self.objective].needs
+        specs = [self.entanglement_params] if isinstance(self.entanglement_params, str) else self.entanglement_params
+        frozen = [spec for spec in specs if "lora" not in spec]
+        if batch_grads and getattr(self, "use_peft", False) and frozen:  # only the adapter trains under LoRA
+            raise ConfigError(f"entanglement_params: {frozen[0]!r} selects weights a use_peft run does not train; the "
+                              "training pairs' gradients (entanglement_action, pairnorm) are taken over trained "
+                              "ones: use [lora]")
         if self.entanglement_probe_size < 1:
             raise ConfigError(f"entanglement_probe_size: must be >= 1, got {self.entanglement_probe_size}")
         probe = self.entanglement_probe
@@ -153,7 +160,15 @@ class PreferenceTrainer(AlignTrainer):
         self._needs_norms = "grad_norms" in self.loss_fn.spec.needs
         self._ent_params = None  # set when each training batch needs its pairs' gradients
         if a.entanglement_action != "none" or self._needs_norms:
-            self._ent_params = [p for _, p in select_subset(self.policy, a.entanglement_params)]
+            named = select_subset(self.policy, a.entanglement_params)
+            frozen = [n for n, p in named if not p.requires_grad]
+            if frozen:  # the live graph has no gradient for them (and the update does not move them)
+                what = "entanglement_action" if a.entanglement_action != "none" else f"objective {a.objective!r}"
+                more = f" and {len(frozen) - 1} more" if len(frozen) > 1 else ""
+                raise ConfigError(f"entanglement_params: {list(a.entanglement_params)} selects parameters this run "
+                                  f"does not train ({frozen[0]}{more}); {what} takes the training pairs' gradients "
+                                  f"over trained ones{': with use_peft use [lora]' if self.is_peft else ''}")
+            self._ent_params = [p for _, p in named]
         if a.entanglement_steps:
             if a.entanglement_probe:
                 import datasets

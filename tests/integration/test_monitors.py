@@ -282,6 +282,38 @@ def test_bad_monitor_options_fail_at_start(repo, tmp_path, overrides, match):
         dpo_cfg(repo, tmp_path, **overrides)
 
 
+@pytest.mark.parametrize("overrides", [{"entanglement_action": "monitor"}, {"objective": "pairnorm"},
+                                       {"entanglement_action": "drop", "entanglement_params": ["lora", "lm_head"]}])
+def test_batch_pair_gradients_over_frozen_weights_fail_at_start(repo, tmp_path, overrides):
+    """With use_peft only the adapter trains: the training pairs' gradients over lm_head (the default subset) do not
+    exist in the live graph (before, the first step died with 'One of the differentiated Tensors does not require
+    grad'). The probe monitor alone still takes any subset."""
+    with pytest.raises(ConfigError) as err:
+        dpo_cfg(repo, tmp_path, use_peft=True, **overrides)
+    assert str(err.value) == ("entanglement_params: 'lm_head' selects weights a use_peft run does not train; the "
+                              "training pairs' gradients (entanglement_action, pairnorm) are taken over trained ones: "
+                              "use [lora]")
+    dpo_cfg(repo, tmp_path, use_peft=True, entanglement_steps=5)
+    dpo_cfg(repo, tmp_path, use_peft=True, **{**overrides, "entanglement_params": ["lora"]})
+
+
+@pytest.mark.slow
+def test_a_subset_with_frozen_weights_is_one_line_when_the_trainer_is_built(repo, tmp_path, testbed):
+    """What the config cannot see (a parameter-name substring that matches frozen weights under LoRA) the trainer
+    refuses when it is built, before training."""
+    from align.recipes.dpo import build_trainer
+
+    cfg = dpo_cfg(repo, tmp_path, use_peft=True, entanglement_action="monitor", entanglement_params=["lora_A"])
+    build_trainer(cfg)  # the A factors train: accepted
+    cfg = dpo_cfg(repo, tmp_path, use_peft=True, entanglement_action="monitor", entanglement_params=["lora"])
+    cfg.entanglement_params = ["q_proj"]  # a name the config check lets through only when it says lora: set after
+    with pytest.raises(ConfigError, match=r"^entanglement_params: \['q_proj'\] selects parameters this run does not "
+                                          r"train \(base_model\.model\.model\.layers\.0\.self_attn\.q_proj\."
+                                          r"base_layer\.weight and \d+ more\); entanglement_action takes the training "
+                                          r"pairs' gradients over trained ones: with use_peft use \[lora\]$"):
+        build_trainer(cfg)
+
+
 @pytest.mark.slow
 def test_bad_subset_and_probe_rows_fail_before_training(repo, tmp_path, testbed):
     import json
