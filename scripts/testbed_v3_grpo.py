@@ -1,6 +1,6 @@
 """GRPO on testbed spec 3: held-out accuracy before and after, on several seeds (issue 19, point 2).
 
-    python scripts/testbed_v3_grpo.py --seeds 0,1,2 [--steps 240] [--eval-per-task 64] [--k 8]
+    python scripts/testbed_v3_grpo.py --seeds 0,1,2 [--steps N] [--eval-per-task 64] [--k 8]
 
 Trains ``configs/grpo/testbed-v3.yaml`` (GRPO from ``testbed:v3-policy``, the spec-3 RL mix) once per seed and
 measures, on held-out problems of the same mix that no training split ever serves: greedy accuracy and mean@k

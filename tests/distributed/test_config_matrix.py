@@ -8,16 +8,13 @@ test_multi_node.py launches two real "machines"). ``test_every_cell_is_run_somew
 new config or recipe without a test fails it. Each run says which sharding it really ran (DeepSpeed's engine and
 stage, align's FSDP2, or the DDP fallback warning for TRL's SFTTrainer under FSDP on the CPU)."""
 
-import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from launch_configs import cpu_variant
-from ports import free_port
-from test_sharded_configs import run_group
+from test_fsdp2 import launch as launch_recipe
 
 from align.sharding import FSDP2_NOTE, cpu_fallback_warning
 
@@ -69,20 +66,13 @@ KEYS = ("loss", "grad_norm", "reward", "rewards/chosen", "logps/chosen", "logps/
 
 
 def launch(tmp: Path, recipe: str, config: str | None):
-    """``recipe`` on 1 process (``config`` None) or on 2 under ``config`` adapted to the CPU: the process and the
-    records that carry a loss."""
+    """``recipe`` with its :data:`SETTINGS` on 1 process (``config`` None) or on 2 under ``config`` adapted to the CPU
+    (half the per-process batch): the process and the records that carry a loss."""
     args, per_device = SETTINGS[recipe]
-    cmd = [sys.executable, "-m", f"align.recipes.{recipe}"]
-    if config is not None:
-        per_device //= 2
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_variant(REPO, tmp, config),
-               "--num_processes", "2", "--main_process_port", str(free_port()), "-m", f"align.recipes.{recipe}"]
-    out = tmp / (config or "one")
-    proc = run_group([*cmd, *args, *COMMON, f"per_device_train_batch_size={per_device}", f"output_dir={out}"], REPO,
-                     timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return proc, [r for r in records if "loss" in r]
+    launch_config = None if config is None else cpu_variant(REPO, tmp, config)
+    per_device = per_device if config is None else per_device // 2
+    return launch_recipe(REPO, tmp / (config or "one"), recipe,
+                         [*args, *COMMON, f"per_device_train_batch_size={per_device}"], launch_config)
 
 
 @pytest.fixture(scope="module")
