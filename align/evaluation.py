@@ -122,6 +122,22 @@ def accuracy(model, tokenizer, rows, max_new_tokens: int = 32, batch_size: int =
     return result
 
 
+def held_out(model, tokenizer, rows, k: int = 8, max_new_tokens: int = 32, seed: int = 1234) -> dict:
+    """Greedy accuracy and mean@k on ``rows``: ``greedy``, ``mean_at_k`` (the mean correctness of ``k`` samples a
+    row at temperature 1, drawn after ``torch.manual_seed(seed)``), ``solve_rates`` (each row's share of correct
+    samples) and ``per_task`` (greedy ``accuracy/<task>``)."""
+    import torch
+
+    rows = list(rows)
+    greedy = accuracy(model, tokenizer, rows, max_new_tokens=max_new_tokens)
+    torch.manual_seed(seed)
+    samples = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, num_samples=k)
+    hits = [is_correct(c, rows[i // k]["answer"]) for i, c in enumerate(samples)]
+    solve = [sum(hits[i * k:(i + 1) * k]) / k for i in range(len(rows))]
+    return {"greedy": greedy["accuracy"], "mean_at_k": sum(hits) / max(len(hits), 1), "solve_rates": solve,
+            "per_task": {t: v for t, v in greedy.items() if t.startswith("accuracy/")}}
+
+
 def answer_probability(model, tokenizer, rows, batch_size: int = 64,
                        block_size: int = CPUSaneDefaults.logits_block_size) -> dict:
     """Mean probability the policy gives the canonical correct completion ``Answer: <n>`` (then end of turn)
@@ -209,3 +225,26 @@ def win_rate(policy, baseline, tokenizer, rows, oracle, num_samples: int = 4, ma
 
     return {"win_rate": float(p.mean()), "policy_length": mean_len(outs[0]), "baseline_length": mean_len(outs[1]),
             "oracle_calls": oracle.calls - before}
+
+
+def cyclic_exploitability(policy, tokenizer, prompt_ids: Sequence[list[int]], samples: int = 16,
+                          max_new_tokens: int = 32, seed: int = 99) -> dict:
+    """Exploitability of ``policy`` under the cyclic oracle (:class:`rewards.preference.CyclicOracle`): per prompt,
+    max over answer classes c of P(c ≻ π) − ½ from ``samples`` completions (0 at the Nash equilibrium, ⅓ a class;
+    a best response beats c − 1, ties c and beats a completion with no answer), averaged over the prompts; with the
+    policy's class shares (``share_None``: no answer)."""
+    from align.rewards.preference import CyclicOracle
+    from align.rollout import HFEngine, SamplingParams
+
+    out = HFEngine(policy, tokenizer).generate(list(prompt_ids), [samples] * len(prompt_ids),
+                                               SamplingParams(max_new_tokens=max_new_tokens, seed=seed))
+    classes = CyclicOracle.classes(tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True))
+    shares = {c: 0.0 for c in (0, 1, 2, None)}
+    exploit = 0.0
+    for i in range(len(prompt_ids)):
+        mine = classes[i * samples:(i + 1) * samples]
+        q = {c: mine.count(c) / samples for c in shares}
+        for c in shares:
+            shares[c] += q[c] / len(prompt_ids)
+        exploit += (max(q[(c - 1) % 3] + 0.5 * q[c] + q[None] for c in range(3)) - 0.5) / len(prompt_ids)
+    return {"exploitability": exploit, **{f"share_{c}": v for c, v in shares.items()}}

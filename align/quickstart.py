@@ -30,18 +30,30 @@ def _row(name: str, acc: dict) -> str:
 
 
 def write_verifier_pairs(policy, tokenizer, path: str | Path, progress: bool = False,
-                         prompts: int = PAIR_PROMPTS) -> int:
+                         prompts: int | None = PAIR_PROMPTS, spec: int = 2, tasks=None, split: str = "train",
+                         reference: bool = True) -> int:
     """The quickstart's preference pairs: the policy answers ``prompts`` training prompts 4 times (sampling,
     seed 0), the verifier judges each answer, and a right and a wrong answer of a prompt make a pair (the
-    reference solution stands in when no sample is right). Written as JSON lines to ``path``; returns the count."""
+    reference solution stands in when no sample is right; ``reference=False``: such prompts give none). Written as
+    JSON lines to ``path``; returns the count. ``spec``: the testbed spec whose tasks (``tasks``, default its
+    warm-up mix), prompts and completion length (16 new tokens for spec 2, 64 for spec 3) are used; ``split="test"``
+    takes its held-out problems instead (``prompts=None``: all of them)."""
     from align.data.sampled_pairs import sampled_pairs
     from align.rewards.math import is_correct
-    from align.testbed.build import WARMUP
-    from align.testbed.tasks import rl_rows
 
-    rows = rl_rows(tuple(WARMUP["testbed_tasks"]), n=prompts, split="train", seed=1)
-    pairs = sampled_pairs(policy, tokenizer, rows, is_correct, reference=lambda r: r["solution"], k=4,
-                          max_new_tokens=16, progress=progress)
+    if spec == 3:
+        from align.testbed.arith import rl_rows
+        from align.testbed.spec3 import MAX_NEW_TOKENS as new_tokens
+        from align.testbed.spec3 import WARMUP
+    else:
+        from align.testbed.build import WARMUP
+        from align.testbed.tasks import rl_rows
+
+        new_tokens = 16
+    rows = rl_rows(tuple(tasks or WARMUP["testbed_tasks"]), n=prompts, split=split, seed=1)
+    fallback = (lambda r: r["solution"]) if reference else None
+    pairs = sampled_pairs(policy, tokenizer, rows, is_correct, reference=fallback, k=4, max_new_tokens=new_tokens,
+                          progress=progress)
     with open(path, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(p) + "\n" for p in pairs)
     return len(pairs)

@@ -61,24 +61,10 @@ def train(method: str, oracle: str, args, out_dir: str):
 
 def cyclic_stats(trainer, rows, samples: int = 16) -> dict:
     """Class shares of the policy's samples and its exploitability under the cyclic oracle, per prompt, averaged."""
-    from align.rewards.preference import CyclicOracle
-    from align.rollout import HFEngine, SamplingParams
+    from align.evaluation import cyclic_exploitability
 
-    out = HFEngine(trainer.policy, trainer.processing_class).generate(
-        [r["prompt_ids"] for r in rows], [samples] * len(rows), SamplingParams(max_new_tokens=16, seed=99))
-    texts = trainer.processing_class.batch_decode(out.completion_ids, skip_special_tokens=True)
-    classes = CyclicOracle.classes(texts)
-    shares = {c: 0.0 for c in (0, 1, 2, None)}
-    exploit = 0.0
-    for i in range(len(rows)):
-        mine = classes[i * samples:(i + 1) * samples]
-        q = {c: mine.count(c) / samples for c in shares}
-        for c in shares:
-            shares[c] += q[c] / len(rows)
-        # P(c ≻ π) for a best response c in {0, 1, 2}: beats c−1, ties c, loses to c+1, beats no answer
-        best = max(q[(c - 1) % 3] + 0.5 * q[c] + q[None] for c in range(3))
-        exploit += (best - 0.5) / len(rows)
-    return {"exploitability": round(exploit, 4), **{f"share_{c}": round(v, 3) for c, v in shares.items()}}
+    r = cyclic_exploitability(trainer.policy, trainer.processing_class, [r["prompt_ids"] for r in rows], samples, 16)
+    return {k: round(v, 4 if k == "exploitability" else 3) for k, v in r.items()}
 
 
 def main() -> None:

@@ -22,21 +22,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 CONFIG = "configs/grpo/testbed-v3.yaml"
 
 
-def held_out(model, tokenizer, rows, k: int, seed: int = 1234) -> dict:
-    """Greedy accuracy and mean@k on ``rows`` (sampling at temperature 1 with a fixed ``seed``)."""
-    import torch
-
-    from align.evaluation import accuracy, generate
-    from align.rewards.math import is_correct
+def held_out(model, tokenizer, rows, k: int) -> dict:
+    from align.evaluation import held_out as measure
     from align.testbed.spec3 import MAX_NEW_TOKENS
 
-    greedy = accuracy(model, tokenizer, rows, max_new_tokens=MAX_NEW_TOKENS)
-    torch.manual_seed(seed)
-    samples = generate(model, tokenizer, [r["prompt"] for r in rows], MAX_NEW_TOKENS, num_samples=k)
-    hits = [is_correct(c, rows[i // k]["answer"]) for i, c in enumerate(samples)]
-    solve = [sum(hits[i * k:(i + 1) * k]) / k for i in range(len(rows))]
-    return {"greedy": greedy["accuracy"], "mean_at_k": sum(hits) / len(hits),
-            "solve_rates": solve, "per_task": {t: v for t, v in greedy.items() if t.startswith("accuracy/")}}
+    return measure(model, tokenizer, rows, k, MAX_NEW_TOKENS)
 
 
 def run(seed: int, args, rows) -> dict:

@@ -55,8 +55,8 @@ def sampled_pairs(model, tokenizer, rows: Sequence[dict], verify: Callable[[str,
 def tie_pairs(model, tokenizer, rows: Sequence[dict], k: int = 4, temperature: float = 1.0, max_new_tokens: int = 32,
               seed: int = 0) -> list[dict]:
     """Preference-free pairs: the distinct samples of each prompt (k drawn), paired off (1st with 2nd, 3rd with
-    4th, ...), each pair once in each order. Prompts with a single distinct sample give none. Deterministic
-    for a given ``seed``.
+    4th, ...), each pair once in each order; empty samples are left out. Prompts with a single distinct sample give
+    none. Deterministic for a given ``seed``.
 
     Under a pairwise loss −log σ(z) the two orders of a pair pull in opposite directions. For DPO they cancel
     (the optimum is the reference itself); for H-DPO (docs/methods.md §4) the optimum of the pair's two terms is
@@ -72,7 +72,8 @@ def tie_pairs(model, tokenizer, rows: Sequence[dict], k: int = 4, temperature: f
                        num_samples=k, temperature=temperature)
     pairs = []
     for i, row in enumerate(rows):
-        distinct = list(dict.fromkeys(samples[i * k : (i + 1) * k]))
+        # empty samples (end-of-sequence at once) cannot be training rows, as in sampled_pairs
+        distinct = list(dict.fromkeys(c for c in samples[i * k : (i + 1) * k] if c.strip()))
         for a, b in zip(distinct[0::2], distinct[1::2]):
             for x, y in ((a, b), (b, a)):
                 pairs.append({**row, "chosen": as_completion(row["prompt"], x),

@@ -129,7 +129,7 @@ def test_hdpo_alpha_scales_the_pairs_log_ratios(repo, tmp_path, tie_pairs_file):
     two gradients cancel): its ratio stays at 1 up to rounding (0.98-0.99 above).
 
     Held-out entropy does not follow on these pairs (α = 0.5 lowers both samples of a pair and the freed mass
-    raises entropy, ``python scripts/hdpo_entropy.py --pairs tie``); it does on preference pairs, next test."""
+    raises entropy, ``python scripts/hdpo_entropy.py --spec 2 --pairs tie``); it does on preference pairs, next test."""
     rows = tie_pairs_file[0].read_text().splitlines()
     rows = [r for i in range(0, len(rows), 8) for r in rows[i : i + 2]]  # every fourth pair, both its orders
     path, n = tmp_path / "pairs.jsonl", len(rows)
@@ -166,7 +166,7 @@ def test_hdpo_alpha_orders_held_out_entropy(repo, tmp_path, testbed, verifier_pa
     sequence 2.45 / 2.85 / 4.07 nats (8 samples: 2.47 / 2.83 / 4.04). At 50 steps, lr 5e-5: greedy
     0.433 / 0.462 / 0.628 (0.414 before), sequence (8 samples) 2.55 / 2.79 / 3.94 nats (2.37 before). At the
     script's defaults (120 steps, lr 2e-5; seeds 1, 2 alike): greedy 0.423 / 0.450 / 0.530, sequence 2.33 / 2.49 /
-    3.09. ``python scripts/hdpo_entropy.py --steps 25 --lr 1e-4 --seeds 0``.
+    3.09. ``python scripts/hdpo_entropy.py --spec 2 --steps 25 --lr 1e-4 --seeds 0``.
 
     The three runs share one output_dir: same reference and pairs, so the reference log-probs are computed once
     and the other two read the content-keyed cache."""
