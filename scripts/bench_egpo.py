@@ -103,6 +103,26 @@ def run(method: str, seed: int, args) -> dict:
             "cpu_s": round(time.process_time() - c0, 1)}
 
 
+def cached_run(method: str, seed: int, args) -> dict:
+    """``run``, or its result cached under ``--out/runs`` (``--fresh`` re-runs). EGPO at ``--steps`` is the first half
+    of ``egpo-epochs`` (same seed, same prompt batches, same updates: the two curves agree to the digit), so when
+    both are asked for, ``egpo`` is read off ``egpo-epochs``'s run instead of training it again."""
+    path = os.path.join(args.out, "runs", f"{method}-s{seed}.json")
+    if os.path.exists(path) and not args.fresh:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    if method == "egpo" and "egpo-epochs" in args.methods:
+        full = cached_run("egpo-epochs", seed, args)
+        r = {**full, "method": "egpo", "optimizer_steps": args.steps, "read_off": "egpo-epochs",
+             "generations": full["generations"] // 2, "oracle_calls": full["oracle_calls"] // 2,
+             "curve": [p for p in full["curve"] if p["step"] <= args.steps]}
+    else:
+        r = run(method, seed, args)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(r, fh)
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", type=int, default=3, choices=(2, 3))
@@ -115,14 +135,15 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--samples", type=int, default=16, help="completions a held-out prompt")
     ap.add_argument("--out", default="outputs/bench_egpo")
+    ap.add_argument("--fresh", action="store_true", help="re-run runs cached under --out/runs")
     args = ap.parse_args()
     if args.eval_every % 2:
         ap.error("--eval-every: must be even (EGPO's iterate exists after full steps only)")
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     runs = []
     for seed in args.seeds:
         for method in args.methods:
-            r = run(method, seed, args)
+            r = cached_run(method, seed, args)
             runs.append(r)
             print(f"{method} seed {seed} ({r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} CPU-s): " + "  ".join(
                 f"{p['step']}:{p['exploitability']:.3f}" for p in r["curve"]), flush=True)
