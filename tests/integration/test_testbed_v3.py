@@ -3,6 +3,7 @@ build. The spec-2 testbed stays the default and its cache folder does not move."
 
 import pytest
 
+from align.config import load_config
 from align.errors import ConfigError
 from align.rewards.math import accuracy_reward, is_correct
 from align.testbed import arith
@@ -124,7 +125,6 @@ def test_grpo_raises_held_out_accuracy_on_spec3(tmp_path, repo):
     shipped GRPO config raise mean@8 with margin without lowering greedy accuracy (the spec-2 testbed's greedy
     accuracy fell under GRPO). The measured runs: scripts/testbed_v3_grpo.py and scripts/bench_gvm.py, 3 seeds of
     240-360 steps (docs/benchmarks.md); at step 80 of those mean@8 had risen by 6-8 points, greedy by 2-4."""
-    from align.config import load_config
     from align.evaluation import held_out
     from align.recipes.grpo import GRPORecipeConfig, build_trainer
     from align.testbed.spec3 import MAX_NEW_TOKENS
@@ -141,3 +141,34 @@ def test_grpo_raises_held_out_accuracy_on_spec3(tmp_path, repo):
                      MAX_NEW_TOKENS)
     assert after["mean_at_k"] - before["mean_at_k"] >= 0.04, (before["mean_at_k"], after["mean_at_k"])
     assert after["greedy"] >= before["greedy"], (before["greedy"], after["greedy"])
+
+
+@pytest.mark.slow
+def test_rpo_keeps_chosen_logps_where_dpo_lowers_them_on_spec3(tmp_path, repo):
+    """docs/methods.md §3 on spec 3, with scripts/bench_rpo.py's pairs and settings (the policy's own right and wrong
+    samples of sub2d + mul2d prompts; 120 steps of 16, lr 2e-5, β 0.1; RPO η 1, sft_norm mean), seed 0. Measured on
+    held-out pairs (3 seeds, 2026-12-02): DPO moves the chosen log-prob by −1.17 nats (spread 0.07), RPO by −0.11 and
+    ends 1.04–1.09 above DPO."""
+    from align.modeling import load_model, load_tokenizer
+    from align.quickstart import write_verifier_pairs
+    from align.recipes.dpo import DPORecipeConfig, build_trainer
+    from align.testbed.build import ensure_testbed
+
+    policy, tasks = str(ensure_testbed(spec=3, progress=False).policy), ("sub2d", "mul2d")
+    tok = load_tokenizer(policy)
+    write_verifier_pairs(load_model(policy), tok, tmp_path / "train.jsonl", spec=3, tasks=tasks, reference=False)
+    write_verifier_pairs(load_model(policy), tok, tmp_path / "held.jsonl", spec=3, tasks=tasks, split="test",
+                         prompts=None, reference=False)
+    chosen = {}
+    for objective, extra in (("dpo", {}), ("rpo", {"eta": 1.0, "sft_norm": "mean"})):
+        trainer = build_trainer(load_config(DPORecipeConfig, repo / "configs/dpo/testbed.yaml", {
+            "output_dir": str(tmp_path / objective), "model_name_or_path": "testbed:v3-policy",
+            "testbed_tasks": list(tasks), "max_length": 128, "dataset_name": str(tmp_path / "train.jsonl"),
+            "dataset_test_split": "test", "eval_dataset_name": str(tmp_path / "held.jsonl"),
+            "max_eval_samples": None, "max_train_samples": None, "max_steps": 120, "learning_rate": 2e-5,
+            "beta": 0.1, "seed": 0, "disable_tqdm": True, "report_to": "none", "objective": objective, **extra}))
+        chosen.setdefault("before", trainer.evaluate()["eval_logps/chosen"])
+        trainer.train()
+        chosen[objective] = trainer.evaluate()["eval_logps/chosen"]
+    assert chosen["dpo"] < chosen["before"] - 0.5, chosen
+    assert chosen["rpo"] > chosen["dpo"] + 0.5, chosen
