@@ -237,6 +237,15 @@ def report(results: dict, args, metrics) -> None:
 def allocation_figure(plt, rounds: list[dict], path: str, title: str) -> None:
     """n_i against p_i (top) and G_i (bottom) in the first, middle and last round."""
     picks = [rounds[0], rounds[len(rounds) // 2], rounds[-1]]
+    thirds = [rounds[:len(rounds) // 3], rounds[len(rounds) // 3:2 * len(rounds) // 3], rounds[2 * len(rounds) // 3:]]
+    for name, part in zip(("first", "middle", "last"), thirds):
+        n = [x for rec in part for x in rec["n"]]
+        p = [x for rec in part for x in rec["p"] if x is not None]
+        top = [sum(sorted(rec["n"], reverse=True)[:max(1, len(rec["n"]) // 10)]) / max(sum(rec["n"]), 1)
+               for rec in part]
+        print(f"{title}, {name} third of the rounds: prompts dropped (n_i = 0) {sum(x == 0 for x in n) / len(n):.2f}, "
+              f"estimated p_i = 0 {sum(x == 0 for x in p) / max(len(p), 1):.2f}, largest n_i {max(n)}, budget share of "
+              f"the top tenth of prompts {statistics.fmean(top):.2f}")
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), squeeze=False)
     for col, rec in enumerate(picks):
         for row, key in enumerate(("p", "G")):
