@@ -119,6 +119,7 @@ def test_short_spec3_build(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("testbed_v3")  # one worker builds the spec-3 cache, the other goes on
 def test_grpo_raises_held_out_accuracy_on_spec3(tmp_path, repo):
     """Issue 19's qualitative facts on the built spec-3 testbed, on problems no training split serves: the warm-up
     leaves partial competence on the RL mix (per-prompt solve rates spread inside (0, 1)), and 80 steps of the
@@ -144,6 +145,7 @@ def test_grpo_raises_held_out_accuracy_on_spec3(tmp_path, repo):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("testbed_v3")  # one worker builds the spec-3 cache, the other goes on
 def test_rpo_keeps_chosen_logps_where_dpo_lowers_them_on_spec3(tmp_path, repo):
     """docs/methods.md §3 on spec 3, with scripts/bench_rpo.py's pairs and settings (the policy's own right and wrong
     samples of sub2d + mul2d prompts; 120 steps of 16, lr 2e-5, β 0.1; RPO η 1, sft_norm mean), seed 0. Measured on
