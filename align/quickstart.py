@@ -40,17 +40,16 @@ def write_verifier_pairs(policy, tokenizer, path: str | Path, progress: bool = F
     takes its held-out problems instead (``prompts=None``: all of them)."""
     from align.data.sampled_pairs import sampled_pairs
     from align.rewards.math import is_correct
+    from align.testbed.build import warmup
 
     if spec == 3:
         from align.testbed.arith import rl_rows
         from align.testbed.spec3 import MAX_NEW_TOKENS as new_tokens
-        from align.testbed.spec3 import WARMUP
     else:
-        from align.testbed.build import WARMUP
         from align.testbed.tasks import rl_rows
 
         new_tokens = 16
-    rows = rl_rows(tuple(tasks or WARMUP["testbed_tasks"]), n=prompts, split=split, seed=1)
+    rows = rl_rows(tuple(tasks or warmup(spec)["testbed_tasks"]), n=prompts, split=split, seed=1)
     fallback = (lambda r: r["solution"]) if reference else None
     pairs = sampled_pairs(policy, tokenizer, rows, is_correct, reference=fallback, k=4, max_new_tokens=new_tokens,
                           progress=progress)

@@ -163,9 +163,10 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"train": os.path.join(tmp, "train.jsonl"), "held": os.path.join(tmp, "held.jsonl")}
-        n_train = write_verifier_pairs(load_model(policy), tok, paths["train"], spec=3, tasks=TASKS, reference=False)
-        n_held = write_verifier_pairs(load_model(policy), tok, paths["held"], spec=3, tasks=TASKS, split="test",
-                                      prompts=None, reference=False)
+        model = load_model(policy)
+        n_train = write_verifier_pairs(model, tok, paths["train"], spec=3, tasks=TASKS, reference=False)
+        n_held = write_verifier_pairs(model, tok, paths["held"], spec=3, tasks=TASKS, split="test", prompts=None,
+                                      reference=False)
         over = {"model_name_or_path": "testbed:v3-policy", "testbed_tasks": list(TASKS), "max_length": 128,
                 "dataset_name": paths["train"], "dataset_test_split": None, "max_train_samples": None,
                 "max_steps": args.steps, "learning_rate": args.lr, "beta": args.beta, "disable_tqdm": True,
@@ -173,7 +174,7 @@ def main() -> None:
         config = load_config(DPORecipeConfig, CONFIG, {**over, "output_dir": tmp})
         data = {k: tokenize_preferences(Dataset.from_list([json.loads(x) for x in open(p, encoding="utf-8")]), tok,
                                         config.max_length, k) for k, p in paths.items()}
-        before = measure(load_model(policy), tok, data["train"], data["held"], rows)
+        before = measure(model, tok, data["train"], data["held"], rows)
         print(f"{n_train} train pairs, {n_held} held-out pairs ({len(rows)} held-out problems); before: chosen "
               f"log-prob train {before['train']['chosen']:.3f}, held-out {before['held']['chosen']:.3f} (rejected "
               f"{before['held']['rejected']:.2f}); greedy accuracy {before['accuracy']:.3f}", flush=True)
