@@ -9,8 +9,9 @@ A push is a :func:`plan` of buckets: each bucket at most ``bucket_mb`` of consec
 alone) packed as bytes into one flat tensor, broadcast, unpacked on each worker into views under the weights'
 names and loaded in place with vLLM's ``reload_weights`` (every worker receives every weight; vLLM's loader keeps
 its own tensor-parallel slice). The trainer packs one bucket at a time from the policy's tensors (a sharded
-policy's DTensors or ZeRO-3 partitions gathered one tensor at a time, :func:`full_weight`), so neither side holds
-more than one bucket beyond the model.
+policy's DTensors or ZeRO-3 partitions gathered one tensor at a time, :func:`full_weight`) while the bucket before
+is on the wire, and each worker receives the next bucket while vLLM loads the last, so neither side holds more than
+two buckets beyond the model.
 
 Every wait is bounded: the group is created with ``timeout_s`` (store, connection, each collective), so a peer
 that dies or stalls ends the wait with an error instead of a hang; :meth:`WeightGroup.close` tears the group
@@ -23,6 +24,8 @@ import math
 from datetime import timedelta
 
 import torch
+
+from align.rollout.lora_worker import AdapterReceiver
 
 BACKENDS = ("gloo", "nccl")
 STORE_PREFIX = "align-weights"
@@ -122,6 +125,18 @@ def weight_shape(t: torch.Tensor) -> tuple:
     return tuple(getattr(t, "ds_shape", t.shape))
 
 
+class InFlight:
+    """A broadcast under way: :meth:`wait` (at most the group's timeout) returns its tensor once it is complete.
+    Pushes keep one bucket in flight while the next is packed (sender) or the last is loaded (receiver)."""
+
+    def __init__(self, work, flat: torch.Tensor, timeout: timedelta):
+        self.work, self.flat, self.timeout = work, flat, timeout
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait(self.timeout)
+        return self.flat
+
+
 class WeightGroup:
     """This process's membership of a weight group (``rank`` of ``world``) on the TCP store at ``host:port`` (the
     server hosts it, :mod:`align.rollout.serve_collective`). Construction waits at most ``timeout_s`` for the other
@@ -148,13 +163,18 @@ class WeightGroup:
             self.pg = ProcessGroupNCCL(prefixed, rank, world, options)
             self.device = torch.device("cuda", torch.cuda.current_device())
 
-    def broadcast(self, flat: torch.Tensor) -> None:
-        """Rank 0's ``flat`` into every member's ``flat`` (same size); waits at most ``timeout_s``."""
+    def start(self, flat: torch.Tensor) -> InFlight:
+        """Start broadcasting rank 0's ``flat`` into every member's ``flat`` (same size); the caller waits on the
+        answer (at most ``timeout_s``) and keeps ``flat`` until then."""
         from torch.distributed import BroadcastOptions
 
         opts = BroadcastOptions()
         opts.rootRank, opts.rootTensor, opts.timeout = 0, 0, self.timeout
-        self.pg.broadcast([flat], opts).wait(self.timeout)
+        return InFlight(self.pg.broadcast([flat], opts), flat, self.timeout)
+
+    def broadcast(self, flat: torch.Tensor) -> None:
+        """Rank 0's ``flat`` into every member's ``flat`` (same size); waits at most ``timeout_s``."""
+        self.start(flat).wait()
 
     def close(self) -> None:
         pg, self.pg = getattr(self, "pg", None), None
@@ -168,8 +188,9 @@ class WeightGroup:
         self.store = None
 
 
-class WeightReceiver:
-    """vLLM worker extension (``worker_extension_cls``): the worker's end of the weight group. Methods are called
+class WeightReceiver(AdapterReceiver):
+    """vLLM worker extension (``worker_extension_cls``): the worker's end of the weight group (and of an adapter
+    push, :class:`align.rollout.lora_worker.AdapterReceiver`). Methods are called
     through ``LLM.collective_rpc`` by :mod:`align.rollout.serve_collective`; their names start with ``align_`` so
     they never shadow a vLLM worker method."""
 
@@ -191,17 +212,20 @@ class WeightReceiver:
             raise RuntimeError("this worker is not in a weight group (POST /collective/join first)")
         received, broken = 0, []
 
-        def weights():
+        def weights():  # bucket k+1 arrives while vLLM loads bucket k (at most two buckets held)
             nonlocal received
-            for bucket in buckets:
-                flat = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=group.device)
+            pending = None
+            for k in range(len(buckets) + 1):
                 try:
-                    group.broadcast(flat)
+                    flat = pending.wait() if pending is not None else None
+                    pending = None if k == len(buckets) else group.start(
+                        torch.empty(bucket_bytes(buckets[k]), dtype=torch.uint8, device=group.device))
                 except Exception as err:
                     broken.append(err)
                     return
-                received += flat.numel()
-                yield from unpack(bucket, flat)
+                if flat is not None:
+                    received += flat.numel()
+                    yield from unpack(buckets[k - 1], flat)
 
         try:
             self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)

@@ -2,9 +2,11 @@
 
 The adapter (PEFT's own file format: ``adapter_model.safetensors`` + ``adapter_config.json``, the LoRA factors
 only, ~0.1-1% of the model) is loaded into vLLM's LoRA path under one fixed id, replaced in place on every push
-(vLLM's ``load_inplace``), and every generation names it; the base weights stay as the engine loaded them (the
-policy's base is frozen under LoRA). The colocated engine and ``align serve`` (``POST /adapter``, the adapter as one
-safetensors body with its config in the header) share :class:`AdapterSlot`.
+(through vLLM's loader, ``load_inplace``, the first time and whenever the config changes; in memory, without a
+file, when only the values did: :mod:`align.rollout.lora_worker`), and every generation names it; the base
+weights stay as the engine loaded them (the policy's base is frozen under LoRA). The colocated engine and ``align
+serve`` (``POST /adapter``, the adapter as one safetensors body with its config in the header) share
+:class:`AdapterSlot`.
 
 What the engine cannot load is refused before training in one line: a rank above the engine's ``max_lora_rank``
 by :func:`check_adapter`, anything else vLLM's loader refuses (DoRA, LoRA biases, modules it does not adapt) by
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
 
 from align.errors import ConfigError
 from align.rollout.collective import full_weight
@@ -59,12 +62,29 @@ def check_adapter(config: dict, max_rank: int, where: str) -> None:
                           "lora_r, raise the engine's LoRA rank, or set vllm_lora_adapter: false")
 
 
+_SAVED_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def adapter_params(model) -> dict:
     """The adapter's factors under PEFT's saved names, as the model holds them (a sharded policy's DTensors or ZeRO-3
-    partitions: :func:`align.rollout.collective.full_weight` gathers each)."""
+    partitions: :func:`align.rollout.collective.full_weight` gathers each).
+
+    PEFT's ``get_peft_model_state_dict`` walks the whole model several times (a third of an adapter push at 100M);
+    which parameter it saves under which name is worked out once per model and then read by parameter name."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model, state_dict=model.state_dict(keep_vars=True))
+    config = adapter_config(model)
+    known = _SAVED_NAMES.get(model)
+    if known is not None and known[0] == config:
+        params = dict(model.named_parameters())
+        if all(name in params for name in known[1].values()):
+            return {saved: params[name] for saved, name in known[1].items()}
+    state = model.state_dict(keep_vars=True)
+    saved = get_peft_model_state_dict(model, state_dict=state)
+    params = {id(p): name for name, p in model.named_parameters()}
+    if all(id(t) in params for t in saved.values()):  # every saved tensor a parameter: remember the names
+        _SAVED_NAMES[model] = (config, {k: params[id(t)] for k, t in saved.items()})
+    return saved
 
 
 def adapter_tensors(model) -> dict:
@@ -88,17 +108,31 @@ class AdapterSlot:
         self.llm, self.request = llm, None
         self.folder = tempfile.mkdtemp(prefix="align-adapter-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.version = 0
+        self.loaded = None  # (config, tensor names) of what vLLM's loader last took from the files
+        self.in_memory = 0  # pushes that replaced the adapter in memory (:mod:`align.rollout.lora_worker`)
 
     def load(self, config: dict, tensors: dict) -> None:
-        from safetensors.torch import save_file
+        """Load ``tensors`` (PEFT's names, CPU copies the engine may keep) as the adapter: through vLLM's loader the
+        first time and whenever the config or the names change, in memory when only the values did."""
         from vllm.lora.request import LoRARequest
 
-        save_file(tensors, os.path.join(self.folder, "adapter_model.safetensors"))
-        with open(os.path.join(self.folder, "adapter_config.json"), "w", encoding="utf-8") as fh:
-            json.dump(config, fh)
+        shape = (config, sorted(tensors))
+        if self.request is not None and self.loaded == shape:
+            self.llm.collective_rpc("align_replace_adapter", args=(ADAPTER_ID, config, tensors))
+            self.in_memory += 1
+        else:
+            from safetensors.torch import save_file
+
+            save_file(tensors, os.path.join(self.folder, "adapter_model.safetensors"))
+            with open(os.path.join(self.folder, "adapter_config.json"), "w", encoding="utf-8") as fh:
+                json.dump(config, fh)
+            self.loaded = None
+            self.llm.llm_engine.add_lora(LoRARequest("align-policy", ADAPTER_ID, self.folder, load_inplace=True))
+            self.loaded = shape
+            # vLLM holds the adapter now; without the file, a reload vLLM might attempt later fails loudly instead of
+            # serving these values after a newer push replaced them in memory
+            os.remove(os.path.join(self.folder, "adapter_model.safetensors"))
         self.version += 1
-        request = LoRARequest("align-policy", ADAPTER_ID, self.folder, load_inplace=True)
-        self.llm.llm_engine.add_lora(request)
         self.llm.reset_prefix_cache()  # cached KV entries were computed with the old adapter
         self.request = LoRARequest("align-policy", ADAPTER_ID, self.folder)
 

@@ -94,16 +94,26 @@ class CollectiveSender:
         return reply
 
     def broadcast(self, buckets, tensors) -> None:
+        """Pack and send each bucket in turn: bucket k+1 is packed while bucket k is on the wire (at most two buckets
+        held)."""
         device = self.group.device
-        for k, bucket in enumerate(buckets):
-            try:
+        pending, at = None, 0  # at: the bucket (from 1) being packed or waited on
+        try:
+            for k, bucket in enumerate(buckets):
+                at = k + 1
                 flat = pack(bucket, tensors, device)
-                self.group.broadcast(flat)
-            except Exception as err:
-                raise ServerUnavailable(f"vllm-server {self.engine.url}: the weight broadcast broke off at bucket "
-                                        f"{k + 1} of {len(buckets)} (the server died, or stalled past vllm_timeout_s="
-                                        f"{self.engine.timeout_s:g}s): {str(err).splitlines()[0][:200]}") from None
-            del flat
+                if pending is not None:
+                    at = k
+                    pending.wait()
+                pending = self.group.start(flat)
+                del flat
+            if pending is not None:
+                at = len(buckets)
+                pending.wait()
+        except Exception as err:
+            raise ServerUnavailable(f"vllm-server {self.engine.url}: the weight broadcast broke off at bucket "
+                                    f"{at} of {len(buckets)} (the server died, or stalled past vllm_timeout_s="
+                                    f"{self.engine.timeout_s:g}s): {str(err).splitlines()[0][:200]}") from None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 

@@ -121,6 +121,8 @@ class RolloutServer:
         if self.adapter is None or self.adapter.request is None:  # a full push: every weight is new again
             self.broken = ""
         self.info["weights_version"] += 1
+        if self.adapter is not None:  # adapter pushes that replaced the loaded one in memory (no file)
+            self.info["adapter_in_memory"] = self.adapter.in_memory
         return {"weights_version": self.info["weights_version"]}
 
     def close(self) -> None:

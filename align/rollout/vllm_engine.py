@@ -85,6 +85,8 @@ def start_llm(model_path: str, *, max_model_len: int, dtype: str = "float32", te
         extra.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
     if worker_extension:
         extra["worker_extension_cls"] = "align.rollout.collective.WeightReceiver"
+    elif max_lora_rank:
+        extra["worker_extension_cls"] = "align.rollout.lora_worker.AdapterReceiver"
     if in_process and _trainer_world() > 1:
         # one engine in each trainer process, on the process group accelerate launch made (vLLM's external
         # launcher: no processes or rendezvous of its own); each serves its own process's prompts

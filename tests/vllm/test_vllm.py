@@ -150,18 +150,23 @@ def lora_of(model, **kw):
 def test_lora_adapter_push_equals_merged_push(policy, engine, monkeypatch):
     """The colocated engine takes a LoRA policy's adapter alone (vLLM's LoRA path) and then samples the policy: its
     log-probs are the policy's to 2e-5 (measured ~9e-6; the merged push, whose merge rounds, ~1e-5, to 1e-4 as before)
-    with the same completions; the base model's differ by > 0.1. A second adapter push replaces the first in place."""
+    with the same completions; the base model's differ by > 0.1. The first push goes through vLLM's loader (files);
+    the second, same adapter with new values, replaces it in memory (no file; the file is gone, so vLLM could not
+    reload the stale one), and the engine follows the new values."""
     model, tok, ids = policy
     lora = lora_of(model)
     sp = SamplingParams(max_new_tokens=12, seed=3)
     engine.sync_weights(lora)
     assert engine.adapter.request is not None
+    in_memory = engine.adapter.in_memory
     first = copy.deepcopy(lora)
     with torch.no_grad():  # the adapter a step later: every lora_B factor changed
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.mul_(1.5)
     engine.sync_weights(lora)
+    assert engine.adapter.in_memory == in_memory + 1
+    assert os.listdir(engine.adapter.folder) == ["adapter_config.json"]
     adapter = engine.generate(ids, [2] * len(ids), sp)
     assert max_gap(first, adapter) > 0.05
     with monkeypatch.context() as m:
@@ -607,9 +612,11 @@ def test_server_adapter_push_equals_merged_and_refuses_what_it_cannot_load(polic
         return ServerEngine.for_policy(m, tok, "127.0.0.1", port, timeout_s=30, push_weights=True, **kw)
 
     adapter = remote(lora)
-    adapter.check(max_model_len=80, model=lora)
+    adapter.check(max_model_len=80, model=lora)  # loads the initial adapter through vLLM's loader
     assert adapter.adapter
-    adapter.sync_weights(lora)
+    in_memory = adapter.call("/health", "the health check").get("adapter_in_memory", 0)
+    adapter.sync_weights(lora)  # the same adapter again: replaced in memory
+    assert adapter.call("/health", "the health check")["adapter_in_memory"] == in_memory + 1
     by_adapter = adapter.generate(ids, [2] * len(ids), sp)
     merged_ = remote(lora, lora_adapter=False, sync="collective", group_port=free_port())  # merged, by broadcast
     try:
@@ -765,8 +772,9 @@ def test_bad_server_url_fails_before_training(repo, tmp_path, testbed):
 
 def test_server_killed_mid_broadcast_stops_with_one_line(repo, tmp_path, testbed, monkeypatch):
     """GRPO over the collective (1 MiB buckets, ~10 a push): the server is killed after the step-2 checkpoint, in
-    the middle of the next push (before its 3rd bucket). The run ends within vllm_timeout_s with one line naming
-    the server and the bucket, the trainer's end of the group is torn down, and the checkpoint is intact."""
+    the middle of the next push (as its 3rd bucket is packed, with the 2nd on the wire). The run ends within
+    vllm_timeout_s with one line naming the server and the bucket that broke off, the trainer's end of the group
+    is torn down, and the checkpoint is intact."""
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
@@ -799,7 +807,7 @@ def test_server_killed_mid_broadcast_stops_with_one_line(repo, tmp_path, testbed
         trainer.add_callback(KeepAfterSave())
         start = time.monotonic()
         with pytest.raises(TrainingError, match=rf"^vllm-server http://127.0.0.1:{port}: the weight broadcast broke "
-                                                r"off at bucket [3-9] of \d+ \(the server died, or stalled past "
+                                                r"off at bucket [2-9] of \d+ \(the server died, or stalled past "
                                                 r"vllm_timeout_s=10s\): [^\n]+$"):
             trainer.train()
         took = time.monotonic() - start
