@@ -27,9 +27,10 @@ class RolloutArguments:
     vllm_gpu_memory_utilization: float = option(0.3, "rollout: vllm: share of GPU memory (CPU: of RAM) vLLM may take.")
     vllm_enable_sleep_mode: bool = option(False, "rollout: vllm (CUDA only): offload vLLM's weights and free its KV "
                                                  "cache between generations.")
-    vllm_tensor_parallel_size: int = option(1, "rollout: vllm: tensor-parallel size of the colocated engine (at "
-                                               "most the visible devices; 1 with several trainer processes, each "
-                                               "running its own engine); vllm-server: set by `align serve` instead.")
+    vllm_tensor_parallel_size: int = option(1, "rollout: vllm: tensor-parallel size of the colocated engine: 1 (it "
+                                               "takes weight pushes in this process; several trainer processes run "
+                                               "an engine each); a tensor-parallel engine is `align serve "
+                                               "--tensor-parallel-size N` with rollout: vllm-server.")
     vllm_server_host: str = option("127.0.0.1", "rollout: vllm-server: host of `align serve`.")
     vllm_server_port: int = option(8000, "rollout: vllm-server: port of `align serve`.")
     vllm_timeout_s: float = option(60.0, "rollout: vllm-server: the longest silence of the server (it sends a "
@@ -100,6 +101,10 @@ class RolloutArguments:
                                   f"runs its own colocated engine of size 1, got {self.vllm_tensor_parallel_size}; "
                                   "use rollout: vllm-server for a tensor-parallel engine")
             check_tensor_parallel(self.vllm_tensor_parallel_size)
+            if self.vllm_tensor_parallel_size != 1:  # vLLM would run the ranks in processes of its own
+                raise ConfigError(f"vllm_tensor_parallel_size: {self.vllm_tensor_parallel_size}: a colocated engine "
+                                  "takes weight pushes at size 1 only (in this process); for a tensor-parallel engine "
+                                  "use rollout: vllm-server with align serve --tensor-parallel-size N")
             if self.vllm_enable_sleep_mode:
                 import torch
 

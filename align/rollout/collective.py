@@ -194,6 +194,14 @@ class WeightReceiver(AdapterReceiver):
     through ``LLM.collective_rpc`` by :mod:`align.rollout.serve_collective`; their names start with ``align_`` so
     they never shadow a vLLM worker method."""
 
+    def align_load_weights(self, payload: bytes) -> None:
+        """An HTTP push's body (safetensors) loaded in place. A tensor-parallel server's workers are processes of
+        their own: the bytes travel to each in vLLM's messages (tensors would arrive undecoded), and each worker
+        keeps its slice."""
+        from safetensors.torch import load
+
+        self.reload_weights(weights_iterator=iter(load(payload).items()), is_checkpoint_format=True)
+
     def align_join(self, host: str, port: int, world: int, backend: str, timeout_s: float, session: str) -> None:
         self.align_leave()
         rank = 1 + _worker_rank(self)

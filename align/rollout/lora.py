@@ -111,14 +111,19 @@ class AdapterSlot:
         self.loaded = None  # (config, tensor names) of what vLLM's loader last took from the files
         self.in_memory = 0  # pushes that replaced the adapter in memory (:mod:`align.rollout.lora_worker`)
 
-    def load(self, config: dict, tensors: dict) -> None:
+    def load(self, config: dict, tensors: dict, payload: bytes | None = None) -> None:
         """Load ``tensors`` (PEFT's names, CPU copies the engine may keep) as the adapter: through vLLM's loader the
-        first time and whenever the config or the names change, in memory when only the values did."""
+        first time and whenever the config or the names change, in memory when only the values did (``payload``,
+        the tensors as one safetensors body, is what goes to workers in processes of their own)."""
         from vllm.lora.request import LoRARequest
 
         shape = (config, sorted(tensors))
         if self.request is not None and self.loaded == shape:
-            self.llm.collective_rpc("align_replace_adapter", args=(ADAPTER_ID, config, tensors))
+            if payload is None and self.llm.llm_engine.vllm_config.parallel_config.world_size > 1:
+                from safetensors.torch import save
+
+                payload = save(tensors)
+            self.llm.collective_rpc("align_replace_adapter", args=(ADAPTER_ID, config, payload or tensors))
             self.in_memory += 1
         else:
             from safetensors.torch import save_file
@@ -143,7 +148,7 @@ class AdapterSlot:
         config = (header.get("__metadata__") or {}).get(CONFIG_KEY)
         if config is None:
             raise ValueError(f"the adapter body has no {CONFIG_KEY} in its safetensors metadata")
-        self.load(json.loads(config), load(payload))
+        self.load(json.loads(config), load(payload), payload)
 
     def drop(self) -> None:
         """Generate with the base weights again (after a merged push)."""

@@ -15,11 +15,17 @@ from __future__ import annotations
 class AdapterReceiver:
     """vLLM worker extension (``worker_extension_cls``): replace a loaded adapter's weights from tensors."""
 
-    def align_replace_adapter(self, lora_id: int, config: dict, tensors: dict) -> None:
+    def align_replace_adapter(self, lora_id: int, config: dict, tensors: dict | bytes) -> None:
+        """``tensors``: PEFT's names to tensors (an engine in this process), or those as one safetensors body (an
+        engine whose workers are processes of their own: vLLM's messages carry bytes, not tensors, to them)."""
         from vllm.lora.lora_model import LoRAModel
         from vllm.lora.peft_helper import PEFTHelper
         from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
+        if isinstance(tensors, bytes):
+            from safetensors.torch import load
+
+            tensors = load(tensors)
         workers = self.model_runner.lora_manager
         manager = workers._adapter_manager  # vLLM's model-side manager (the pinned vLLM's layout)
         if lora_id not in manager.list_adapters():

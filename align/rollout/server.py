@@ -78,12 +78,8 @@ class RolloutServer:
         return {"results": results}
 
     def load_weights(self, payload: bytes) -> dict:
-        from safetensors.torch import load
-
-        weights = load(payload)
         with self.lock:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()),
-                                                              "is_checkpoint_format": True})
+            self.llm.collective_rpc("align_load_weights", args=(payload,))
             self.llm.reset_prefix_cache()
             if self.adapter is not None:
                 self.adapter.drop()  # merged weights: generate without the adapter

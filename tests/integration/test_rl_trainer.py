@@ -144,47 +144,23 @@ def test_resume_continues_the_same_run(repo, tmp_path, testbed):
         assert [r.get(key) for r in resumed[2:]] == pytest.approx([r.get(key) for r in full[2:]], abs=1e-6), key
 
 
-@pytest.fixture(scope="module")
-def grpo_run(repo, tmp_path_factory, testbed):
-    """GRPO (uniform, 8 per prompt) for 80 steps from the warmed-up policy, evaluated before and after."""
-    from align.evaluation import answer_probability
-    from align.testbed.tasks import rl_rows
-
-    out = tmp_path_factory.mktemp("grpo")
+@pytest.mark.slow
+def test_grpo_logged_metrics(repo, tmp_path, testbed):
+    """The shipped spec-2 GRPO config, 20 steps: every documented key is logged every 10 steps, with uniform
+    allocation's rollout count. (That GRPO raises held-out accuracy is asserted on testbed spec 3, where it also
+    keeps greedy accuracy: tests/integration/test_testbed_v3.py; the spec-2 run's figures are in
+    docs/benchmarks.md.)"""
     trainer = build_trainer(load_config(GRPORecipeConfig, repo / "configs/grpo/testbed.yaml", {
-        "output_dir": str(out), "disable_tqdm": True, "max_steps": 80, "eval_num_samples": 16}))
-    table = rl_rows(("add1", "sub1", "mul1"), n=None, split="test")  # every held-out fact
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    before = {**trainer.evaluate(), **answer_probability(model, trainer.processing_class, table)}
+        "output_dir": str(tmp_path / "out"), "disable_tqdm": True, "max_steps": 20, "eval_num_samples": 2}))
     trainer.train()
-    after = {**trainer.evaluate(), **answer_probability(model, trainer.processing_class, table)}
-    return trainer, before, after
-
-
-@pytest.mark.slow
-def test_grpo_raises_held_out_accuracy(grpo_run):
-    _, before, after = grpo_run
-    print({k: (round(before[k], 4), round(after[k], 4)) for k in before if "accuracy" in k or "probability" in k})
-    # mean@16 at T=1 (the GVM paper's metric) on 150 held-out problems: 0.141 -> 0.164 measured (sampling
-    # noise: about 0.007 per evaluation)
-    assert after["eval_sampled_rewards/accuracy"] > before["eval_sampled_rewards/accuracy"] + 0.01
-    # the exact expected accuracy (probability of the correct answer, no sampling noise): 0.149 -> 0.17
-    assert after["answer_probability"] > before["answer_probability"] + 0.01
-    # Greedy accuracy does not follow on this testbed (0.227 -> 0.193 measured): the warmed-up policy gives
-    # no fact more than 0.5 probability, so sharpening some answers flips near-ties on others.
-
-
-@pytest.mark.slow
-def test_grpo_logged_metrics(grpo_run):
-    trainer, _, _ = grpo_run
     train = [r for r in logs(trainer.args.output_dir) if "loss" in r]
-    assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert [r["step"] for r in train] == [10, 20]
     for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/accuracy/mean", "rewards/accuracy/std",
                 "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "entropy", "completions/mean_length",
                 "allocation/min", "allocation/median", "allocation/max", "allocation/prompts_dropped", "grad_norm"):
         assert key in train[-1], key
     # uniform allocation: 16 prompts x 8 per round, 2 updates per round -> 64 rollouts per step
-    assert [r["rollouts/total"] for r in train] == [640 * i for i in range(1, 9)]
+    assert [r["rollouts/total"] for r in train] == [640, 1280]
     assert train[-1]["allocation/min"] == train[-1]["allocation/max"] == 8
     assert 0 <= train[-1]["frac_reward_zero_std"] <= 1 and train[-1]["entropy"] > 0
 

@@ -209,7 +209,10 @@ def test_trainer_with_colocated_engine(repo, tmp_path, testbed):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"vllm_tensor_parallel_size": 2}, "vllm_tensor_parallel_size: 2 is larger than the 1 visible device"),
+    ({"vllm_tensor_parallel_size": 4096}, "vllm_tensor_parallel_size: 4096 is larger than the [0-9]+ CPU core"),
+    ({"vllm_tensor_parallel_size": 2}, r"vllm_tensor_parallel_size: 2 on the CPU needs one core list per rank in "
+                                       r"VLLM_CPU_OMP_THREADS_BIND, e.g. VLLM_CPU_OMP_THREADS_BIND='0\|1' for 2 "
+                                       r"\(it is '0-1'\)"),
     ({"vllm_is_cap": 0.5}, "vllm_is_cap: must be >= 1"),
     ({"vllm_sync_steps": 0}, "vllm_sync_steps: must be >= 1"),
     ({"vllm_enable_sleep_mode": True}, "vllm_enable_sleep_mode: vLLM's sleep mode needs a CUDA GPU"),
@@ -236,12 +239,21 @@ def test_colocated_engine_under_several_processes_is_one_engine_each(repo, tmp_p
         validate_config(config, world=2)
     validate_config(grpo_cfg(repo, tmp_path, rollout="vllm"), world=2)
     validate_config(grpo_cfg(repo, tmp_path, rollout="vllm-server"), world=2)  # the server engine takes any number
+    # one process, 2 ranks on the CPU's 2 core lists: vLLM would run them in processes of their own, which the
+    # in-place push cannot reach (it failed at the first push before this refusal)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+        with pytest.raises(ConfigError, match=r"^vllm_tensor_parallel_size: 2: a colocated engine takes weight "
+                                              "pushes at size 1 only"):
+            validate_config(config, world=1)
 
 
 def test_serve_refuses_bad_input_in_one_line(repo, testbed):
     env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(repo)}
     for extra, message in [
-        (["--tensor-parallel-size", "2"], "error: --tensor-parallel-size: 2 is larger than the 1 visible device(s)"),
+        (["--tensor-parallel-size", "4096"], "error: --tensor-parallel-size: 4096 is larger than the "),
+        (["--tensor-parallel-size", "2"], "error: --tensor-parallel-size: 2 on the CPU needs one core list per rank "
+                                          "in VLLM_CPU_OMP_THREADS_BIND"),
         (["--max-model-len", "100000"], "error: --max-model-len: max model length = 100000 is more than the model's "
                                         "max_position_embeddings"),
         (["--model", "/no/such/model"], "error: --model: folder '/no/such/model' does not exist"),
@@ -437,11 +449,11 @@ def test_online_and_iterative_rollout_options_fail_at_config(repo, tmp_path, tes
 # --- server engine --------------------------------------------------------------------------------------------
 
 
-def start_server(repo, testbed, port: int) -> subprocess.Popen:
-    env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(repo)}
+def start_server(repo, testbed, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(repo), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "align.cli", "serve", "--model", str(testbed.policy), "--port",
                              str(port), "--max-model-len", "128", "--gpu-memory-utilization", "0.1", "--dtype",
-                             "float32", "--max-lora-rank", "8"],
+                             "float32", "--max-lora-rank", "8", *extra],
                             cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -586,6 +598,47 @@ def test_server_that_stalls_mid_broadcast(policy, server, monkeypatch):
         assert_follows(again, model, tok, ids, tol=1e-5)
     finally:
         again.close()
+
+
+def test_tensor_parallel_server_gets_every_push(repo, testbed, policy):
+    """align serve --tensor-parallel-size 2 (vllm-cpu: one rank per core, VLLM_CPU_OMP_THREADS_BIND='0|1'): each
+    worker holds half of every sharded weight. Over the collective (a group of 3: the trainer and both workers, 0.5
+    MiB buckets), over HTTP, and as a LoRA adapter (the first through vLLM's loader, the next replaced in memory on
+    both workers), every push reaches both: the server's greedy ids are HF's and its log-probs the pushed policy's
+    to 1e-5."""
+    model, tok, ids = policy
+    port = free_port()
+    proc = start_server(repo, testbed, port, "--tensor-parallel-size", "2",
+                        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "OMP_NUM_THREADS": "1"})
+    try:
+        remote = collective_engine(model, tok, port, bucket_mb=0.5)
+        try:
+            assert remote.check(max_model_len=80)["tensor_parallel_size"] == 2
+            new = stepped(model, tok, ids)
+            remote.sync_weights(new)
+            assert remote.sender.group.world == 3
+            print(f"tensor-parallel server, collective: max |logp gap| "
+                  f"{max_gap(new, assert_follows(remote, new, tok, ids, tol=1e-5)):.1e}")
+        finally:
+            remote.close()
+        http = ServerEngine.for_policy(model, tok, "127.0.0.1", port, timeout_s=60, push_weights=True)
+        http.sync_weights(model)
+        assert_follows(http, model, tok, ids, tol=1e-5)
+        lora = lora_of(model)
+        adapter = ServerEngine.for_policy(lora, tok, "127.0.0.1", port, timeout_s=60, push_weights=True)
+        adapter.check(max_model_len=80, model=lora)  # the base weights, then the adapter through vLLM's loader
+        with torch.no_grad():  # the adapter a step later
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(1.5)
+        adapter.sync_weights(lora)
+        assert adapter.call("/health", "the health check")["adapter_in_memory"] == 1
+        got = adapter.generate(ids, [2] * len(ids), SamplingParams(max_new_tokens=12, seed=3))
+        gap = max_gap(lora, got)
+        print(f"tensor-parallel server, adapter in memory: max |logp gap| {gap:.1e}")
+        assert gap < 1e-5 and max_gap(model, got) > 0.1
+    finally:
+        stop_server(proc)
 
 
 def test_collective_with_a_server_that_does_not_offer_it(policy):
