@@ -38,6 +38,7 @@ import ipaddress
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 
@@ -47,7 +48,7 @@ from align.rollout.collective import offered_backends
 from align.rollout.lora import AdapterSlot
 from align.rollout.serve_collective import CollectiveHost
 from align.rollout.serve_http import API_KEY_ENV, MB, GuardedHTTPServer, ServeLimits
-from align.rollout.vllm_engine import run_requests, start_llm
+from align.rollout.vllm_engine import run_requests, shutdown_llm, start_llm
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class RolloutServer:
         self.collective.close()
         if self.adapter is not None:
             self.adapter.close()
+        shutdown_llm(self.llm)
 
 
 def is_loopback(host: str) -> bool:
@@ -199,6 +201,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, api_key: str
         httpd = GuardedHTTPServer((host, port), limits, api_key)
     except OSError as err:
         raise ConfigError(f"--port: cannot listen on {host}:{port} ({err.strerror or err})") from None
+    def stop(signum, frame):  # SIGTERM ends the server as Ctrl-C does: the engine's processes are shut down
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         httpd.engine = RolloutServer(model, **engine_kwargs)
         print(f"align serve: {model} ready on http://{host}:{httpd.server_address[1]} "

@@ -313,10 +313,16 @@ class VLLMEngine:
             return
         if getattr(self, "adapter", None) is not None:
             self.adapter.close()
-        shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        shutdown_llm(llm)
         del llm
         import gc
 
         gc.collect()
+
+
+def shutdown_llm(llm) -> None:
+    """Stop ``llm``'s engine core and, for a tensor-parallel engine, its worker processes (they would outlive this
+    process otherwise)."""
+    shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
+    if shutdown is not None:
+        shutdown()

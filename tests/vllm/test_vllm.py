@@ -605,7 +605,7 @@ def test_tensor_parallel_server_gets_every_push(repo, testbed, policy):
     worker holds half of every sharded weight. Over the collective (a group of 3: the trainer and both workers, 0.5
     MiB buckets), over HTTP, and as a LoRA adapter (the first through vLLM's loader, the next replaced in memory on
     both workers), every push reaches both: the server's greedy ids are HF's and its log-probs the pushed policy's
-    to 1e-5."""
+    to 1e-5. Stopped with SIGTERM, the server shuts its engine's processes down with it."""
     model, tok, ids = policy
     port = free_port()
     proc = start_server(repo, testbed, port, "--tensor-parallel-size", "2",
@@ -638,7 +638,13 @@ def test_tensor_parallel_server_gets_every_push(repo, testbed, policy):
         print(f"tensor-parallel server, adapter in memory: max |logp gap| {gap:.1e}")
         assert gap < 1e-5 and max_gap(model, got) > 0.1
     finally:
+        import psutil
+
+        children = psutil.Process(proc.pid).children(recursive=True)  # vLLM's engine core and its 2 workers
         stop_server(proc)
+    assert len(children) >= 3 and proc.returncode == 0
+    _, alive = psutil.wait_procs(children, timeout=30)  # SIGTERM shut the engine down: nothing outlives the server
+    assert not alive, [p.name() for p in alive]
 
 
 def test_collective_with_a_server_that_does_not_offer_it(policy):
