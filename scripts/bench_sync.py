@@ -102,7 +102,7 @@ def gpu_check_lines(budget_s: float) -> list[str]:
     if proc.returncode:
         return [f"weight sync (scripts/bench_sync.py): failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"]
     return ["weight sync (scripts/bench_sync.py --models 100m --reps 3):",
-            *[x for x in proc.stdout.splitlines() if x.startswith("|")]]
+            *[x for x in proc.stdout.splitlines() if x.startswith(("|", "colocated "))]]
 
 
 def free_port() -> int:
@@ -164,6 +164,23 @@ def server_part(name: str, path: str, args) -> dict:
         proc.wait(60)
 
 
+def follow_gap(engine, policy, tok) -> float:
+    """The largest |engine log-prob - ``policy``'s| over 4 sampled completions of 2 prompts: ~1e-6 when the engine
+    serves the pushed weights, ~0.1 or more when it serves others."""
+    import torch
+
+    from align.logps import pack, token_logps
+    from align.rollout import SamplingParams
+
+    prompts = [tok("What is 3+4?")["input_ids"], tok("What is 7*8?")["input_ids"]]
+    got = engine.generate(prompts, [2, 2], SamplingParams(max_new_tokens=12, seed=1))
+    ids, attn, _, width = pack(got.prompt_ids, got.completion_ids, 0)
+    with torch.no_grad():
+        lp = token_logps(policy, ids.to(device()), attn.to(device()), width)
+    return max(abs(a - b) for r, row in enumerate(got.sampling_logps) for a, b in zip(row, lp[r, :len(row)].tolist(),
+                                                                                          strict=True))
+
+
 def colocated_child(path: str, args) -> dict:
     os.environ.update(CPU_ENV)
     from align.modeling import load_model, load_tokenizer
@@ -171,14 +188,20 @@ def colocated_child(path: str, args) -> dict:
 
     tok, model = load_tokenizer(path), load_model(path).to(device())
     lora = lora_of(model, args.lora_r)
-    engine = VLLMEngine(model, tok, max_model_len=128, gpu_memory_utilization=0.1, lora_rank=args.lora_r)
+    sleep = device() != "cpu"  # on CUDA the engine sleeps between generations and wakes for each push
+    engine = VLLMEngine(model, tok, max_model_len=128, gpu_memory_utilization=0.1, lora_rank=args.lora_r,
+                        enable_sleep_mode=sleep)
     # merged before adapter, as a run does one or the other (a full reload after an adapter was loaded is slower)
     out = {"full": timed(lambda: engine.sync_weights(model), args.reps)}
+    gaps = {"full": follow_gap(engine, model, tok)}
     engine.push_adapter = False
     out["lora-merged"] = timed(lambda: engine.sync_weights(lora), args.reps)
+    gaps["lora-merged"] = follow_gap(engine, lora, tok)
     engine.push_adapter = True
     out["lora-adapter"] = timed(lambda: engine.sync_weights(lora), args.reps)
+    gaps["lora-adapter"] = follow_gap(engine, lora, tok)
     engine.close()
+    out["gaps"], out["sleep_mode"] = gaps, sleep
     return out
 
 
@@ -227,6 +250,12 @@ def main() -> None:
         lc = c["lora-adapter"]["median_s"] / c["lora-merged"]["median_s"]
         print(f"| {name} | {params / 1e6:.1f}M | colocated | {f(c['full'])} (in place) | - | - | {f(c['lora-merged'])} "
               f"| {f(c['lora-adapter'])} | {lc:.3f}x |")
+    for name, _, _, c in rows:  # the colocated engine serves what was pushed (on CUDA: through sleep and wake)
+        gaps = ", ".join(f"{k} {v:.1e}" for k, v in c["gaps"].items())
+        print(f"colocated {name}{' with sleep mode' if c['sleep_mode'] else ''}: max |logp gap| after the last push: "
+              f"{gaps} ({'ok' if max(c['gaps'].values()) < 1e-3 else 'WRONG: the engine does not serve the push'})")
+    if any(max(c["gaps"].values()) >= 1e-3 for *_, c in rows):
+        sys.exit("bench_sync: a colocated engine does not serve the pushed weights")
 
 
 if __name__ == "__main__":

@@ -266,6 +266,7 @@ class VLLMEngine:
                              enable_sleep_mode=enable_sleep_mode, seed=seed, max_lora_rank=lora_rank)
         self.asleep = False
         self.adapter = AdapterSlot(self.llm) if lora_rank else None
+        self.base_replaced = False  # the engine's base weights are the policy's base (loaded from its folder)
         self.push_adapter = bool(lora_rank)  # a LoRA policy's pushes send the adapter alone
         if self.adapter is not None and has_adapter(model):  # what vLLM cannot load stops the run here, in one line
             check_adapter(adapter_config(model), lora_rank, "the colocated vLLM engine")
@@ -296,13 +297,20 @@ class VLLMEngine:
         path, a LoRA policy's adapter alone (:mod:`align.rollout.lora`)."""
         self._wake()
         if self.adapter is not None and self.push_adapter and has_adapter(model):
+            if self.base_replaced:  # a full or merged push since: the adapter must apply to the policy's base
+                self._reload(model, merge=False)
+                self.base_replaced = False
             self.adapter.load(adapter_config(model), adapter_tensors(model))
             return
         if self.adapter is not None:
             self.adapter.drop()
+        self._reload(model)
+        self.base_replaced = True
+
+    def _reload(self, model, merge: bool = True) -> None:
         # a sharded policy's weights gathered one at a time as the engine reads them (every process runs its own
         # engine and reads them in the same order, so the gathers line up): no whole copy beside the engine's
-        with pushed_weights(model) as weights:
+        with pushed_weights(model, merge) as weights:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                               "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()

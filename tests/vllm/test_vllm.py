@@ -179,6 +179,10 @@ def test_lora_adapter_push_equals_merged_push(policy, engine, monkeypatch):
     print(f"colocated LoRA: max |logp gap| adapter {gaps[0]:.1e}, merged {gaps[1]:.1e}")
     assert adapter.completion_ids == merged_.completion_ids and gaps[0] < 2e-5 and gaps[1] < 1e-4
     assert max_gap(model, adapter) > 0.1
+    # the adapter again after the merged push: the engine's base is first set back to the policy's base (the
+    # adapter on the merged weights would count the update twice: a gap of ~6 nats here)
+    engine.sync_weights(lora)
+    assert max_gap(lora, engine.generate(ids, [2] * len(ids), sp)) < 2e-5
     engine.sync_weights(model)
     assert engine.adapter.request is None
 
