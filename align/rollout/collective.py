@@ -220,20 +220,21 @@ class WeightReceiver(AdapterReceiver):
             raise RuntimeError("this worker is not in a weight group (POST /collective/join first)")
         received, broken = 0, []
 
+        def receive(k: int) -> InFlight:
+            return group.start(torch.empty(bucket_bytes(buckets[k]), dtype=torch.uint8, device=group.device))
+
         def weights():  # bucket k+1 arrives while vLLM loads bucket k (at most two buckets held)
             nonlocal received
             pending = None
-            for k in range(len(buckets) + 1):
+            for k, bucket in enumerate(buckets):
                 try:
-                    flat = pending.wait() if pending is not None else None
-                    pending = None if k == len(buckets) else group.start(
-                        torch.empty(bucket_bytes(buckets[k]), dtype=torch.uint8, device=group.device))
+                    flat = (pending or receive(k)).wait()
+                    pending = receive(k + 1) if k + 1 < len(buckets) else None
                 except Exception as err:
                     broken.append(err)
                     return
-                if flat is not None:
-                    received += flat.numel()
-                    yield from unpack(buckets[k - 1], flat)
+                received += flat.numel()
+                yield from unpack(bucket, flat)
 
         try:
             self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)

@@ -119,11 +119,12 @@ class AdapterSlot:
 
         shape = (config, sorted(tensors))
         if self.request is not None and self.loaded == shape:
-            if payload is None and self.llm.llm_engine.vllm_config.parallel_config.world_size > 1:
+            data = tensors  # workers in this process take the tensors as they are
+            if self.llm.llm_engine.vllm_config.parallel_config.world_size > 1:  # workers in processes of their own
                 from safetensors.torch import save
 
-                payload = save(tensors)
-            self.llm.collective_rpc("align_replace_adapter", args=(ADAPTER_ID, config, payload or tensors))
+                data = payload if payload is not None else save(tensors)
+            self.llm.collective_rpc("align_replace_adapter", args=(ADAPTER_ID, config, data))
             self.in_memory += 1
         else:
             from safetensors.torch import save_file

@@ -201,10 +201,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, api_key: str
         httpd = GuardedHTTPServer((host, port), limits, api_key)
     except OSError as err:
         raise ConfigError(f"--port: cannot listen on {host}:{port} ({err.strerror or err})") from None
+
     def stop(signum, frame):  # SIGTERM ends the server as Ctrl-C does: the engine's processes are shut down
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
+        signal.signal(signal.SIGTERM, stop)
     try:
         httpd.engine = RolloutServer(model, **engine_kwargs)
         print(f"align serve: {model} ready on http://{host}:{httpd.server_address[1]} "
